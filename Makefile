@@ -1,0 +1,56 @@
+# The two commands of the README:
+#   make demo   -- set up .venv, then run the main job
+#   make test   -- lint + format check + tests (what CI runs)
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-slow lint format clean bench-venv bench-train
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/noisecraft demo
+
+lint: $(STAMP)
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: $(STAMP)
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: $(STAMP) lint
+	$(BIN)/python -m pytest -q
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -m slow
+
+clean:
+	rm -rf $(VENV) build dist src/*.egg-info
+
+# Bench-only venv: denoising-diffusion-pytorch needs torchvision, which needs the
+# torch 2.14.1 build that lies on this machine's disk (no download). noisecraft
+# is installed into it too, so both trainers run on the same torch.
+BENCH_VENV := .bench-venv
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BENCH_VENV)/bin/python -m pip install -q 'denoising-diffusion-pytorch==2.3.4' \
+		safetensors==0.8.0 typer tqdm scipy matplotlib mlxtend==0.25.0 scikit-learn
+	# --no-deps: noisecraft pins torch 2.13.0; here it runs on the bench's torch 2.14.1
+	$(BENCH_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(BENCH_VENV)/.installed
+
+bench-venv: $(BENCH_VENV)/.installed
+
+bench-train: bench-venv
+	$(BENCH_VENV)/bin/python bench/train_throughput.py

@@ -1,0 +1,132 @@
+"""From a step count to a decreasing sigma tensor (DESIGN.md contract 4).
+
+leading / trailing / linspace are the timestep spacings of Lin et al. 2023, Table 2, as
+diffusers names them: timesteps are chosen on the training grid and their sigmas are
+interpolated linearly in sigma (diffusers' ``EulerDiscreteScheduler``). karras
+(Karras et al. 2022 eq. 5) and exponential (uniform in log sigma) are spaced in sigma
+directly, between the schedule's own smallest and largest sigma unless told otherwise.
+Every result ends in a final 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from noisecraft.diffusion.schedule import NoiseSchedule
+from noisecraft.errors import ConfigError, unknown_name
+
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
+_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _check(schedule: NoiseSchedule, steps: int, spacing: str) -> None:
+    if spacing not in SPACINGS:
+        raise unknown_name("sigma spacing", spacing, SPACINGS)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    if spacing in ("leading", "trailing") and steps > schedule.num_steps:
+        raise ConfigError(
+            f"{spacing} spacing needs steps <= the schedule's {schedule.num_steps} training "
+            f"steps, got {steps}; use 'linspace' or 'karras' for more steps"
+        )
+
+
+def _grid_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> Tensor:
+    """Decreasing float64 timesteps on the training grid (diffusers' three spacings)."""
+    T = schedule.num_steps
+    i = torch.arange(steps, dtype=torch.float64)
+    if spacing == "linspace":  # np.linspace(0, T - 1, steps)[::-1]: fractional
+        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64)
+        return ts.flip(0)
+    if spacing == "leading":  # 0, r, 2r, ... (+ offset), r = T // steps
+        return (i * (T // steps)).round().flip(0) + steps_offset
+    # trailing: T, T - r, T - 2r, ... rounded, minus 1; r = T / steps
+    return (T - i * (T / steps)).round() - 1
+
+
+def _karras(sigma_min: float, sigma_max: float, steps: int, rho: float) -> Tensor:
+    """Karras et al. 2022 eq. 5: (smax^(1/rho) + i/(N-1) (smin^(1/rho) - smax^(1/rho)))^rho."""
+    ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
+    lo, hi = sigma_min ** (1.0 / rho), sigma_max ** (1.0 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def _exponential(sigma_min: float, sigma_max: float, steps: int) -> Tensor:
+    """Uniform in log sigma from sigma_max down to sigma_min."""
+    return torch.linspace(
+        math.log(sigma_max), math.log(sigma_min), steps, dtype=torch.float64
+    ).exp()
+
+
+def _sigmas64(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str,
+    steps_offset: int,
+    rho: float,
+    sigma_min: float | None,
+    sigma_max: float | None,
+) -> tuple[Tensor, Tensor]:
+    """(sigmas without the final 0, timesteps), both float64, length ``steps``."""
+    _check(schedule, steps, spacing)
+    if spacing in _TIMESTEP_SPACINGS:
+        ts = _grid_timesteps(schedule, steps, spacing, steps_offset)
+        return schedule.t_to_sigma(ts, interpolation="linear"), ts
+    smin = float(schedule.sigmas[0]) if sigma_min is None else float(sigma_min)
+    smax = float(schedule.sigmas[-1]) if sigma_max is None else float(sigma_max)
+    if not 0 < smin <= smax:
+        raise ConfigError(
+            f"need 0 < sigma_min <= sigma_max, got sigma_min={smin}, sigma_max={smax}"
+        )
+    if spacing == "karras":
+        if rho <= 0:
+            raise ConfigError(f"rho must be positive, got {rho}")
+        s = _karras(smin, smax, steps, rho)
+    else:
+        s = _exponential(smin, smax, steps)
+    return s, schedule.sigma_to_t(s, interpolation="log")
+
+
+def make_sigmas(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "linspace",
+    *,
+    steps_offset: int = 1,
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Decreasing sigmas of length ``steps + 1`` whose last element is 0.
+
+    leading / trailing / linspace equal diffusers' ``EulerDiscreteScheduler.sigmas`` for the
+    same ``timestep_spacing`` and ``steps_offset`` (SD 1.5 uses ``steps_offset=1``;
+    only "leading" reads it); karras and exponential equal ``use_karras_sigmas`` /
+    ``use_exponential_sigmas``. ``sigma_min`` / ``sigma_max`` / ``rho`` apply to those two.
+    """
+    s, _ = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max)
+    return torch.cat([s, s.new_zeros(1)]).to(dtype)
+
+
+def discrete_timesteps(
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str = "linspace",
+    steps_offset: int = 1,
+    *,
+    rho: float = 7.0,
+    sigma_min: float | None = None,
+    sigma_max: float | None = None,
+) -> Tensor:
+    """The ``steps`` decreasing timesteps behind :func:`make_sigmas` (float64).
+
+    Integers for leading / trailing (``.long()`` is exact), fractional for linspace, and
+    ``schedule.sigma_to_t(sigma)`` (log-sigma interpolation) for karras / exponential,
+    as diffusers' Euler scheduler reports them.
+    """
+    _, ts = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max)
+    return ts

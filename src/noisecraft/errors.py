@@ -1,0 +1,53 @@
+"""User-facing errors.
+
+Every mistake a user can make (bad size, missing file, unknown name, wrong
+checkpoint kind) raises a subclass of :class:`NoisecraftError` whose message
+says what to do. The CLI prints ``error: <message>`` and exits with code 2;
+no traceback is shown for these.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class NoisecraftError(Exception):
+    """Base class of every error that is the user's to fix."""
+
+
+class UnknownNameError(NoisecraftError, KeyError):
+    """A name (sampler, config key, metric, schedule) that is not known."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class ConfigError(NoisecraftError, ValueError):
+    """A configuration value that is out of range or malformed."""
+
+
+class DataError(NoisecraftError):
+    """A dataset that is missing, empty or unreadable."""
+
+
+class CheckpointError(NoisecraftError):
+    """A checkpoint that is missing, corrupt or of another kind."""
+
+
+class OutputExistsError(NoisecraftError, FileExistsError):
+    """An output file exists and overwriting was not asked for."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice closest to ``name`` (difflib ratio >= 0.5), or None."""
+    matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return matches[0] if matches else None
+
+
+def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UnknownNameError:
+    """Build the one-line error for an unknown ``name``, suggesting the closest choice."""
+    choices = sorted(choices)
+    guess = closest(name, choices)
+    hint = f"did you mean '{guess}'? " if guess else ""
+    return UnknownNameError(f"unknown {kind} '{name}'; {hint}choose one of: {', '.join(choices)}")
