@@ -1,0 +1,326 @@
+"""The diffusion U-Net (Ho et al. 2020 appendix B; Nichol & Dhariwal 2021; Rombach et al. 2022).
+
+Layout and parameter names are those of the openaimodel ``UNetModel`` shared by
+improved-diffusion, guided-diffusion and Stable Diffusion's single-file checkpoints
+(``model.diffusion_model.*`` without the prefix): ``time_embed.{0,2}``, ``label_emb``,
+``input_blocks.N.M``, ``middle_block.{0,1,2}``, ``output_blocks.N.M``, ``out.{0,2}``.
+
+With ``context_dim`` set, every attention layer is a :class:`SpatialTransformer` attending to
+``context`` (SD 1.x: conv projections, 8 heads; SD 2.x: ``use_linear_projection``, 64 channels
+per head); otherwise it is a pixel :class:`AttentionBlock`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisecraft.errors import ConfigError, closest
+from noisecraft.nn.attention import AttentionBlock, SpatialTransformer, resolve_heads
+from noisecraft.nn.embeddings import timestep_embedding
+from noisecraft.nn.resnet import Downsample, ResBlock, Upsample, group_norm
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """Size and conditioning of a :class:`UNet`; JSON-able through ``to_dict`` / ``from_dict``.
+
+    * ``channel_mult[i] * model_channels`` channels at level ``i``; level ``i`` works at
+      ``1 / 2**i`` of the input size, so inputs must be multiples of ``2**(levels - 1)``.
+    * ``attention_levels``: indices into ``channel_mult`` of the levels with attention
+      (0 = full resolution). The middle block always has attention.
+    * Heads: ``head_channels != -1`` takes precedence and gives ``channels // head_channels``
+      heads of ``head_channels`` each; otherwise ``num_heads`` heads of
+      ``channels // num_heads`` (SD 1.x: ``num_heads=8``; SD 2.x: ``head_channels=64``).
+    * ``num_classes``: class-conditional; the label table has ``num_classes + 1`` rows, the
+      last (index ``num_classes``) is the null class for classifier-free guidance.
+    * ``learn_sigma``: improved DDPM learned variance; the output has ``2 * out_channels``
+      channels (prediction first, then the variance interpolation ``v``).
+    * ``norm_groups``: GroupNorm groups; used as is when it divides a layer's channels, else
+      ``min(norm_groups, channels)`` if that divides them, else :class:`ConfigError`.
+    * ``context_dim``: cross-attention width (768 for SD 1.x, 1024 for SD 2.x);
+      ``transformer_depth`` blocks per SpatialTransformer; ``use_linear_projection`` for
+      SD 2.x's linear ``proj_in`` / ``proj_out`` (SD 1.x: 1x1 convs).
+    * ``resblock_updown``: resample inside ResBlocks (BigGAN style) instead of conv layers.
+    * ``use_scale_shift_norm``: the embedding scales and shifts the second GroupNorm
+      (guided-diffusion's adaptive GN) instead of being added (SD, improved-diffusion default).
+    """
+
+    in_channels: int = 1
+    out_channels: int = 1
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 2
+    attention_levels: tuple[int, ...] = (2,)
+    num_heads: int = 4
+    head_channels: int = -1
+    dropout: float = 0.0
+    num_classes: int | None = None
+    learn_sigma: bool = False
+    norm_groups: int = 32
+    context_dim: int | None = None
+    transformer_depth: int = 1
+    use_linear_projection: bool = False
+    resblock_updown: bool = False
+    use_scale_shift_norm: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("channel_mult", "attention_levels"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+                raise ConfigError(f"UNetConfig.{name} must be a list of integers, got {value!r}")
+            object.__setattr__(self, name, tuple(value))
+        positive = ("in_channels", "out_channels", "model_channels", "num_res_blocks")
+        for name in (*positive, "norm_groups", "transformer_depth"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"UNetConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("num_classes", "context_dim"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ConfigError(
+                    f"UNetConfig.{name} must be a positive integer or null, got {value!r}"
+                )
+        for name in ("num_heads", "head_channels"):
+            value = getattr(self, name)
+            if not _is_int(value) or (value < 1 and value != -1):
+                raise ConfigError(f"UNetConfig.{name} must be a positive integer or -1")
+        if self.num_heads == -1 and self.head_channels == -1:
+            raise ConfigError("UNetConfig: set num_heads or head_channels (both are -1)")
+        flags = ("learn_sigma", "use_linear_projection", "resblock_updown", "use_scale_shift_norm")
+        for name in flags:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"UNetConfig.{name} must be true or false")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError("UNetConfig.channel_mult must be a non-empty list of positive ints")
+        levels = len(self.channel_mult)
+        bad = [i for i in self.attention_levels if not 0 <= i < levels]
+        if bad or len(set(self.attention_levels)) != len(self.attention_levels):
+            raise ConfigError(
+                f"UNetConfig.attention_levels {list(self.attention_levels)} must be distinct "
+                f"level indices in 0..{levels - 1} (one per channel_mult entry)"
+            )
+        if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def size_multiple(self) -> int:
+        """Height and width of inputs must be multiples of this (``2**(levels - 1)``)."""
+        return 2 ** (len(self.channel_mult) - 1)
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of the network output: ``out_channels``, doubled with ``learn_sigma``."""
+        return self.out_channels * (2 if self.learn_sigma else 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            hints = []
+            for key in unknown:
+                guess = closest(key, known)
+                hints.append(f"'{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
+            raise ConfigError(
+                f"unknown U-Net config key(s) {', '.join(hints)}; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return cls(**d)
+
+
+class EmbedSequential(nn.Sequential):
+    """``nn.Sequential`` that hands the embedding to ResBlocks and ``context`` to transformers."""
+
+    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """Noise / v / x0 prediction network ``f(x, t, class_labels, context)``.
+
+    ``skip_channels`` lists the channels of each skip connection (one per input block), the
+    shapes ControlNet-style ``down_residuals`` must have.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__()
+        self.config = c = config
+        self.null_class: int | None = c.num_classes
+        emb_dim = 4 * c.model_channels
+        groups = c.norm_groups
+
+        self.time_embed = nn.Sequential(
+            nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+        )
+        self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
+
+        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+            return ResBlock(
+                ch_in,
+                emb_dim,
+                ch_out,
+                dropout=c.dropout,
+                norm_groups=groups,
+                use_scale_shift_norm=c.use_scale_shift_norm,
+                **kw,
+            )
+
+        def attn(ch: int) -> nn.Module:
+            heads, dim_head = resolve_heads(ch, c.num_heads, c.head_channels)
+            if c.context_dim is None:
+                return AttentionBlock(ch, heads, dim_head, norm_groups=groups)
+            return SpatialTransformer(
+                ch,
+                heads,
+                dim_head,
+                depth=c.transformer_depth,
+                context_dim=c.context_dim,
+                use_linear=c.use_linear_projection,
+                norm_groups=groups,
+                dropout=c.dropout,
+            )
+
+        ch = c.model_channels
+        self.input_blocks = nn.ModuleList(
+            [EmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))]
+        )
+        skip = [ch]
+        last = len(c.channel_mult) - 1
+        for level, mult in enumerate(c.channel_mult):
+            for _ in range(c.num_res_blocks):
+                layers: list[nn.Module] = [res(ch, mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(attn(ch))
+                self.input_blocks.append(EmbedSequential(*layers))
+                skip.append(ch)
+            if level != last:
+                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
+                self.input_blocks.append(EmbedSequential(down))
+                skip.append(ch)
+        self.skip_channels: tuple[int, ...] = tuple(skip)
+
+        self.middle_block = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
+
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers = [res(ch + skip.pop(), mult * c.model_channels)]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(attn(ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        out_conv = nn.Conv2d(ch, c.output_channels, 3, padding=1)
+        nn.init.zeros_(out_conv.weight)
+        nn.init.zeros_(out_conv.bias)
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), out_conv)
+
+    def _check(self, x: Tensor, class_labels: Tensor | None, context: Tensor | None) -> None:
+        c = self.config
+        if x.ndim != 4 or x.shape[1] != c.in_channels:
+            raise ConfigError(
+                f"U-Net input must be (batch, {c.in_channels}, height, width), got {tuple(x.shape)}"
+            )
+        m = c.size_multiple
+        h, w = x.shape[-2:]
+        if h % m or w % m:
+            raise ConfigError(
+                f"image size {h}x{w} does not fit this U-Net: height and width must be "
+                f"multiples of {m}; resize or pad the image"
+            )
+        if class_labels is not None and c.num_classes is None:
+            raise ConfigError("this U-Net is unconditional: pass no class labels")
+        if c.context_dim is not None and context is None:
+            raise ConfigError(
+                f"this U-Net has cross-attention: pass context of shape (batch, tokens, "
+                f"{c.context_dim})"
+            )
+        if c.context_dim is None and context is not None:
+            raise ConfigError("this U-Net has no cross-attention (context_dim is null)")
+        if context is not None and (context.ndim != 3 or context.shape[-1] != c.context_dim):
+            raise ConfigError(
+                f"context must be (batch, tokens, {c.context_dim}), got {tuple(context.shape)}"
+            )
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        class_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        *,
+        down_residuals: Sequence[Tensor] | None = None,
+        mid_residual: Tensor | None = None,
+    ) -> Tensor:
+        """Predict from noisy ``x`` (B, C, H, W) at timesteps ``t`` (B,) or 0-d, maybe fractional.
+
+        ``class_labels`` (B,) long, ``num_classes`` = null class; missing labels on a
+        class-conditional model mean the null class. ``context`` (B, L, context_dim) for
+        cross-attention. ``down_residuals`` (one per skip, shapes from ``skip_channels``) and
+        ``mid_residual`` are added to the skips and the middle output (ControlNet).
+        """
+        self._check(x, class_labels, context)
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        elif t.shape != (b,):
+            raise ConfigError(
+                f"timesteps must be a scalar or of shape ({b},), got {tuple(t.shape)}"
+            )
+        dtype = self.time_embed[0].weight.dtype
+        emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(dtype))
+        if self.label_emb is not None:
+            if class_labels is None:
+                class_labels = torch.full((b,), self.config.num_classes, device=x.device)
+            class_labels = torch.as_tensor(class_labels, device=x.device).long()
+            if class_labels.ndim == 0:
+                class_labels = class_labels.expand(b)
+            elif class_labels.shape != (b,):
+                raise ConfigError(
+                    f"class labels must be a scalar or of shape ({b},), "
+                    f"got {tuple(class_labels.shape)}"
+                )
+            emb = emb + self.label_emb(class_labels)
+
+        hs = []
+        h = x
+        for block in self.input_blocks:
+            h = block(h, emb, context)
+            hs.append(h)
+        h = self.middle_block(h, emb, context)
+        if down_residuals is not None:
+            if len(down_residuals) != len(hs):
+                raise ConfigError(f"expected {len(hs)} down residuals, got {len(down_residuals)}")
+            hs = [a + r for a, r in zip(hs, down_residuals, strict=True)]
+        if mid_residual is not None:
+            h = h + mid_residual
+        for block in self.output_blocks:
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        return self.out(h)

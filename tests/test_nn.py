@@ -1,0 +1,258 @@
+"""Building blocks of the U-Net against closed forms and naive implementations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers.models.embeddings import get_timestep_embedding
+
+from noisecraft.errors import ConfigError
+from noisecraft.nn import (
+    AttentionBlock,
+    Downsample,
+    ResBlock,
+    SpatialTransformer,
+    Upsample,
+    norm_groups_for,
+    resolve_heads,
+    timestep_embedding,
+)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread is as fast, and immune to OpenMP stalls on a shared 2-core CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _jitter(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
+    """Add noise to every parameter, so zero-initialised output layers take part too."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+# ---------------------------------------------------------------- timestep embedding
+
+
+def test_timestep_embedding_closed_form():
+    # emb[k] = cos(t * 10000^(-k/half)), emb[half + k] = sin(...), computed in float64.
+    t = torch.tensor([0.0, 1.0, 2.5, 17.25, 999.0])
+    dim, half = 10, 5
+    emb = timestep_embedding(t, dim)
+    freqs = torch.tensor([10000.0 ** (-k / half) for k in range(half)], dtype=torch.float64)
+    args = t.double()[:, None] * freqs
+    expected = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    assert emb.shape == (5, dim) and emb.dtype == torch.float32
+    torch.testing.assert_close(emb.double(), expected, atol=2e-4, rtol=0)
+    assert torch.equal(emb[0], torch.tensor([1.0] * half + [0.0] * half))
+
+
+def test_timestep_embedding_flip_shift_and_odd_dim_match_diffusers():
+    t = torch.tensor([3.0, 250.5, 981.0])
+    for flip in (True, False):
+        for shift in (0.0, 1.0):
+            ours = timestep_embedding(t, 16, flip_sin_to_cos=flip, freq_shift=shift)
+            ref = get_timestep_embedding(t, 16, flip_sin_to_cos=flip, downscale_freq_shift=shift)
+            torch.testing.assert_close(ours, ref, atol=1e-6, rtol=0)
+    sin_first = timestep_embedding(t, 16, flip_sin_to_cos=False)
+    cos_first = timestep_embedding(t, 16)
+    assert torch.equal(sin_first, torch.cat([cos_first[:, 8:], cos_first[:, :8]], dim=1))
+    odd = timestep_embedding(t, 9)
+    assert odd.shape == (3, 9) and torch.equal(odd[:, -1], torch.zeros(3))
+    torch.testing.assert_close(odd[:, :8], timestep_embedding(t, 8))
+
+
+def test_timestep_embedding_fractional_t_is_continuous():
+    # every entry is cos/sin(t * f) with f <= 1, so |emb(t + h) - emb(t)| <= h
+    t = torch.linspace(0.0, 50.0, 2001)
+    emb = timestep_embedding(t, 32)
+    step = (emb[1:] - emb[:-1]).abs().max().item()
+    assert step <= (50.0 / 2000) + 1e-5
+    mid = timestep_embedding(torch.tensor([10.5]), 32)
+    assert not torch.allclose(mid, timestep_embedding(torch.tensor([10.0]), 32))
+    assert not torch.allclose(mid, timestep_embedding(torch.tensor([11.0]), 32))
+    # 0-d input is a batch of one; integer timesteps equal the same float ones
+    assert torch.equal(
+        timestep_embedding(torch.tensor(7), 8), timestep_embedding(t.new_tensor([7.0]), 8)
+    )
+
+
+# ---------------------------------------------------------------- norms, heads
+
+
+def test_norm_groups_rule():
+    assert norm_groups_for(64, 32) == 32
+    assert norm_groups_for(8, 32) == 8  # fewer channels than groups: one channel per group
+    with pytest.raises(ConfigError, match="norm_groups=32"):
+        norm_groups_for(48, 32)
+
+
+def test_resolve_heads():
+    assert resolve_heads(320, 8, -1) == (8, 40)  # SD 1.x
+    assert resolve_heads(640, 8, 64) == (10, 64)  # SD 2.x: head_channels wins
+    with pytest.raises(ConfigError, match="num_heads=3"):
+        resolve_heads(64, 3, -1)
+    with pytest.raises(ConfigError, match="head_channels=24"):
+        resolve_heads(64, 4, 24)
+
+
+# ---------------------------------------------------------------- ResBlock, resampling
+
+
+def _naive_resblock(block: ResBlock, x, emb, groups):
+    w = dict(block.named_parameters())
+    h = F.conv2d(
+        F.silu(F.group_norm(x, groups, w["in_layers.0.weight"], w["in_layers.0.bias"])),
+        w["in_layers.2.weight"],
+        w["in_layers.2.bias"],
+        padding=1,
+    )
+    e = F.linear(F.silu(emb), w["emb_layers.1.weight"], w["emb_layers.1.bias"])[..., None, None]
+    if block.use_scale_shift_norm:
+        scale, shift = e.chunk(2, dim=1)
+        h = F.group_norm(h, groups, w["out_layers.0.weight"], w["out_layers.0.bias"])
+        h = h * (1 + scale) + shift
+    else:
+        h = F.group_norm(h + e, groups, w["out_layers.0.weight"], w["out_layers.0.bias"])
+    h = F.conv2d(F.silu(h), w["out_layers.3.weight"], w["out_layers.3.bias"], padding=1)
+    skip = F.conv2d(x, w["skip_connection.weight"], w["skip_connection.bias"])
+    return skip + h
+
+
+@pytest.mark.parametrize("scale_shift", [False, True])
+def test_resblock_matches_naive(scale_shift):
+    torch.manual_seed(0)
+    block = _jitter(ResBlock(8, 12, 16, norm_groups=4, use_scale_shift_norm=scale_shift))
+    x, emb = torch.randn(2, 8, 6, 5), torch.randn(2, 12)
+    torch.testing.assert_close(block(x, emb), _naive_resblock(block, x, emb, 4))
+
+
+def test_resblock_starts_as_identity_and_resamples():
+    block = ResBlock(8, 12, norm_groups=4)
+    x, emb = torch.randn(2, 8, 6, 4), torch.randn(2, 12)
+    assert torch.equal(block(x, emb), x)  # zero-initialised last conv, identity skip
+    up = ResBlock(8, 12, norm_groups=4, up=True)
+    down = ResBlock(8, 12, 16, norm_groups=4, down=True)
+    assert up(x, emb).shape == (2, 8, 12, 8)
+    assert down(x, emb).shape == (2, 16, 3, 2)
+    torch.testing.assert_close(up(x, emb), F.interpolate(x, scale_factor=2.0))
+
+
+def test_down_and_upsample():
+    x = torch.randn(1, 4, 6, 8)
+    assert Downsample(4, 6).op.stride == (2, 2)
+    assert Downsample(4, 6)(x).shape == (1, 6, 3, 4)
+    torch.testing.assert_close(Downsample(4, use_conv=False)(x), F.avg_pool2d(x, 2))
+    up = Upsample(4)
+    ref = up.conv(x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3))
+    torch.testing.assert_close(up(x), ref)
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _naive_attention(q, k, v):
+    """Per-head softmax(q k^T / sqrt(d)) v with explicit einsums; (B, H, N, d) tensors."""
+    w = torch.einsum("bhnd,bhmd->bhnm", q, k) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhnm,bhmd->bhnd", w.softmax(dim=-1), v)
+
+
+@pytest.mark.parametrize(("heads", "head_channels"), [(1, -1), (4, -1), (1, 4)])
+def test_attention_block_matches_naive(heads, head_channels):
+    torch.manual_seed(0)
+    c = 16
+    block = _jitter(AttentionBlock(c, heads, head_channels, norm_groups=4))
+    x = torch.randn(2, c, 5, 3)
+    w = dict(block.named_parameters())
+    flat = x.reshape(2, c, 15)
+    h = F.group_norm(flat, 4, w["norm.weight"], w["norm.bias"])
+    qkv = torch.einsum("oc,bct->bot", w["qkv.weight"][..., 0], h) + w["qkv.bias"][:, None]
+    n_heads, ch = block.heads, block.head_dim
+    assert n_heads * ch == c
+    # improved-diffusion layout: per head, [q | k | v] of ch channels each
+    qkv = qkv.reshape(2, n_heads, 3, ch, 15)
+    q, k, v = (qkv[:, :, i].transpose(-1, -2) for i in range(3))
+    a = _naive_attention(q, k, v).transpose(-1, -2).reshape(2, c, 15)
+    out = torch.einsum("oc,bct->bot", w["proj_out.weight"][..., 0], a) + w["proj_out.bias"][:, None]
+    expected = (flat + out).reshape(x.shape)
+    torch.testing.assert_close(block(x), expected, atol=1e-5, rtol=1e-5)
+    # channels_last input gives the same result
+    torch.testing.assert_close(block(x.to(memory_format=torch.channels_last)), expected)
+
+
+def _naive_cross_attention(attn, x, context, heads):
+    w = dict(attn.named_parameters())
+    q, k, v = x @ w["to_q.weight"].T, context @ w["to_k.weight"].T, context @ w["to_v.weight"].T
+    q, k, v = (t.reshape(t.shape[0], t.shape[1], heads, -1).transpose(1, 2) for t in (q, k, v))
+    o = _naive_attention(q, k, v).transpose(1, 2).reshape(x.shape[0], x.shape[1], -1)
+    return o @ w["to_out.0.weight"].T + w["to_out.0.bias"]
+
+
+def _naive_spatial_transformer(st: SpatialTransformer, x, context, heads, groups):
+    w = dict(st.named_parameters())
+    b, c, hh, ww = x.shape
+    h = F.group_norm(x, groups, w["norm.weight"], w["norm.bias"], eps=1e-6)
+    h = h.reshape(b, c, hh * ww).transpose(1, 2)  # (B, HW, C)
+    proj_in = w["proj_in.weight"].reshape(c, c)
+    h = h @ proj_in.T + w["proj_in.bias"]
+    for blk in st.transformer_blocks:
+        n1, n2, n3 = blk.norm1, blk.norm2, blk.norm3
+        z = F.layer_norm(h, (c,), n1.weight, n1.bias)
+        h = h + _naive_cross_attention(blk.attn1, z, z, heads)  # self-attention
+        h = h + _naive_cross_attention(
+            blk.attn2, F.layer_norm(h, (c,), n2.weight, n2.bias), context, heads
+        )
+        z = F.layer_norm(h, (c,), n3.weight, n3.bias)
+        proj = blk.ff.net[0].proj
+        a, gate = (z @ proj.weight.T + proj.bias).chunk(2, dim=-1)
+        h = h + (a * F.gelu(gate)) @ blk.ff.net[2].weight.T + blk.ff.net[2].bias
+    h = h @ w["proj_out.weight"].reshape(c, c).T + w["proj_out.bias"]
+    return h.transpose(1, 2).reshape(b, c, hh, ww) + x
+
+
+@pytest.mark.parametrize("use_linear", [False, True])
+def test_spatial_transformer_matches_naive(use_linear):
+    torch.manual_seed(0)
+    c, heads, ctx_dim = 16, 4, 12
+    st = SpatialTransformer(
+        c, heads, c // heads, depth=2, context_dim=ctx_dim, use_linear=use_linear, norm_groups=4
+    )
+    _jitter(st)
+    x, context = torch.randn(2, c, 4, 3), torch.randn(2, 7, ctx_dim)
+    expected = _naive_spatial_transformer(st, x, context, heads, 4)
+    torch.testing.assert_close(st(x, context), expected, atol=1e-5, rtol=1e-5)
+    # the context matters (cross-attention is wired) and the block starts as the identity
+    assert not torch.allclose(st(x, torch.randn(2, 7, ctx_dim)), expected)
+    fresh = SpatialTransformer(
+        c, heads, c // heads, context_dim=ctx_dim, use_linear=use_linear, norm_groups=4
+    )
+    assert torch.equal(fresh(x, context), x)
+
+
+def test_spatial_transformer_sd_parameter_names():
+    st = SpatialTransformer(32, 4, 8, context_dim=12, norm_groups=8)
+    names = set(dict(st.named_parameters()))
+    for n in (
+        "norm.weight",
+        "proj_in.weight",
+        "proj_out.bias",
+        "transformer_blocks.0.attn1.to_q.weight",
+        "transformer_blocks.0.attn2.to_k.weight",
+        "transformer_blocks.0.attn2.to_v.weight",
+        "transformer_blocks.0.attn2.to_out.0.bias",
+        "transformer_blocks.0.ff.net.0.proj.weight",
+        "transformer_blocks.0.ff.net.2.weight",
+        "transformer_blocks.0.norm3.bias",
+    ):
+        assert n in names
+    assert "transformer_blocks.0.attn1.to_q.bias" not in names
+    assert st.transformer_blocks[0].attn2.to_k.in_features == 12
