@@ -1,0 +1,1 @@
+"""The `noisecraft` command line."""

@@ -1,0 +1,262 @@
+"""`noisecraft` command line (typer). User mistakes print ``error: ...`` and exit 2."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from noisecraft.errors import ConfigError, NoisecraftError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="noisecraft: diffusion models from the math. Train, sample, look inside.",
+    pretty_exceptions_enable=False,
+)
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+BUILTIN_MODELS = {"mnist": ASSETS / "mnist.safetensors"}
+
+
+def resolve_model(name: str) -> Path:
+    """A checkpoint path, or the name of a shipped model (``mnist``)."""
+    if name in BUILTIN_MODELS and not Path(name).exists():
+        return BUILTIN_MODELS[name]
+    return Path(name)
+
+
+@app.command()
+def train(
+    config: Annotated[Path, typer.Argument(help="TOML recipe, e.g. configs/mnist.toml")],
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override: section.key=value (repeatable)")
+    ] = None,
+    max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
+    overwrite: Annotated[bool, typer.Option(help="start over in an existing run dir")] = False,
+) -> None:
+    """Train a model; resumes automatically when the run dir holds a checkpoint."""
+    from noisecraft.training.config import load_config
+    from noisecraft.training.trainer import Trainer
+
+    cfg = load_config(config, set_ or [])
+    trainer = Trainer(cfg, overwrite=overwrite)
+    if trainer.dataset.skipped and trainer.dist.is_main:
+        typer.echo(f"skipped {trainer.dataset.skipped} unreadable image(s) in {cfg.data.path}")
+    if trainer.step and trainer.dist.is_main:
+        typer.echo(f"resuming {trainer.run_dir} from step {trainer.step}")
+    res = trainer.train(max_steps)
+    if trainer.dist.is_main:
+        typer.echo(
+            f"trained to step {res.step} in {res.seconds:.0f} s ({res.samples_per_second:.1f} "
+            f"samples/s); model: {res.run_dir / 'model.safetensors'}"
+        )
+
+
+def _default_classes(n: int, num_classes: int | None, klass: int | None) -> tuple[list | None, int]:
+    """Labels and grid row length: one row per class unless ``--class`` picks one."""
+    if num_classes is None:
+        if klass is not None:
+            raise ConfigError("this model is unconditional; leave out --class")
+        return None, math.ceil(math.sqrt(n))
+    if klass is not None:
+        return [klass] * n, math.ceil(math.sqrt(n))
+    per = math.ceil(n / num_classes)
+    return [min(i // per, num_classes - 1) for i in range(n)], per
+
+
+def run_sampling(
+    checkpoint: str,
+    *,
+    sampler: str,
+    steps: int,
+    n: int | None,
+    seed: int,
+    cfg: float,
+    klass: int | None,
+    out: Path,
+    gif: Path | None,
+    overwrite: bool,
+    spacing: str | None = None,
+    device: str = "cpu",
+    save_every: int = 0,
+) -> list[Path]:
+    """Sample from a checkpoint with a progress bar; write a grid (and a GIF). Returns the paths."""
+    from tqdm.auto import tqdm
+
+    from noisecraft.io.atomic import check_writable
+    from noisecraft.pipelines import GenerateRequest, PixelDiffusion, generate
+    from noisecraft.viz.images import (
+        DenoisingRecorder,
+        IntermediateWriter,
+        save_gif,
+        save_grid,
+    )
+
+    check_writable(out, overwrite=overwrite)
+    if gif is not None:
+        check_writable(gif, overwrite=overwrite)
+    model = PixelDiffusion.load(resolve_model(checkpoint), device=device)
+    k = model.num_classes
+    if n is None:
+        n = 8 * k if k else 64
+    classes, nrow = _default_classes(n, k, klass)
+    req = GenerateRequest(
+        n=n, sampler=sampler, steps=steps, spacing=spacing, cfg=cfg, classes=classes, seed=seed
+    )
+    req.validate(model)
+    recorder = DenoisingRecorder(nrow=nrow) if gif is not None else None
+    scale = max(1, 256 // (nrow * model.image_size)) if model.image_size < 64 else 1
+    if save_every < 0:
+        raise ConfigError(f"--save-every must be >= 0, got {save_every}")
+    inter = None
+    if save_every:
+        folder = out.with_name(out.stem + "_steps")
+        inter = IntermediateWriter(folder, save_every, nrow, scale, overwrite=overwrite)
+    with tqdm(total=steps, desc=f"sampling {n} images ({sampler}, {steps} steps)") as bar:
+
+        def callback(d: dict) -> None:
+            bar.update(1)
+            if recorder is not None:
+                recorder(d)
+            if inter is not None:
+                inter(d)
+
+        images = generate(model, req, callback=callback)
+    text = {
+        "parameters": f"sampler: {sampler}, steps: {steps}, cfg: {cfg}, seed: {seed}, "
+        f"model: {checkpoint}"
+    }
+    written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
+    if recorder is not None:
+        recorder.add(images, images)
+        written.append(save_gif(recorder.frames, gif, scale=scale, overwrite=overwrite))
+    if inter is not None and inter.written:
+        written.append(inter.folder)
+    return written
+
+
+@app.command()
+def sample(
+    checkpoint: Annotated[
+        str, typer.Argument(help="model .safetensors, or 'mnist' for the shipped model")
+    ] = "mnist",
+    sampler: Annotated[str, typer.Option(help="see `noisecraft samplers`")] = "dpmpp_2m",
+    steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
+    n: Annotated[int | None, typer.Option("--n", help="number of images")] = None,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    cfg: Annotated[float, typer.Option(help="classifier-free guidance scale (1 = off)")] = 2.0,
+    klass: Annotated[int | None, typer.Option("--class", help="draw only this class")] = None,
+    spacing: Annotated[
+        str | None, typer.Option(help="linspace | leading | trailing | karras | exponential")
+    ] = None,
+    out: Annotated[Path, typer.Option(help="grid PNG to write")] = Path("grid.png"),
+    gif: Annotated[Path | None, typer.Option(help="also write a denoising GIF here")] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    save_every: Annotated[
+        int, typer.Option(help="save x_t and predicted x0 every K steps into OUT_steps/")
+    ] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
+) -> None:
+    """Generate a grid of images from a checkpoint (one row per class)."""
+    paths = run_sampling(
+        checkpoint,
+        sampler=sampler,
+        steps=steps,
+        n=n,
+        seed=seed,
+        cfg=cfg,
+        klass=klass,
+        out=out,
+        gif=gif,
+        overwrite=overwrite,
+        spacing=spacing,
+        device=device,
+        save_every=save_every,
+    )
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option(help="where to write")] = Path("outputs"),
+    steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
+    seed: Annotated[int, typer.Option(help="random seed")] = 0,
+) -> None:
+    """The main job: digits from the shipped MNIST model, a grid and a denoising GIF."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = run_sampling(
+        "mnist",
+        sampler="dpmpp_2m",
+        steps=steps,
+        n=None,
+        seed=seed,
+        cfg=2.0,
+        klass=None,
+        out=out_dir / "digits.png",
+        gif=out_dir / "denoising.gif",
+        overwrite=True,
+    )
+    typer.echo("one row per digit class 0-9 (classifier-free guidance 2.0, DPM++ 2M)")
+    for p in paths:
+        typer.echo(f"wrote {p.resolve()}")
+
+
+@app.command("samplers")
+def list_samplers() -> None:
+    """List the samplers with their order and cost."""
+    from noisecraft.samplers import SAMPLER_INFO
+
+    typer.echo(f"{'name':<16} {'kind':<13} {'order':>5} {'NFE/step':>8}  description")
+    for name, (stochastic, order, nfe, desc) in SAMPLER_INFO.items():
+        kind = "stochastic" if stochastic else "deterministic"
+        typer.echo(f"{name:<16} {kind:<13} {order:>5} {nfe:>8}  {desc}")
+
+
+@app.command("plot-schedule")
+def plot_schedule(
+    out: Annotated[Path, typer.Option(help="PNG to write")] = Path("schedule.png"),
+    num_steps: Annotated[int, typer.Option(help="T")] = 1000,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing file")] = False,
+) -> None:
+    """Plot beta, alpha-bar and log-SNR of the linear, cosine and SD schedules."""
+    from noisecraft.diffusion import NoiseSchedule
+    from noisecraft.viz.schedule_plot import plot_schedules
+
+    if num_steps < 2:
+        raise ConfigError(f"--num-steps must be at least 2, got {num_steps}")
+    schedules = {
+        "linear": NoiseSchedule.linear(num_steps),
+        "cosine": NoiseSchedule.cosine(num_steps),
+        "scaled_linear (SD)": NoiseSchedule.scaled_linear(num_steps),
+    }
+    typer.echo(f"wrote {plot_schedules(out, schedules, overwrite=overwrite)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point: user errors become one line on stderr and exit code 2.
+
+    typer/click handle usage errors themselves (usage + exit 2); our own
+    :class:`NoisecraftError` passes through them and is printed here.
+    """
+    try:
+        app(args=argv, standalone_mode=True)
+    except SystemExit as e:
+        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except NoisecraftError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def run() -> None:
+    """The ``noisecraft`` console script."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    run()

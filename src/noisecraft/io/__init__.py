@@ -1,0 +1,1 @@
+"""Checkpoints: the native format, atomic writes, safe loading."""

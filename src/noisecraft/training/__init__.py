@@ -1,0 +1,1 @@
+"""Training: configs, in-memory datasets, EMA, the Trainer loop, DDP helpers."""

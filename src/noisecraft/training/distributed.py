@@ -1,0 +1,60 @@
+"""Multi-process training with ``torchrun`` (DDP): gloo on CPU, nccl on CUDA.
+
+``torchrun --nproc_per_node N -m noisecraft.cli.main train CONFIG`` sets
+``RANK``/``WORLD_SIZE``/``LOCAL_RANK``; :func:`setup` reads them. Each process
+takes an equal slice of the same global batch, so an update under N
+processes equals the single-process update on that global batch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def setup(device: torch.device) -> DistInfo:
+    """Join the process group named by torchrun's environment variables (no-op when absent)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0 (in rank order)."""
+    if not info.enabled:
+        return x
+    parts = [torch.empty_like(x) for _ in range(info.world_size)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+def barrier(info: DistInfo) -> None:
+    if info.enabled:
+        dist.barrier()
+
+
+def teardown(info: DistInfo) -> None:
+    if info.enabled and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,1 @@
+"""Seeing inside: image grids, denoising GIFs, schedule plots."""

@@ -1,0 +1,207 @@
+"""CLI smoke tests: every command runs, and every user mistake is one `error:` line, exit 2."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image, ImageSequence
+
+from noisecraft.cli.main import main
+from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
+
+TINY_TOML = """
+[data]
+name = "digits"
+image_size = 8
+limit = 128
+[model]
+in_channels = 1
+out_channels = 1
+model_channels = 8
+channel_mult = [1, 2]
+num_res_blocks = 1
+attention_levels = [1]
+num_heads = 2
+num_classes = 10
+norm_groups = 4
+[diffusion]
+num_steps = 100
+[train]
+batch_size = 16
+max_steps = 3
+warmup_steps = 1
+[run]
+dir = "{run}"
+sample_every = 0
+progress = false
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    toml = root / "tiny.toml"
+    toml.write_text(TINY_TOML.format(run=(root / "run").as_posix()))
+    assert main(["train", str(toml)]) == 0
+    return root
+
+
+def _err(capsys):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_train_then_sample_writes_grid_and_gif(trained, capsys):
+    model = trained / "run" / "model.safetensors"
+    out, gif = trained / "grid.png", trained / "d.gif"
+    rc = main(
+        [
+            "sample",
+            str(model),
+            "--steps",
+            "3",
+            "--n",
+            "20",
+            "--out",
+            str(out),
+            "--gif",
+            str(gif),
+            "--sampler",
+            "euler",
+        ]
+    )
+    assert rc == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    im = Image.open(out)
+    assert im.size[0] > 0
+    assert "sampler: euler" in im.text["parameters"]
+    # one 80 ms frame per step, then the final images held 1 s (Pillow merges equal frames,
+    # so count time, not frames)
+    durations = [f.info["duration"] for f in ImageSequence.Iterator(Image.open(gif))]
+    assert sum(durations) == 3 * 80 + 1000
+
+
+def test_existing_output_is_refused_unless_overwrite(trained, capsys):
+    model = str(trained / "run" / "model.safetensors")
+    out = trained / "keep.png"
+    out.write_bytes(b"precious")
+    assert main(["sample", model, "--steps", "2", "--n", "2", "--out", str(out)]) == 2
+    assert "--overwrite" in _err(capsys)
+    assert out.read_bytes() == b"precious"
+    assert (
+        main(["sample", model, "--steps", "2", "--n", "2", "--out", str(out), "--overwrite"]) == 0
+    )
+
+
+def test_train_resumes(trained, capsys):
+    toml = trained / "tiny.toml"
+    assert main(["train", str(toml), "--max-steps", "4"]) == 0
+    assert "resuming" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["sample", "{model}", "--sampler", "eulr"], "did you mean 'euler'"),
+        (["sample", "{model}", "--steps", "0"], "at least 1"),
+        (["sample", "{model}", "--class", "12"], "out of range"),
+        (["sample", "{root}/nothing.safetensors"], "not found"),
+        (["sample", "{root}/vae.safetensors"], "'vae' model"),
+        (["train", "{root}/tiny.toml", "--set", "train.bach_size=3"], "did you mean 'batch_size'"),
+        (
+            [
+                "train",
+                "{root}/tiny.toml",
+                "--set",
+                "data.name=folder",
+                "--set",
+                "data.path={root}/none",
+                "--set",
+                "run.dir={root}/r2",
+            ],
+            "not found",
+        ),
+        (["train", "{root}/missing.toml"], "not found"),
+    ],
+)
+def test_user_mistakes_are_one_line_errors(trained, capsys, args, needle):
+    save_checkpoint(
+        trained / "vae.safetensors", {"w": torch.ones(1)}, CheckpointInfo("vae", {}), overwrite=True
+    )
+    model = trained / "run" / "model.safetensors"
+    args = [a.format(model=model, root=trained) for a in args]
+    assert main(args) == 2
+    assert needle in _err(capsys)
+
+
+def test_samplers_listing(capsys):
+    assert main(["samplers"]) == 0
+    out = capsys.readouterr().out
+    for name in ["ddpm", "ddim", "euler_ancestral", "dpmpp_2m", "unipc", "plms"]:
+        assert name in out
+
+
+def test_plot_schedule(tmp_path):
+    path = tmp_path / "s.png"
+    assert main(["plot-schedule", "--out", str(path)]) == 0
+    assert Image.open(path).size[0] > 500
+
+
+def test_console_script_exit_code_and_no_traceback(tmp_path):
+    exe = [sys.executable, "-m", "noisecraft.cli.main"]
+    r = subprocess.run(
+        [*exe, "sample", str(tmp_path / "x.safetensors")], capture_output=True, text=True
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def test_train_on_folder_counts_corrupt_images(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("L", (20, 12), i * 60).save(folder / f"{i}.png")
+    (folder / "bad.png").write_bytes(b"\x89PNG broken")
+    toml = tmp_path / "f.toml"
+    toml.write_text(
+        TINY_TOML.format(run=(tmp_path / "run").as_posix())
+        .replace('name = "digits"', f'name = "folder"\npath = "{folder.as_posix()}"')
+        .replace("num_classes = 10\n", "")
+        .replace("limit = 128", "class_conditional = false")
+    )
+    assert main(["train", str(toml), "--set", "train.batch_size=4"]) == 0
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+
+
+def test_torchrun_two_processes(tmp_path):
+    """The README's multi-process command, for real: torchrun with 2 gloo processes."""
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY_TOML.format(run=(tmp_path / "run").as_posix()))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    r = subprocess.run(
+        [*torchrun, "-m", "noisecraft.cli.main", "train", str(toml), "--set", "train.device='cpu'"],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.count("trained to step 3") == 1  # only rank 0 reports
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_save_every_writes_intermediates(trained):
+    model = str(trained / "run" / "model.safetensors")
+    out = trained / "inter.png"
+    args = ["sample", model, "--steps", "4", "--n", "3", "--save-every", "2", "--out", str(out)]
+    assert main(args) == 0
+    names = sorted(p.name for p in (trained / "inter_steps").iterdir())
+    assert names == ["step_000_x0.png", "step_000_xt.png", "step_002_x0.png", "step_002_xt.png"]
+
+
+def test_usage_errors_are_short_and_exit_2(capsys):
+    assert main(["sample", "--bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "No such option" in err and "Traceback" not in err
