@@ -1,0 +1,41 @@
+"""Atomic writes: all or nothing, and the file mode a plain open() would give."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from noisecraft.errors import OutputExistsError
+from noisecraft.io.atomic import atomic_path, check_writable
+
+
+def test_failed_write_leaves_old_file_and_no_temporaries(tmp_path):
+    target = tmp_path / "a.txt"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+
+
+def test_successful_write_replaces_and_uses_umask_mode(tmp_path):
+    target = tmp_path / "sub" / "b.txt"
+    old = os.umask(0o022)
+    try:
+        with atomic_path(target) as tmp:
+            tmp.write_text("new")
+    finally:
+        os.umask(old)
+    assert target.read_text() == "new"
+    assert target.stat().st_mode & 0o777 == 0o644
+
+
+def test_check_writable_refuses_existing(tmp_path):
+    target = tmp_path / "c.txt"
+    assert check_writable(target, overwrite=False) == target
+    target.write_text("x")
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        check_writable(target, overwrite=False)
+    assert check_writable(target, overwrite=True) == target
