@@ -12,6 +12,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
+	# test-only FID reference; --no-deps: its torchvision would replace the pinned torch
+	$(BIN)/python -m pip install -q --no-deps pytorch-fid==0.3.0
 	touch $(STAMP)
 
 setup: $(STAMP)

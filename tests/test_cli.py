@@ -201,6 +201,50 @@ def test_save_every_writes_intermediates(trained):
     assert names == ["step_000_x0.png", "step_000_xt.png", "step_002_x0.png", "step_002_xt.png"]
 
 
+def test_eval_prints_table_and_writes_json(trained, capsys):
+    import json
+
+    model = str(trained / "run" / "model.safetensors")
+    out = trained / "eval.json"
+    args = [
+        "eval",
+        model,
+        "--metrics",
+        "fid,kid,is,pr,bpd",
+        "--n",
+        "100",
+        "--steps",
+        "2",
+        "--bpd-timesteps",
+        "4",
+        "--bpd-n",
+        "8",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    for key in ("fid", "kid", "is", "bpd"):
+        assert key in printed
+        assert key in " ".join(doc["metrics"])
+    assert doc["metrics"]["fid"] > 0 and doc["metrics"]["bpd"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--metrics", "fid,kdi"], "did you mean 'kid'"),
+        (["--metrics", "fid", "--n", "10"], "feature"),
+        (["--features", "inception"], "--inception PATH"),
+    ],
+)
+def test_eval_user_mistakes(trained, capsys, extra, needle):
+    model = str(trained / "run" / "model.safetensors")
+    assert main(["eval", model, "--out", str(trained / "e.json"), *extra]) == 2
+    assert needle in _err(capsys)
+
+
 def test_usage_errors_are_short_and_exit_2(capsys):
     assert main(["sample", "--bogus"]) == 2
     err = capsys.readouterr().err

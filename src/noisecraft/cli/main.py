@@ -237,6 +237,17 @@ def plot_schedule(
     typer.echo(f"wrote {plot_schedules(out, schedules, overwrite=overwrite)}")
 
 
+def _register_subcommands() -> None:
+    from noisecraft.cli.eval_cmd import eval_command
+    from noisecraft.cli.viz_cmd import viz_app
+
+    app.command("eval")(eval_command)
+    app.add_typer(viz_app, name="viz")
+
+
+_register_subcommands()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2.
 
