@@ -7,7 +7,7 @@ import os
 import pytest
 
 from noisecraft.errors import OutputExistsError
-from noisecraft.io.atomic import atomic_path, check_writable
+from noisecraft.io.atomic import atomic_path, check_writable, free_path
 
 
 def test_failed_write_leaves_old_file_and_no_temporaries(tmp_path):
@@ -39,3 +39,12 @@ def test_check_writable_refuses_existing(tmp_path):
     with pytest.raises(OutputExistsError, match="--overwrite"):
         check_writable(target, overwrite=False)
     assert check_writable(target, overwrite=True) == target
+
+
+def test_free_path_numbers_instead_of_overwriting(tmp_path):
+    target = tmp_path / "digits.png"
+    assert free_path(target) == target
+    target.write_bytes(b"1")
+    assert free_path(target) == tmp_path / "digits_2.png"
+    (tmp_path / "digits_2.png").write_bytes(b"2")
+    assert free_path(target) == tmp_path / "digits_3.png"

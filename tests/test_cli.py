@@ -249,3 +249,17 @@ def test_usage_errors_are_short_and_exit_2(capsys):
     assert main(["sample", "--bogus"]) == 2
     err = capsys.readouterr().err
     assert "No such option" in err and "Traceback" not in err
+
+
+def test_demo_uses_shipped_model_and_keeps_earlier_outputs(tmp_path, capsys):
+    """The README's main job: shipped model, a grid and a GIF; a second run never overwrites."""
+    args = ["demo", "--out-dir", str(tmp_path), "--steps", "2"]
+    assert main(args) == 0
+    first = (tmp_path / "digits.png").read_bytes()
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {tmp_path / 'digits_2.png'}" in out
+    assert f"wrote {tmp_path / 'denoising_2.gif'}" in out
+    assert (tmp_path / "digits.png").read_bytes() == first
+    with Image.open(tmp_path / "digits.png") as im:
+        assert im.height > im.width  # 10 class rows of 8 digits

@@ -186,9 +186,21 @@ def demo(
     out_dir: Annotated[Path, typer.Option(help="where to write")] = Path("outputs"),
     steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
+    overwrite: Annotated[
+        bool, typer.Option(help="replace earlier demo images instead of numbering new ones")
+    ] = False,
 ) -> None:
-    """The main job: digits from the shipped MNIST model, a grid and a denoising GIF."""
+    """The main job: digits from the shipped MNIST model, a grid and a denoising GIF.
+
+    Earlier outputs are kept: a second run writes ``digits_2.png`` and so on
+    unless ``--overwrite`` is given.
+    """
+    from noisecraft.io.atomic import free_path
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    grid, gif = out_dir / "digits.png", out_dir / "denoising.gif"
+    if not overwrite:
+        grid, gif = free_path(grid), free_path(gif)
     paths = run_sampling(
         "mnist",
         sampler="dpmpp_2m",
@@ -197,9 +209,9 @@ def demo(
         seed=seed,
         cfg=2.0,
         klass=None,
-        out=out_dir / "digits.png",
-        gif=out_dir / "denoising.gif",
-        overwrite=True,
+        out=grid,
+        gif=gif,
+        overwrite=overwrite,
     )
     typer.echo("one row per digit class 0-9 (classifier-free guidance 2.0, DPM++ 2M)")
     for p in paths:

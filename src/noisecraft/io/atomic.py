@@ -26,6 +26,17 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool) -> Path:
     return path
 
 
+def free_path(path: str | os.PathLike) -> Path:
+    """``path`` if it does not exist, else the first free ``stem_2.ext``, ``stem_3.ext``, ..."""
+    path = Path(path)
+    n = 2
+    candidate = path
+    while candidate.exists():
+        candidate = path.with_name(f"{path.stem}_{n}{path.suffix}")
+        n += 1
+    return candidate
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
