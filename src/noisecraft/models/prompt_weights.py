@@ -1,0 +1,135 @@
+"""Prompt emphasis syntax of the AUTOMATIC1111 Stable Diffusion web UI.
+
+A1111 (``modules/prompt_parser.py``, ``parse_prompt_attention``) lets a prompt
+raise or lower the weight of a stretch of text:
+
+=====================  ==========================================
+``(word)``             weight x 1.1; nesting multiplies: ``((word))`` x 1.21
+``[word]``             weight / 1.1; ``[[word]]`` / 1.21
+``(word:1.3)``         weight x 1.3 (an explicit factor, may be < 1)
+``\\(`` ``\\)`` ...    a literal bracket (also ``\\[``, ``\\]``, ``\\\\``)
+``BREAK``              (upper case, a whole word) ends the 75-token chunk
+=====================  ==========================================
+
+Unclosed brackets apply to the end of the prompt; an unmatched closing
+bracket is kept as text. Runs with the same weight are merged. The weights are
+applied after the text encoder (A1111 scales each token's hidden state and
+then restores the mean); this module only parses.
+"""
+
+from __future__ import annotations
+
+import re
+
+from noisecraft.errors import ConfigError
+
+__all__ = ["BREAK", "parse_prompt_attention"]
+
+#: The text of the marker entry that ``parse_prompt_attention`` emits for ``BREAK``
+#: (its weight is ``-1.0``, as in A1111).
+BREAK = "BREAK"
+
+# The token pattern of A1111's prompt_parser.py (the version that allows spaces
+# around an explicit weight, `(word : 1.3 )`); the order of the alternatives matters.
+_RE_ATTENTION = re.compile(
+    r"""
+\\\(|
+\\\)|
+\\\[|
+\\]|
+\\\\|
+\\|
+\(|
+\[|
+:\s*([+-]?[.\d]+)\s*\)|
+\)|
+]|
+[^\\()\[\]:]+|
+:
+""",
+    re.X,
+)
+
+_RE_BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+
+_ROUND = 1.1
+_SQUARE = 1 / 1.1
+
+
+def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
+    """Split ``text`` into ``(fragment, weight)`` pairs, as A1111's function of this name.
+
+    The arithmetic is done in the same order as A1111's, so the floats are equal,
+    down to the last bit:
+
+    >>> parse_prompt_attention("an (important) word")
+    [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
+    >>> parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")[:3]
+    [('a ', 1.0), ('house', 1.5730000000000004), (' ', 1.1)]
+    >>> parse_prompt_attention(r"\\(literal\\]")
+    [('(literal]', 1.0)]
+    >>> parse_prompt_attention("a BREAK b")
+    [('a', 1.0), ('BREAK', -1.0), ('b', 1.0)]
+
+    ``BREAK`` yields the entry ``("BREAK", -1.0)``. Inside brackets A1111 multiplies
+    that marker's weight too (``(a BREAK b)`` gives ``("BREAK", -1.1)``); this function
+    does the same, and :meth:`CLIPTokenizer.encode_weighted
+    <noisecraft.models.tokenizer.CLIPTokenizer.encode_weighted>` treats any
+    ``"BREAK"`` entry with a negative weight as a break.
+
+    Raises:
+        ConfigError: an explicit weight that is not a number, e.g. ``(word:1.2.3)``
+            (A1111 fails there with a bare ``ValueError``).
+    """
+    res: list[list] = []
+    round_brackets: list[int] = []
+    square_brackets: list[int] = []
+
+    def multiply_range(start: int, multiplier: float) -> None:
+        for p in range(start, len(res)):
+            res[p][1] *= multiplier
+
+    for m in _RE_ATTENTION.finditer(text):
+        piece = m.group(0)
+        weight = m.group(1)
+        if piece.startswith("\\"):
+            res.append([piece[1:], 1.0])
+        elif piece == "(":
+            round_brackets.append(len(res))
+        elif piece == "[":
+            square_brackets.append(len(res))
+        elif weight is not None and round_brackets:
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise ConfigError(
+                    f"bad emphasis weight '{weight}' in prompt; write it as (text:1.3)"
+                ) from None
+            multiply_range(round_brackets.pop(), factor)
+        elif piece == ")" and round_brackets:
+            multiply_range(round_brackets.pop(), _ROUND)
+        elif piece == "]" and square_brackets:
+            multiply_range(square_brackets.pop(), _SQUARE)
+        else:
+            for i, part in enumerate(_RE_BREAK.split(piece)):
+                if i > 0:
+                    res.append([BREAK, -1.0])
+                res.append([part, 1.0])
+
+    for pos in round_brackets:
+        multiply_range(pos, _ROUND)
+    for pos in square_brackets:
+        multiply_range(pos, _SQUARE)
+
+    if not res:
+        res = [["", 1.0]]
+
+    # Merge runs of identical weights.
+    i = 0
+    while i + 1 < len(res):
+        if res[i][1] == res[i + 1][1]:
+            res[i][0] += res[i + 1][0]
+            res.pop(i + 1)
+        else:
+            i += 1
+    return [(str(t), float(w)) for t, w in res]
