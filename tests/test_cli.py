@@ -179,7 +179,15 @@ def test_torchrun_two_processes(tmp_path):
     """The README's multi-process command, for real: torchrun with 2 gloo processes."""
     toml = tmp_path / "tiny.toml"
     toml.write_text(TINY_TOML.format(run=(tmp_path / "run").as_posix()))
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    # --standalone: a free rendezvous port, so parallel test runs do not collide on 29500
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+    ]
     r = subprocess.run(
         [*torchrun, "-m", "noisecraft.cli.main", "train", str(toml), "--set", "train.device='cpu'"],
         capture_output=True,
