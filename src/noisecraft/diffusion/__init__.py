@@ -3,7 +3,7 @@
 Imports torch only; no ``nn.Module`` models live here (DESIGN.md).
 """
 
-from noisecraft.diffusion.denoisers import DiscreteDenoiser
+from noisecraft.diffusion.denoisers import ClippedDenoiser, DiscreteDenoiser
 from noisecraft.diffusion.forward import q_mean_variance, q_posterior_mean_variance, q_sample
 from noisecraft.diffusion.guidance import CFGDenoiser, rescale_guidance
 from noisecraft.diffusion.objectives import ObjectiveConfig, min_snr_weight, training_losses
@@ -29,6 +29,7 @@ from noisecraft.diffusion.vlb import (
 )
 
 __all__ = [
+    "ClippedDenoiser",
     "PREDICTIONS",
     "SCHEDULES",
     "SPACINGS",

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from noisecraft.diffusion import CFGDenoiser, make_sigmas
+from noisecraft.diffusion import CFGDenoiser, ClippedDenoiser, make_sigmas
 from noisecraft.errors import ConfigError
 from noisecraft.pipelines.pixel import PixelDiffusion
 from noisecraft.samplers import get_sampler, parse_sampler_name
@@ -101,6 +101,8 @@ def generate(
             if request.cfg != 1.0:
                 uncond = {"class_labels": torch.full_like(extra["class_labels"], null)}
                 fn = CFGDenoiser(denoiser, request.cfg, uncond)
+        if model.x0_range is not None:
+            fn = ClippedDenoiser(fn, *model.x0_range)
         cb = None
         if callback is not None:
 

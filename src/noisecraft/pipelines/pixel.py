@@ -24,6 +24,9 @@ class PixelDiffusion:
     prediction: str = "eps"
     learned_variance: bool = False
     image_size: int = 28  # the (square) size it was trained at
+    # predicted x0 is clipped to the data range while sampling (DDPM's clip_denoised);
+    # None turns it off
+    x0_range: tuple[float, float] | None = (-1.0, 1.0)
     info: CheckpointInfo | None = None
 
     @property
