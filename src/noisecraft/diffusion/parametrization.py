@@ -63,3 +63,16 @@ def target_for(prediction: str, x0: Tensor, noise: Tensor, abar: Tensor | float)
         return x0
     a, b = _roots(abar, x0)
     return a * noise - b * x0
+
+
+def c_skip_for(prediction: str, sigma: Tensor) -> Tensor:
+    """``a(sigma)`` in ``x0 = a x + b * output`` of a network predicting ``prediction``.
+
+    eps: ``x0 = x - sigma eps`` (a = 1); v: ``x0 = x / (1 + sigma^2) - ...`` (a = 1/(1+sigma^2));
+    x0: a = 0 (see :class:`~noisecraft.diffusion.DiscreteDenoiser`).
+    """
+    if prediction == "eps":
+        return torch.ones_like(sigma)
+    if prediction == "v":
+        return 1.0 / (1.0 + sigma**2)
+    return torch.zeros_like(sigma)

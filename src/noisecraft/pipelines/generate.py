@@ -1,28 +1,107 @@
-"""The generate() core: noise -> sigmas -> (guided) denoiser -> sampler -> images.
+"""The generate() core: seeds -> noise -> sigmas -> (guided) denoiser -> sampler -> images.
 
-Every surface (CLI ``sample``, training-time sample grids, the demo, the
-evaluation scripts) calls :func:`generate`. Conditioning is passed through
-to the denoiser as keyword arguments (``class_labels`` here; ``context`` for
-text models later), and classifier-free guidance is a denoiser wrapper
-(DESIGN.md contract 2), so no sampler knows about either.
+Every surface (CLI ``sample`` and ``generate``, training-time sample grids, the demo, the
+evaluation scripts) calls :func:`generate`, for pixel-space models
+(:class:`~noisecraft.pipelines.pixel.PixelDiffusion`) and latent text-to-image models
+(:class:`~noisecraft.pipelines.latent.LatentDiffusion`) alike. What differs between the two
+is behind a small protocol, :class:`DiffusionModel`:
+
+- ``latent_shape(request)``: (C, h, w) of the tensor the sampler works on (the image itself
+  for a pixel model, the VAE latent for a latent model);
+- ``conditioning(request, start, stop)``: ``(cond, uncond)`` keyword arguments of the
+  denoiser for images ``start:stop`` (class labels, or the text encoder's ``context``);
+  ``uncond`` is None when the model has no unconditional input (then there is no CFG);
+- ``denoiser(spacing)``: ``denoiser(x, sigma, **cond) -> x0_hat`` (DESIGN.md contract 2);
+- ``encode(images, generator)`` / ``decode(latents)``: between images in [-1, 1] and the
+  sampler's space (identity for pixel models, the VAE for latent models);
+- ``inpaint_conditioning(mask, masked_latents)``: the extra input of a 9-channel
+  inpainting U-Net, or None for an ordinary model (which is then inpainted by blending);
+- ``preview(denoised, mode)``: a cheap RGB picture of an x0 estimate, for progress previews;
+- ``c_skip(sigma)``: ``a`` in ``x0 = a x + b * output`` (for guidance rescale);
+- attributes ``schedule``, ``device``, ``x0_range``, ``downsample_factor``,
+  ``per_image_seeds`` and ``check_request(request)`` for the model's own one-line errors.
+
+:class:`PixelDiffusion` lives in ``pixel.py`` and predates the protocol; :func:`as_model`
+wraps it in :class:`PixelModel`. Everything else -- classifier-free guidance (a denoiser
+wrapper, Ho & Salimans 2022 eq. 6), guidance rescale (Lin et al. 2023 eq. 15-16), img2img
+(SDEdit, Meng et al. 2022: start at a later sigma, not a flag), inpainting (RePaint-style
+blending, Lugmayr et al. 2022, as a denoiser wrapper) -- is written once, here, and no
+sampler knows about any of it.
+
+Seeds (see :meth:`GenerateRequest.image_seeds`): with ``per_image_seeds`` (latent models, or
+any model when ``request.seeds`` is given) image ``i`` has its own CPU generator seeded with
+``seeds[i]`` (default ``seed + i``, as AUTOMATIC1111 numbers a batch), which draws, in
+diffusers' order, the VAE posterior sample of the init image, then the initial noise
+``torch.randn((1, C, h, w))`` (``randn_tensor`` with a list of generators), then the
+posterior sample of the masked image (9-channel inpainting), then the sampler's noise. So
+image ``i`` is the same whether it is made alone or in a batch (stochastic samplers then run
+one image at a time, since a sampler takes one generator). Pixel models without ``seeds``
+keep noisecraft's original rule: one generator seeded with ``seed`` draws the noise of all
+``n`` images at once, and stochastic samplers share it across the batch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
-from noisecraft.diffusion import CFGDenoiser, ClippedDenoiser, make_sigmas
+from noisecraft.diffusion import CFGDenoiser, ClippedDenoiser, NoiseSchedule, make_sigmas
+from noisecraft.diffusion.parametrization import c_skip_for
 from noisecraft.errors import ConfigError
+from noisecraft.pipelines.inpaint import InpaintDenoiser
 from noisecraft.pipelines.pixel import PixelDiffusion
-from noisecraft.samplers import get_sampler, parse_sampler_name
+from noisecraft.samplers import SAMPLER_INFO, get_sampler, parse_sampler_name
+
+Denoiser = Callable[..., Tensor]
+
+#: img2img strength used when an init image is given without one (diffusers' img2img
+#: default); inpainting defaults to 1.0 (diffusers' inpaint default).
+DEFAULT_IMG2IMG_STRENGTH = 0.8
+
+#: Spacings whose timesteps lie on the training grid with sigmas interpolated linearly in
+#: sigma (diffusers' Euler); their denoiser inverts that interpolation exactly.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+#: Linear map from SD 1.x latents (as the U-Net sees them, i.e. scaled) to RGB in about
+#: [-1, 1]: the "Approx cheap" live preview of AUTOMATIC1111 (factors by Keturn, 2022).
+SD_LATENT_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
+
+PREVIEWS = ("cheap", "vae")
+
+
+# ---------------------------------------------------------------------------- request
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """What to generate. ``classes``: one label per image (None = unconditional / null class)."""
+    """What to generate. Fields after ``eta`` are the text-to-image / img2img / inpaint ones.
+
+    * ``classes``: one label per image (None = unconditional / null class); pixel models only.
+    * ``prompts``: one prompt per image, or one for all; latent models only (None = "").
+    * ``negative_prompt``: one for all images or one per image; the unconditional half of
+      classifier-free guidance (an empty one is the empty prompt, as in diffusers).
+    * ``cfg``: guidance scale ``w`` of ``u + w (c - u)``; 1 = no unconditional pass.
+    * ``guidance_rescale``: phi of Lin et al. 2023 eq. 16, in [0, 1] (see
+      :class:`~noisecraft.diffusion.CFGDenoiser`).
+    * ``seeds``: one seed per image; None = ``seed + i`` for image ``i`` (latent models) or the
+      whole-batch rule of pixel models (module docstring).
+    * ``width`` / ``height``: image size; None = the init image's size, else the model's.
+      Latent models need multiples of the VAE factor (8) times the U-Net's own multiple.
+    * ``init_image``: (1 or n, C, H, W) in [-1, 1] for img2img / inpainting.
+    * ``strength``: img2img denoising strength in [0, 1]; None = 0.8 for img2img, 1.0 for
+      inpainting. Steps run = ``int(steps * strength)`` (diffusers' ``get_timesteps``).
+    * ``mask``: (1 or n, 1, H, W) (or (H, W)) in [0, 1], 1 (white) = repaint, binarised at 0.5.
+    """
 
     n: int = 16
     sampler: str = "dpmpp_2m"
@@ -33,25 +112,563 @@ class GenerateRequest:
     seed: int = 0
     batch_size: int = 256
     eta: float | None = None  # ddim / ancestral noise amount (sampler default when None)
+    prompts: Sequence[str] | None = None
+    negative_prompt: str | Sequence[str] = ""
+    guidance_rescale: float = 0.0
+    seeds: Sequence[int] | None = None
+    width: int | None = None
+    height: int | None = None
+    init_image: Tensor | None = None
+    strength: float | None = None
+    mask: Tensor | None = None
 
-    def validate(self, model: PixelDiffusion) -> None:
+    # ------------------------------------------------------------------ derived values
+    def image_seeds(self) -> list[int]:
+        """The seed of each image: ``seeds``, or ``seed + i`` (AUTOMATIC1111's rule)."""
+        if self.seeds is not None:
+            return [int(s) for s in self.seeds]
+        return [int(self.seed) + i for i in range(self.n)]
+
+    def image_prompts(self) -> list[str]:
+        """One prompt per image ("" when there are none)."""
+        if self.prompts is None:
+            return [""] * self.n
+        prompts = [self.prompts] if isinstance(self.prompts, str) else list(self.prompts)
+        return prompts * self.n if len(prompts) == 1 else prompts
+
+    def image_negative_prompts(self) -> list[str]:
+        """One negative prompt per image."""
+        neg = self.negative_prompt
+        negs = [neg] if isinstance(neg, str) else list(neg)
+        return negs * self.n if len(negs) == 1 else negs
+
+    def effective_strength(self) -> float | None:
+        """The img2img strength in use: None without an init image."""
+        if self.init_image is None:
+            return None
+        if self.strength is not None:
+            return float(self.strength)
+        return 1.0 if self.mask is not None else DEFAULT_IMG2IMG_STRENGTH
+
+    def start_index(self) -> int:
+        """Index into the ``steps + 1`` sigmas where sampling starts (0 without an init image).
+
+        diffusers' ``get_timesteps``: ``init = min(int(steps * strength), steps)``,
+        ``t_start = max(steps - init, 0)``. Note ``int(steps * strength)``, not
+        ``int(steps * (1 - strength))``: they differ by one where ``steps * strength`` rounds
+        down (e.g. 100 * 0.29 = 28.999...).
+        """
+        strength = self.effective_strength()
+        if strength is None:
+            return 0
+        return img2img_start(self.steps, strength)
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, model: Any) -> None:
         """Raise a one-line :class:`ConfigError` / unknown-name error before any work starts."""
+        m = as_model(model)
         get_sampler(parse_sampler_name(self.sampler)[0])
         if self.n < 1:
             raise ConfigError(f"--n must be at least 1, got {self.n}")
         if self.steps < 1:
             raise ConfigError(f"--steps must be at least 1, got {self.steps}")
-        if self.classes is not None:
-            if model.num_classes is None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
+        if not 0.0 <= self.guidance_rescale <= 1.0:
+            raise ConfigError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
+        if self.seeds is not None and len(self.seeds) != self.n:
+            raise ConfigError(f"got {len(self.seeds)} seeds for {self.n} images")
+        prompts, negatives = self.prompts, self.negative_prompt
+        if prompts is not None and not isinstance(prompts, str) and len(prompts) not in (1, self.n):
+            raise ConfigError(
+                f"got {len(prompts)} prompts for {self.n} images; give one prompt, or one per image"
+            )
+        if not isinstance(negatives, str) and len(negatives) not in (1, self.n):
+            raise ConfigError(
+                f"got {len(self.negative_prompt)} negative prompts for {self.n} images; "
+                "give one, or one per image"
+            )
+        if self.strength is not None:
+            if not 0.0 <= self.strength <= 1.0:
+                raise ConfigError(f"--strength must be in [0, 1], got {self.strength}")
+            if self.init_image is None:
+                raise ConfigError("--strength needs an init image (--init IMAGE)")
+        if self.mask is not None and self.init_image is None:
+            raise ConfigError("--mask needs an init image (--init IMAGE) to inpaint")
+        m.check_request(self)
+        height, width = image_size(m, self)
+        _check_size(m, height, width)
+        if self.init_image is not None:
+            _image_batch(self.init_image, m.image_channels, height, width, self.n, "init image")
+        if self.mask is not None:
+            _mask_batch(self.mask, height, width, self.n)
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """diffusers' img2img ``t_start``: the first of ``steps`` sigmas that is sampled from."""
+    init_timestep = min(int(steps * strength), steps)
+    return max(steps - init_timestep, 0)
+
+
+def image_size(model: Any, request: GenerateRequest) -> tuple[int, int]:
+    """(height, width) of the images ``request`` makes."""
+    m = as_model(model)
+    default_h, default_w = m.default_size
+    if request.init_image is not None and request.init_image.ndim >= 2:
+        default_h, default_w = (int(s) for s in request.init_image.shape[-2:])
+    height = default_h if request.height is None else int(request.height)
+    width = default_w if request.width is None else int(request.width)
+    return height, width
+
+
+def _check_size(m: DiffusionModel, height: int, width: int) -> None:
+    if height < 1 or width < 1:
+        raise ConfigError(f"size {width}x{height} must be positive")
+    f = m.downsample_factor
+    if f > 1 and (height % f or width % f):
+        raise ConfigError(
+            f"size {width}x{height} is not a multiple of {f} (the VAE's downsampling factor); "
+            f"choose a width and height divisible by {f}"
+        )
+    k = f * m.size_multiple
+    if height % k or width % k:
+        raise ConfigError(
+            f"size {width}x{height}: this model needs width and height that are multiples "
+            f"of {k}" + (f" ({f} for the VAE x {m.size_multiple} for the U-Net)" if f > 1 else "")
+        )
+
+
+def _image_batch(image: Tensor, channels: int, height: int, width: int, n: int, what: str) -> None:
+    if image.ndim != 4 or image.shape[1] != channels:
+        raise ConfigError(
+            f"{what} must be a tensor (batch, {channels}, height, width), got {tuple(image.shape)}"
+        )
+    if image.shape[0] not in (1, n):
+        raise ConfigError(f"got {image.shape[0]} {what}s for {n} images; give 1 or {n}")
+    h, w = image.shape[-2:]
+    if (h, w) != (height, width):
+        raise ConfigError(
+            f"{what} is {w}x{h} but the images are {width}x{height}; "
+            "resize it or leave out the size"
+        )
+
+
+def _mask_batch(mask: Tensor, height: int, width: int, n: int) -> None:
+    if mask.ndim not in (2, 3, 4) or (mask.ndim == 4 and mask.shape[1] != 1):
+        raise ConfigError(
+            f"mask must be (height, width) or (batch, 1, height, width), got {tuple(mask.shape)}"
+        )
+    b = 1 if mask.ndim == 2 else mask.shape[0]
+    if b not in (1, n):
+        raise ConfigError(f"got {b} masks for {n} images; give 1 or {n}")
+    h, w = mask.shape[-2:]
+    if (h, w) != (height, width):
+        raise ConfigError(
+            f"mask is {w}x{h} but the init image is {width}x{height}; they must match"
+        )
+
+
+# ---------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class DiffusionModel(Protocol):
+    """What :func:`generate` needs from a model (see the module docstring)."""
+
+    schedule: NoiseSchedule
+    x0_range: tuple[float, float] | None
+
+    @property
+    def device(self) -> torch.device: ...
+
+    @property
+    def default_size(self) -> tuple[int, int]: ...
+
+    @property
+    def image_channels(self) -> int: ...
+
+    @property
+    def downsample_factor(self) -> int: ...
+
+    @property
+    def size_multiple(self) -> int: ...
+
+    @property
+    def per_image_seeds(self) -> bool: ...
+
+    @property
+    def inpaint_unet(self) -> bool: ...
+
+    def check_request(self, request: GenerateRequest) -> None: ...
+
+    def latent_shape(self, request: GenerateRequest) -> tuple[int, int, int]: ...
+
+    def conditioning(
+        self, request: GenerateRequest, start: int, stop: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]: ...
+
+    def denoiser(self, spacing: str) -> Denoiser: ...
+
+    def encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor: ...
+
+    def decode(self, latents: Tensor) -> Tensor: ...
+
+    def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]: ...
+
+    def preview(self, denoised: Tensor, mode: str) -> Tensor: ...
+
+    def c_skip(self, sigma: Tensor) -> Tensor: ...
+
+
+class PixelModel:
+    """:class:`PixelDiffusion` seen through the :class:`DiffusionModel` protocol.
+
+    Sampling works on the image itself (``encode`` / ``decode`` are the identity), the
+    conditioning is a class label with the null class as the unconditional input, and the
+    predicted x0 is clipped to ``x0_range``. Pixel img2img and inpainting come for free.
+    """
+
+    downsample_factor = 1
+    inpaint_unet = False
+    per_image_seeds = False
+
+    def __init__(self, model: PixelDiffusion):
+        self.model = model
+        self.schedule = model.schedule
+        self.x0_range = model.x0_range
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.unet.parameters()).device
+
+    @property
+    def default_size(self) -> tuple[int, int]:
+        return (self.model.image_size, self.model.image_size)
+
+    @property
+    def image_channels(self) -> int:
+        return self.model.unet.config.in_channels
+
+    @property
+    def size_multiple(self) -> int:
+        return self.model.unet.config.size_multiple
+
+    def check_request(self, request: GenerateRequest) -> None:
+        if request.prompts is not None or _any_text(request.negative_prompt):
+            raise ConfigError("this model takes --class, not a prompt")
+        num_classes = self.model.num_classes
+        if request.classes is not None:
+            if num_classes is None:
                 raise ConfigError("this model is unconditional; leave out --class")
-            if len(self.classes) != self.n:
-                raise ConfigError(f"got {len(self.classes)} class labels for {self.n} images")
-            bad = [c for c in self.classes if not 0 <= c < model.num_classes]
+            if len(request.classes) != request.n:
+                raise ConfigError(f"got {len(request.classes)} class labels for {request.n} images")
+            bad = [c for c in request.classes if not 0 <= c < num_classes]
             if bad:
                 raise ConfigError(
-                    f"class {bad[0]} out of range; "
-                    f"this model has classes 0..{model.num_classes - 1}"
+                    f"class {bad[0]} out of range; this model has classes 0..{num_classes - 1}"
                 )
+
+    def latent_shape(self, request: GenerateRequest) -> tuple[int, int, int]:
+        h, w = image_size(self, request)
+        return (self.image_channels, h, w)
+
+    def conditioning(
+        self, request: GenerateRequest, start: int, stop: int
+    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        if self.model.num_classes is None:
+            return {}, None
+        null = self.model.unet.null_class
+        labels = list(request.classes) if request.classes is not None else [null] * request.n
+        cond = torch.tensor(labels[start:stop], device=self.device)
+        return {"class_labels": cond}, {"class_labels": torch.full_like(cond, null)}
+
+    def denoiser(self, spacing: str) -> Denoiser:
+        return self.model.denoiser()
+
+    def encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
+        return images
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return latents
+
+    def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]:
+        raise ConfigError("a pixel U-Net has no inpainting input")
+
+    def preview(self, denoised: Tensor, mode: str) -> Tensor:
+        return denoised.clamp(-1, 1)
+
+    def c_skip(self, sigma: Tensor) -> Tensor:
+        return c_skip_for(self.model.prediction, sigma)
+
+
+def _any_text(value: str | Sequence[str]) -> bool:
+    return bool(value) if isinstance(value, str) else any(bool(v) for v in value)
+
+
+def as_model(model: Any) -> DiffusionModel:
+    """``model`` as a :class:`DiffusionModel` (wrapping a :class:`PixelDiffusion`)."""
+    if isinstance(model, PixelDiffusion):
+        return PixelModel(model)
+    if isinstance(model, (PixelModel, DiffusionModel)):
+        return model
+    raise ConfigError(f"cannot generate with a {type(model).__name__}; load a noisecraft model")
+
+
+# ---------------------------------------------------------------------------- the core
+
+
+def _is_stochastic(name: str, eta: float | None) -> bool:
+    stochastic = SAMPLER_INFO[name][0]
+    if eta is not None:
+        return eta > 0
+    return stochastic
+
+
+@dataclass(frozen=True)
+class _Plan:
+    sampler_name: str
+    spacing: str
+    sigmas: Tensor  # the full steps + 1 sigmas
+    start: int  # img2img start index
+    runs: list[tuple[int, int]]
+    per_image: bool
+
+    @property
+    def tail(self) -> Tensor:
+        return self.sigmas[self.start :]
+
+    @property
+    def steps_per_run(self) -> int:
+        return len(self.sigmas) - 1 - self.start
+
+
+def _plan(m: DiffusionModel, request: GenerateRequest) -> _Plan:
+    name, sampler_spacing = parse_sampler_name(request.sampler)
+    spacing = request.spacing or sampler_spacing or "linspace"
+    sigmas = make_sigmas(m.schedule, request.steps, spacing)
+    per_image = m.per_image_seeds or request.seeds is not None
+    size = 1 if per_image and _is_stochastic(name, request.eta) else request.batch_size
+    runs = [(s, min(s + size, request.n)) for s in range(0, request.n, size)]
+    return _Plan(name, spacing, sigmas, request.start_index(), runs, per_image)
+
+
+def count_steps(model: Any, request: GenerateRequest) -> int:
+    """How many times :func:`generate` will call ``callback`` (for a progress bar's total)."""
+    m = as_model(model)
+    plan = _plan(m, request)
+    return plan.steps_per_run * len(plan.runs)
+
+
+def _broadcast(t: Tensor, start: int, stop: int) -> Tensor:
+    return t if t.shape[0] == 1 else t[start:stop]
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    request: GenerateRequest,
+    *,
+    callback: Callable[[dict], None] | None = None,
+    preview_every: int = 0,
+    preview: str = "cheap",
+    decode: bool = True,
+) -> Tensor:
+    """Make ``request.n`` images; returns a float tensor (n, C, H, W) in [-1, 1] on the CPU.
+
+    Images are produced in runs of up to ``request.batch_size`` (one image per run for a
+    stochastic sampler with per-image seeds). ``callback`` gets the sampler's per-step dict
+    plus ``batch`` (the run index) and ``start`` / ``stop`` (the images of the run); with
+    ``preview_every = K > 0`` every K-th step (and the last) also carries ``preview``, an
+    RGB picture (B, 3, h, w) in [-1, 1] of the current x0 estimate: ``preview="cheap"`` maps
+    latents linearly to RGB at latent resolution (AUTOMATIC1111's "Approx cheap"; costs
+    nothing), ``"vae"`` decodes them with the VAE (exact, costs a decode). Pixel models
+    preview the x0 estimate itself. ``decode=False`` returns the final latents instead of
+    images (for latent models; the same tensor for pixel models, not clamped).
+
+    img2img (``init_image``) starts at ``sigmas[start_index()]`` from ``z + sigma * noise``
+    (SDEdit, Meng et al. 2022) and runs the same sampler on the rest of the sigmas; strength 0
+    runs no step and returns the VAE round trip of the init image. Inpainting (``mask``)
+    blends known latents (:class:`InpaintDenoiser`) or, for a 9-channel U-Net, concatenates
+    ``[latents, mask, masked-image latents]`` (diffusers' ``StableDiffusionInpaintPipeline``).
+    """
+    m = as_model(model)
+    request.validate(m)
+    if preview not in PREVIEWS:
+        raise ConfigError(f"preview must be one of {', '.join(PREVIEWS)}, got {preview!r}")
+    if preview_every < 0:
+        raise ConfigError(f"preview_every must be >= 0, got {preview_every}")
+    device = m.device
+    plan = _plan(m, request)
+    sampler = get_sampler(plan.sampler_name)
+    sigmas = plan.tail.to(device)
+    steps_run = plan.steps_per_run
+    denoiser = m.denoiser(plan.spacing)
+    options = {} if request.eta is None else {"eta": request.eta}
+    shape = m.latent_shape(request)
+    seeds = request.image_seeds()
+
+    inputs = _Inputs.of(request, device, m.inpaint_unet)
+    legacy: tuple[torch.Generator, Tensor] | None = None
+    if not plan.per_image:  # pixel models without seeds: one generator for everything
+        g = torch.Generator().manual_seed(request.seed)
+        legacy = (g, torch.randn((request.n, *shape), generator=g))
+
+    out: list[Tensor] = []
+    for b, (start, stop) in enumerate(plan.runs):
+        run = _draw(m, inputs, shape, seeds[start:stop], start, stop, legacy, device)
+        if inputs.init is None or (inputs.mask is not None and inputs.strength_max):
+            x = run.noise * sigmas[0]
+        else:
+            x = run.known + run.noise * sigmas[0]  # SDEdit: the init latents noised to sigma
+
+        cond, uncond = m.conditioning(request, start, stop)
+        if inputs.nine:
+            cond = {**cond, **m.inpaint_conditioning(run.mask, run.masked)}
+        fn: Denoiser = denoiser
+        if uncond is not None and request.cfg != 1.0:
+            fn = CFGDenoiser(fn, request.cfg, uncond, request.guidance_rescale, c_skip=m.c_skip)
+        if m.x0_range is not None:
+            fn = ClippedDenoiser(fn, *m.x0_range)
+        if inputs.blend:
+            fn = InpaintDenoiser(fn, run.known, run.noise, run.mask, float(sigmas[0]))
+
+        cb = None
+        if callback is not None:
+            cb = _make_callback(callback, m, b, start, stop, preview_every, preview, steps_run)
+        if steps_run > 0:
+            x = sampler(
+                fn, x, sigmas, generator=run.generator, callback=cb, extra_args=cond, **options
+            )
+        if inputs.blend:  # the known region is the clean init latents at the end
+            x = (1.0 - run.mask) * run.known + run.mask * x
+        out.append(m.decode(x).float().clamp(-1, 1).cpu() if decode else x.float().cpu())
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """The request's init image and (binarised) mask on the device, and what they call for."""
+
+    init: Tensor | None
+    mask: Tensor | None
+    strength_max: bool
+    nine: bool  # 9-channel inpainting U-Net: concatenated conditioning
+    blend: bool  # ordinary model with a mask: blend known latents
+
+    @classmethod
+    def of(cls, request: GenerateRequest, device: torch.device, inpaint_unet: bool) -> _Inputs:
+        init = mask = None
+        if request.init_image is not None:
+            init = request.init_image.to(device=device, dtype=torch.float32)
+        if request.mask is not None:
+            mask = request.mask.to(device=device, dtype=torch.float32)
+            mask = mask.reshape(-1, 1, *mask.shape[-2:])
+            mask = (mask >= 0.5).to(torch.float32)  # binarised, as diffusers' mask processor
+        strength = request.effective_strength()
+        nine = mask is not None and inpaint_unet
+        blend = mask is not None and not inpaint_unet
+        return cls(init, mask, strength is not None and strength >= 1.0, nine, blend)
+
+    def need_known(self) -> bool:
+        """Clean latents of the init image are needed: img2img, every blended inpaint, and
+        9-channel inpaint below strength 1 (diffusers' ``return_image_latents``)."""
+        return self.init is not None and (self.mask is None or self.blend or not self.strength_max)
+
+
+@dataclass
+class _Run:
+    noise: Tensor  # unit noise (B, C, h, w)
+    known: Tensor | None  # clean init latents
+    masked: Tensor | None  # latents of the masked init image (9-channel inpainting)
+    mask: Tensor | None  # the mask at latent size (B, 1, h, w)
+    generator: torch.Generator | None  # for the sampler's own noise
+
+
+def _draw(
+    m: DiffusionModel,
+    inputs: _Inputs,
+    shape: tuple[int, int, int],
+    seeds: list[int],
+    start: int,
+    stop: int,
+    legacy: tuple[torch.Generator, Tensor] | None,
+    device: torch.device,
+) -> _Run:
+    """Everything random of images ``start:stop``, in diffusers' order per generator:
+    the init image's posterior sample, the initial noise, the masked image's sample."""
+    b = stop - start
+    image = None if inputs.init is None else _broadcast(inputs.init, start, stop)
+    mask = None if inputs.mask is None else _broadcast(inputs.mask, start, stop)
+    masked_image = None if mask is None or image is None else image * (mask < 0.5)
+    mask_lat = None
+    if mask is not None:  # nearest-neighbour, as diffusers' prepare_mask_latents
+        mask_lat = F.interpolate(mask, size=shape[1:]).expand(b, -1, -1, -1)
+    known = masked = None
+    if legacy is not None:
+        g, all_noise = legacy
+        noise = all_noise[start:stop].to(device)
+        if inputs.need_known():
+            known = m.encode(image, g).expand(b, -1, -1, -1)
+        if inputs.nine:
+            masked = m.encode(masked_image, g).expand(b, -1, -1, -1)
+        generator = g
+    else:
+        noises, knowns, maskeds = [], [], []
+        for j, seed in enumerate(seeds):
+            g = torch.Generator().manual_seed(seed)
+            if inputs.need_known():
+                knowns.append(m.encode(_row(image, j), g))
+            noises.append(torch.randn((1, *shape), generator=g))
+            if inputs.nine:
+                maskeds.append(m.encode(_row(masked_image, j), g))
+        noise = torch.cat(noises).to(device)
+        known = torch.cat(knowns) if knowns else None
+        masked = torch.cat(maskeds) if maskeds else None
+        # a batch of several images runs only with deterministic samplers (see _plan)
+        generator = g if len(seeds) == 1 else None
+    if known is not None:
+        known = known.to(device=device, dtype=noise.dtype)
+    if masked is not None:
+        masked = masked.to(device=device, dtype=noise.dtype)
+    return _Run(noise, known, masked, mask_lat, generator)
+
+
+def _row(t: Tensor, j: int) -> Tensor:
+    return t[j : j + 1] if t.shape[0] > 1 else t
+
+
+def _make_callback(
+    callback: Callable[[dict], None],
+    m: DiffusionModel,
+    b: int,
+    start: int,
+    stop: int,
+    every: int,
+    mode: str,
+    steps: int,
+) -> Callable[[dict], None]:
+    def cb(d: dict) -> None:
+        d = {**d, "batch": b, "start": start, "stop": stop}
+        if every and (d["i"] % every == 0 or d["i"] == steps - 1):
+            d["preview"] = m.preview(d["denoised"], mode).float().cpu()
+        callback(d)
+
+    return cb
+
+
+def latent_to_rgb(latents: Tensor) -> Tensor:
+    """Cheap preview of latents: SD 1.x's linear latent -> RGB map for 4 channels
+    (:data:`SD_LATENT_RGB`), else the first 3 channels (1 channel repeated); clamped to
+    [-1, 1], at latent resolution."""
+    c = latents.shape[1]
+    if c == 4:
+        coefs = torch.tensor(SD_LATENT_RGB, dtype=latents.dtype, device=latents.device)
+        rgb = torch.einsum("bchw,cr->brhw", latents, coefs)
+    elif c >= 3:
+        rgb = latents[:, :3]
+    else:
+        rgb = latents[:, :1].expand(-1, 3, -1, -1)
+    return rgb.clamp(-1, 1)
 
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
@@ -60,55 +677,16 @@ def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torc
     return torch.randn(tuple(shape), generator=g).to(device)
 
 
-@torch.no_grad()
-def generate(
-    model: PixelDiffusion,
-    request: GenerateRequest,
-    *,
-    callback: Callable[[dict], None] | None = None,
-) -> torch.Tensor:
-    """Sample ``request.n`` images; returns a float tensor (n, C, H, W) in [-1, 1] on the CPU.
-
-    Images are produced in batches of ``request.batch_size``; ``callback`` gets
-    the sampler's per-step dict plus ``batch`` (the batch index).
-    """
-    request.validate(model)
-    device = next(model.unet.parameters()).device
-    name, sampler_spacing = parse_sampler_name(request.sampler)
-    sampler = get_sampler(name)
-    spacing = request.spacing or sampler_spacing or "linspace"
-    sigmas = make_sigmas(model.schedule, request.steps, spacing).to(device)
-    denoiser = model.denoiser()
-    options = {} if request.eta is None else {"eta": request.eta}
-
-    c, h, w = model.image_shape
-    g = torch.Generator().manual_seed(request.seed)
-    noise = torch.randn((request.n, c, h, w), generator=g)
-    labels = None
-    if model.num_classes is not None:
-        null = model.unet.null_class
-        labels = torch.tensor(
-            list(request.classes) if request.classes is not None else [null] * request.n
-        )
-    out = []
-    for b, start in enumerate(range(0, request.n, request.batch_size)):
-        stop = min(start + request.batch_size, request.n)
-        x = noise[start:stop].to(device) * sigmas[0]
-        extra: dict = {}
-        fn = denoiser
-        if labels is not None:
-            extra["class_labels"] = labels[start:stop].to(device)
-            if request.cfg != 1.0:
-                uncond = {"class_labels": torch.full_like(extra["class_labels"], null)}
-                fn = CFGDenoiser(denoiser, request.cfg, uncond)
-        if model.x0_range is not None:
-            fn = ClippedDenoiser(fn, *model.x0_range)
-        cb = None
-        if callback is not None:
-
-            def cb(d, b=b):
-                callback({**d, "batch": b})
-
-        x = sampler(fn, x, sigmas, generator=g, callback=cb, extra_args=extra, **options)
-        out.append(x.float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+__all__ = [
+    "DEFAULT_IMG2IMG_STRENGTH",
+    "DiffusionModel",
+    "GenerateRequest",
+    "PixelModel",
+    "as_model",
+    "count_steps",
+    "generate",
+    "image_size",
+    "img2img_start",
+    "initial_noise",
+    "latent_to_rgb",
+]

@@ -1,0 +1,317 @@
+"""`noisecraft generate`: text-to-image, img2img and inpainting, one PNG per image.
+
+Every PNG carries a ``parameters`` text chunk in AUTOMATIC1111's format
+(:mod:`noisecraft.pipelines.png_params`); ``--from-png IMAGE`` reads it back and makes the
+same image again (same model, same device). Options given on the command line override the
+values read from the PNG.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from noisecraft.errors import ConfigError
+
+DEFAULTS: dict[str, Any] = {"steps": 20, "sampler": "dpmpp_2m", "seed": 0}
+DEFAULT_CFG = {"latent": 7.0, "pixel": 2.0}
+
+
+def parse_size(text: str) -> tuple[int, int]:
+    """``"512x768"`` -> (width 512, height 768)."""
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got '{text}'")
+    return int(parts[0]), int(parts[1])
+
+
+def output_paths(out: Path, n: int) -> list[Path]:
+    """``out``, then ``out_1.png``, ``out_2.png``, ... (one per image)."""
+    out = Path(out)
+    suffix = out.suffix or ".png"
+    first = out if out.suffix else out.with_suffix(suffix)
+    return [first] + [out.with_name(f"{out.stem}_{i}{suffix}") for i in range(1, n)]
+
+
+def _open_image(path: Path, what: str):
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} not found; give the path of an image file")
+    try:
+        im = Image.open(path)
+        im.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"cannot read {what} {path} ({e}); give a PNG or JPEG image") from None
+    return im
+
+
+def load_image(path: Path, channels: int = 3):
+    """An image file as a (1, C, H, W) float tensor in [-1, 1]."""
+    import numpy as np
+    import torch
+
+    im = _open_image(path, "--init image").convert("L" if channels == 1 else "RGB")
+    arr = np.asarray(im, dtype=np.float32)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    return torch.from_numpy(arr).permute(2, 0, 1)[None] / 127.5 - 1.0
+
+
+def load_mask(path: Path):
+    """A mask image as (1, 1, H, W) in [0, 1]; white = repaint."""
+    import numpy as np
+    import torch
+
+    im = _open_image(path, "--mask").convert("L")
+    return torch.from_numpy(np.asarray(im, dtype=np.float32))[None, None] / 255.0
+
+
+def read_png_parameters(path: Path) -> dict[str, Any]:
+    """The parsed ``parameters`` chunk of a PNG (one-line error if there is none)."""
+    from noisecraft.pipelines.png_params import parse_parameters
+
+    im = _open_image(path, "--from-png image")
+    text = getattr(im, "text", {}).get("parameters") or im.info.get("parameters")
+    if not text:
+        raise ConfigError(
+            f"{path} has no 'parameters' text chunk; give a PNG written by noisecraft "
+            "generate (or AUTOMATIC1111)"
+        )
+    return parse_parameters(text)
+
+
+def write_png(image, path: Path, parameters: str, *, overwrite: bool) -> Path:
+    """One (C, H, W) image in [-1, 1] as a PNG with a ``parameters`` text chunk, atomically."""
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    from noisecraft.io.atomic import atomic_path, check_writable
+    from noisecraft.viz.images import to_uint8
+
+    path = check_writable(path, overwrite=overwrite)
+    arr = to_uint8(image[None])[0]
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
+    with atomic_path(path) as tmp:
+        im.save(tmp, format="PNG", pnginfo=info)
+    return path
+
+
+def generate_command(
+    prompt: Annotated[
+        str | None, typer.Argument(help="what to draw (A1111 syntax: (word:1.2), BREAK)")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option("--model", help="model .safetensors (latent or pixel)")
+    ] = None,
+    negative: Annotated[
+        str | None, typer.Option("--negative", help="negative prompt (what to avoid)")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="sampling steps (default 20)")] = None,
+    cfg: Annotated[
+        float | None, typer.Option(help="guidance scale (default 7; 2 for pixel models)")
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="seed of the first image; image i: seed+i")
+    ] = None,
+    sampler: Annotated[
+        str | None,
+        typer.Option(help="see `noisecraft samplers`; A1111 names too (default dpmpp_2m)"),
+    ] = None,
+    size: Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, multiples of 8")] = None,
+    init: Annotated[Path | None, typer.Option(help="init image for img2img / inpainting")] = None,
+    strength: Annotated[
+        float | None, typer.Option(help="img2img strength in [0, 1] (default 0.8; inpainting 1)")
+    ] = None,
+    mask: Annotated[Path | None, typer.Option(help="inpainting mask, white = repaint")] = None,
+    n: Annotated[int, typer.Option("--n", help="number of images")] = 1,
+    guidance_rescale: Annotated[
+        float | None, typer.Option(help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
+    ] = None,
+    klass: Annotated[int | None, typer.Option("--class", help="class label (pixel models)")] = None,
+    out: Annotated[Path, typer.Option(help="PNG to write; more images: OUT_1.png, ...")] = Path(
+        "image.png"
+    ),
+    overwrite: Annotated[bool, typer.Option(help="replace existing files")] = False,
+    from_png: Annotated[
+        Path | None, typer.Option("--from-png", help="re-create the image described in this PNG")
+    ] = None,
+    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+) -> None:
+    """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
+    paths = run_generate(
+        prompt=prompt,
+        model=model,
+        negative=negative,
+        steps=steps,
+        cfg=cfg,
+        seed=seed,
+        sampler=sampler,
+        size=size,
+        init=init,
+        strength=strength,
+        mask=mask,
+        n=n,
+        guidance_rescale=guidance_rescale,
+        klass=klass,
+        out=out,
+        overwrite=overwrite,
+        from_png=from_png,
+        device=device,
+    )
+    for p in paths:
+        typer.echo(f"wrote {p}")
+
+
+def run_generate(
+    *,
+    prompt: str | None,
+    model: str | None,
+    negative: str | None = None,
+    steps: int | None = None,
+    cfg: float | None = None,
+    seed: int | None = None,
+    sampler: str | None = None,
+    size: str | None = None,
+    init: Path | None = None,
+    strength: float | None = None,
+    mask: Path | None = None,
+    n: int = 1,
+    guidance_rescale: float | None = None,
+    klass: int | None = None,
+    out: Path = Path("image.png"),
+    overwrite: bool = False,
+    from_png: Path | None = None,
+    device: str = "cpu",
+) -> list[Path]:
+    """What ``noisecraft generate`` does; returns the paths written."""
+    from tqdm.auto import tqdm
+
+    from noisecraft.cli.main import resolve_model
+    from noisecraft.io.atomic import check_writable
+    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, count_steps, generate
+    from noisecraft.pipelines import load_model as load_any
+    from noisecraft.pipelines.png_params import (
+        format_parameters,
+        sampler_display,
+        sampler_from_display,
+    )
+
+    png: dict[str, Any] = read_png_parameters(from_png) if from_png is not None else {}
+    if model is None:
+        raise ConfigError("--model PATH is required (the .safetensors the image was made with)")
+    if n < 1:
+        raise ConfigError(f"--n must be at least 1, got {n}")
+    width = height = None
+    if size is not None:
+        width, height = parse_size(size)
+    elif "width" in png:
+        width, height = png["width"], png["height"]
+    if strength is not None and not 0.0 <= strength <= 1.0:
+        raise ConfigError(f"--strength must be in [0, 1], got {strength}")
+    if strength is not None and init is None:
+        raise ConfigError("--strength needs --init IMAGE")
+    if mask is not None and init is None:
+        raise ConfigError("--mask needs --init IMAGE (the picture to inpaint)")
+    if init is None and png.get("denoising_strength") is not None:
+        raise ConfigError(
+            f"{from_png} was made by img2img (Denoising strength: {png['denoising_strength']}); "
+            "pass the same --init IMAGE (and --mask) again"
+        )
+    paths = output_paths(out, n)
+    for p in paths:
+        check_writable(p, overwrite=overwrite)
+
+    net = load_any(resolve_model(model), device=device)
+    latent = isinstance(net, LatentDiffusion)
+    if latent and png.get("clip_skip") is not None:
+        net = net.replace(clip_skip=int(png["clip_skip"]))
+    if sampler is not None:
+        sampler_name, spacing = sampler, None
+    elif "sampler" in png:
+        sampler_name, spacing = sampler_from_display(png["sampler"], png.get("schedule_type"))
+    else:
+        sampler_name, spacing = DEFAULTS["sampler"], None
+    prompt = prompt if prompt is not None else png.get("prompt")
+    negative = negative if negative is not None else png.get("negative_prompt", "")
+    first_seed = seed if seed is not None else png.get("seed", DEFAULTS["seed"])
+    cfg_scale = (
+        cfg
+        if cfg is not None
+        else png.get("cfg_scale", DEFAULT_CFG["latent" if latent else "pixel"])
+    )
+    if not latent and (prompt or negative):
+        raise ConfigError("this model takes --class, not a prompt")
+    if klass is None and "Class" in png.get("extra", {}):
+        try:
+            klass = int(png["extra"]["Class"])
+        except ValueError:
+            raise ConfigError(
+                f"PNG parameters: Class '{png['extra']['Class']}' is not an integer"
+            ) from None
+    init_image = mask_image = None
+    if init is not None:
+        channels = net.vae.config.in_channels if latent else net.unet.config.in_channels
+        init_image = load_image(init, channels)
+        if strength is None:
+            strength = png.get("denoising_strength")
+    if mask is not None:
+        mask_image = load_mask(mask)
+    req = GenerateRequest(
+        n=n,
+        sampler=sampler_name,
+        spacing=spacing,
+        steps=steps if steps is not None else png.get("steps", DEFAULTS["steps"]),
+        cfg=float(cfg_scale),
+        classes=None if klass is None else [klass] * n,
+        seed=int(first_seed),
+        seeds=[int(first_seed) + i for i in range(n)],
+        eta=png.get("eta"),
+        prompts=[prompt] if latent else None,
+        negative_prompt=negative if latent else "",
+        guidance_rescale=float(
+            guidance_rescale if guidance_rescale is not None else png.get("guidance_rescale", 0.0)
+        ),
+        width=width,
+        height=height,
+        init_image=init_image,
+        strength=strength,
+        mask=mask_image,
+    )
+    req.validate(net)
+    total = count_steps(net, req)
+    with tqdm(
+        total=total, desc=f"generating {n} image(s) ({req.sampler}, {req.steps} steps)"
+    ) as bar:
+        images = generate(net, req, callback=lambda d: bar.update(1))
+
+    display, schedule = sampler_display(req.sampler, req.spacing)
+    clip_skip = None
+    if latent:
+        clip_skip = net.clip_skip or net.text_encoder.config.clip_skip
+    written = []
+    for i, (image, path) in enumerate(zip(images, paths, strict=True)):
+        text = format_parameters(
+            req.image_prompts()[i] if latent else "",
+            req.image_negative_prompts()[i] if latent else "",
+            steps=req.steps,
+            sampler=display,
+            schedule_type=schedule,
+            cfg_scale=req.cfg,
+            seed=req.image_seeds()[i],
+            width=image.shape[-1],
+            height=image.shape[-2],
+            model=Path(model).stem,
+            denoising_strength=req.effective_strength(),
+            clip_skip=clip_skip,
+            guidance_rescale=req.guidance_rescale,
+            eta=req.eta,
+            extra={"Class": klass} if klass is not None else None,
+        )
+        written.append(write_png(image, path, text, overwrite=overwrite))
+    return written

@@ -1,0 +1,255 @@
+"""Generation parameters in a PNG ``parameters`` text chunk, in AUTOMATIC1111's format.
+
+What A1111's ``create_infotext`` writes (and its ``parse_generation_parameters`` reads)::
+
+    a photo of a cat, sitting
+    Negative prompt: blurry
+    Steps: 20, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 7.0, Seed: 1234, \
+Size: 512x512, Model: sd15, Denoising strength: 0.6, Version: noisecraft 0.1.0
+
+Line 1.. the prompt (may span lines), then ``Negative prompt: ...`` when there is one, then
+one line of ``key: value`` pairs joined by ``", "`` in A1111's order. A value that holds a
+comma, a colon or a newline is written as a JSON string (A1111's ``quote``). Keys that
+noisecraft adds: ``Guidance rescale`` (Lin et al. 2023's phi, as diffusers'
+``guidance_rescale``) and ``Eta``; ``Schedule type`` is A1111's ``Karras`` / ``Exponential``
+for those spacings, and ``Leading`` / ``Trailing`` for diffusers' (the default "linspace" is
+not written). Parsing follows A1111: each prompt line is stripped, the last line holds the
+parameters when it has at least three ``key: value`` pairs, older infotexts that put the
+schedule into the sampler name ("DPM++ 2M Karras") are understood.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from noisecraft import __version__
+from noisecraft.errors import ConfigError
+from noisecraft.samplers import parse_sampler_name
+
+#: noisecraft sampler name -> AUTOMATIC1111's display name.
+A1111_SAMPLER_NAMES = {
+    "ddpm": "DDPM",
+    "ddim": "DDIM",
+    "euler": "Euler",
+    "euler_ancestral": "Euler a",
+    "heun": "Heun",
+    "dpm2": "DPM2",
+    "lms": "LMS",
+    "plms": "PLMS",
+    "dpmpp_2m": "DPM++ 2M",
+    "dpmpp_2m_sde": "DPM++ 2M SDE",
+    "dpmpp_3m_sde": "DPM++ 3M SDE",
+    "unipc": "UniPC",
+}
+
+#: sigma spacing -> ``Schedule type`` value (linspace, the default, is not written).
+SCHEDULE_TYPES = {
+    "karras": "Karras",
+    "exponential": "Exponential",
+    "leading": "Leading",
+    "trailing": "Trailing",
+    "linspace": None,
+}
+_SCHEDULE_FROM_TEXT = {
+    "karras": "karras",
+    "exponential": "exponential",
+    "leading": "leading",
+    "trailing": "trailing",
+    "linspace": "linspace",
+    "uniform": "linspace",
+    "automatic": None,
+}
+
+# A1111's infotext_utils.re_param_code: key, then a JSON string or anything up to a comma.
+_RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_RE_SIZE = re.compile(r"^(\d+)x(\d+)$")
+NEGATIVE = "Negative prompt:"
+
+#: Keys of :func:`format_parameters` and the infotext labels they are written under.
+_FIELDS = (
+    ("steps", "Steps"),
+    ("sampler", "Sampler"),
+    ("schedule_type", "Schedule type"),
+    ("cfg_scale", "CFG scale"),
+    ("seed", "Seed"),
+    ("size", "Size"),
+    ("model", "Model"),
+    ("denoising_strength", "Denoising strength"),
+    ("clip_skip", "Clip skip"),
+    ("guidance_rescale", "Guidance rescale"),
+    ("eta", "Eta"),
+)
+_TYPES: dict[str, type] = {
+    "Steps": int,
+    "CFG scale": float,
+    "Seed": int,
+    "Denoising strength": float,
+    "Clip skip": int,
+    "Guidance rescale": float,
+    "Eta": float,
+}
+
+
+def quote(value: Any) -> str:
+    """A1111's ``quote``: a JSON string if the value holds ``,``, ``:`` or a newline."""
+    text = str(value)
+    if "," not in text and "\n" not in text and ":" not in text:
+        return text
+    return json.dumps(text, ensure_ascii=False)
+
+
+def unquote(text: str) -> str:
+    """Inverse of :func:`quote` (A1111's ``unquote``)."""
+    if len(text) < 2 or text[0] != '"' or text[-1] != '"':
+        return text
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text
+    return value if isinstance(value, str) else text
+
+
+def sampler_display(sampler: str, spacing: str | None = None) -> tuple[str, str | None]:
+    """(A1111 sampler name, ``Schedule type`` or None) of a noisecraft sampler spelling.
+
+    >>> sampler_display("dpmpp_2m_karras")
+    ('DPM++ 2M', 'Karras')
+    >>> sampler_display("Euler a")
+    ('Euler a', None)
+    """
+    name, implied = parse_sampler_name(sampler)
+    return A1111_SAMPLER_NAMES[name], SCHEDULE_TYPES.get(spacing or implied or "linspace")
+
+
+def sampler_from_display(sampler: str, schedule_type: str | None = None) -> tuple[str, str | None]:
+    """(noisecraft sampler name, sigma spacing or None) of an infotext's Sampler / Schedule type.
+
+    Accepts A1111's current form (``Sampler: DPM++ 2M, Schedule type: Karras``) and the older
+    one with the schedule in the name (``Sampler: DPM++ 2M Karras``).
+    """
+    name, spacing = parse_sampler_name(sampler)
+    if schedule_type:
+        key = schedule_type.strip().lower()
+        if key not in _SCHEDULE_FROM_TEXT:
+            raise ConfigError(
+                f"unknown Schedule type '{schedule_type}' in the PNG parameters; noisecraft "
+                f"knows {', '.join(v for v in SCHEDULE_TYPES.values() if v)} (and Automatic)"
+            )
+        spacing = _SCHEDULE_FROM_TEXT[key] or spacing
+    return name, spacing
+
+
+def format_parameters(
+    prompt: str,
+    negative_prompt: str = "",
+    *,
+    steps: int,
+    sampler: str,
+    cfg_scale: float,
+    seed: int,
+    width: int,
+    height: int,
+    schedule_type: str | None = None,
+    model: str | None = None,
+    denoising_strength: float | None = None,
+    clip_skip: int | None = None,
+    guidance_rescale: float | None = None,
+    eta: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+    version: str | None = f"noisecraft {__version__}",
+) -> str:
+    """The ``parameters`` text of one image, exactly as A1111's ``create_infotext`` lays it out.
+
+    ``sampler`` is written as given (use :func:`sampler_display` for A1111's names);
+    ``None`` values are left out; ``clip_skip`` 1 and ``guidance_rescale`` 0 too (A1111 omits
+    the defaults). ``extra`` adds more ``key: value`` pairs before ``Version``.
+    """
+    values: dict[str, Any] = {
+        "Steps": int(steps),
+        "Sampler": sampler,
+        "Schedule type": schedule_type,
+        "CFG scale": float(cfg_scale),
+        "Seed": int(seed),
+        "Size": f"{int(width)}x{int(height)}",
+        "Model": model,
+        "Denoising strength": None if denoising_strength is None else float(denoising_strength),
+        "Clip skip": None if clip_skip is None or clip_skip <= 1 else int(clip_skip),
+        "Guidance rescale": None if not guidance_rescale else float(guidance_rescale),
+        "Eta": None if eta is None else float(eta),
+        **dict(extra or {}),
+        "Version": version,
+    }
+    line = ", ".join(
+        k if k == v else f"{k}: {quote(v)}" for k, v in values.items() if v is not None
+    )
+    negative = f"\n{NEGATIVE} {negative_prompt}" if negative_prompt else ""
+    return f"{prompt}{negative}\n{line}".strip()
+
+
+def parse_parameters(text: str) -> dict[str, Any]:
+    """Read a ``parameters`` text (A1111's ``parse_generation_parameters``), typed.
+
+    Returns ``prompt``, ``negative_prompt`` and, where present, ``steps``, ``sampler``,
+    ``schedule_type``, ``cfg_scale``, ``seed``, ``width``, ``height``, ``model``,
+    ``denoising_strength``, ``clip_skip``, ``guidance_rescale``, ``eta``, ``version``, and
+    ``extra``: every other pair as ``{label: string}``. A value that is not of its type
+    raises a one-line :class:`ConfigError`.
+    """
+    if not isinstance(text, str):
+        raise ConfigError("PNG parameters must be text")
+    *lines, last = text.strip().split("\n")
+    if len(_RE_PARAM.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt, negative, in_negative = [], [], False
+    for line in lines:
+        line = line.strip()
+        if line.startswith(NEGATIVE):
+            in_negative = True
+            line = line[len(NEGATIVE) :].strip()
+        (negative if in_negative else prompt).append(line)
+    out: dict[str, Any] = {"prompt": "\n".join(prompt), "negative_prompt": "\n".join(negative)}
+    raw: dict[str, str] = {}
+    for key, value in _RE_PARAM.findall(last):
+        raw[key] = unquote(value) if value[:1] == '"' and value[-1:] == '"' else value
+    labels = {label: field for field, label in _FIELDS}
+    extra: dict[str, str] = {}
+    for key, value in raw.items():
+        if key == "Size":
+            m = _RE_SIZE.match(value.strip())
+            if m is None:
+                raise ConfigError(f"PNG parameters: Size '{value}' is not WIDTHxHEIGHT")
+            out["width"], out["height"] = int(m[1]), int(m[2])
+        elif key == "Version":
+            out["version"] = value
+        elif key in labels:
+            out[labels[key]] = _typed(key, value)
+        else:
+            extra[key] = value
+    out["extra"] = extra
+    return out
+
+
+def _typed(key: str, value: str) -> Any:
+    kind = _TYPES.get(key)
+    if kind is None:
+        return value
+    try:
+        return kind(value.strip())
+    except ValueError:
+        name = "an integer" if kind is int else "a number"
+        raise ConfigError(f"PNG parameters: {key} '{value}' is not {name}") from None
+
+
+__all__ = [
+    "A1111_SAMPLER_NAMES",
+    "format_parameters",
+    "parse_parameters",
+    "quote",
+    "sampler_display",
+    "sampler_from_display",
+    "unquote",
+]

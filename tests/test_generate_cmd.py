@@ -1,0 +1,296 @@
+"""`noisecraft generate`: PNGs with A1111 parameters, --from-png, and one-line errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from noisecraft.cli.main import main
+from noisecraft.diffusion import NoiseSchedule
+from noisecraft.models.unet import UNet, UNetConfig
+from noisecraft.pipelines import PixelDiffusion
+from noisecraft.pipelines.png_params import parse_parameters
+from test_latent_pipeline import tiny_model  # the same tiny random SD-like model
+
+COMMON = ["--steps", "3", "--sampler", "euler", "--size", "64x48"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gen")
+    tiny_model().save(root / "tiny.safetensors")
+    unet = UNet(
+        UNetConfig(
+            model_channels=8,
+            channel_mult=(1, 2),
+            attention_levels=(1,),
+            norm_groups=4,
+            num_classes=3,
+        )
+    )
+    PixelDiffusion(unet, NoiseSchedule.cosine(100), image_size=8).save(root / "pixel.safetensors")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / "init.png")
+    mask = np.zeros((48, 64), dtype=np.uint8)
+    mask[:, :32] = 255
+    Image.fromarray(mask).save(root / "mask.png")
+    Image.fromarray(mask[:32]).save(root / "small_mask.png")
+    Image.fromarray(mask).save(root / "plain.png")  # a PNG without parameters
+    return root
+
+
+def _run(args: list[str], capsys) -> tuple[int, str, str]:
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def _pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+def test_writes_pngs_with_parameters(files, capsys):
+    out = files / "cat.png"
+    rc, stdout, _ = _run(
+        [
+            "generate",
+            "a cat, sitting",
+            "--model",
+            str(files / "tiny.safetensors"),
+            *COMMON,
+            "--negative",
+            "the dog",
+            "--cfg",
+            "5",
+            "--seed",
+            "7",
+            "--n",
+            "2",
+            "--guidance-rescale",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert rc == 0
+    second = files / "cat_1.png"
+    assert f"wrote {out}" in stdout and f"wrote {second}" in stdout
+    for path, seed in ((out, 7), (second, 8)):
+        im = Image.open(path)
+        assert im.size == (64, 48) and im.mode == "RGB"
+        p = parse_parameters(im.text["parameters"])
+        assert p["prompt"] == "a cat, sitting" and p["negative_prompt"] == "the dog"
+        assert (p["steps"], p["sampler"], p["cfg_scale"], p["seed"]) == (3, "Euler", 5.0, seed)
+        assert (p["width"], p["height"], p["model"]) == (64, 48, "tiny")
+        assert p["guidance_rescale"] == 0.5 and "denoising_strength" not in p
+    assert not np.array_equal(_pixels(out), _pixels(second))
+    assert _pixels(out).std() > 10
+    # the second image of the batch, re-created alone from its PNG
+    again = files / "again_1.png"
+    rc, _, _ = _run(
+        [
+            "generate",
+            "--from-png",
+            str(second),
+            "--model",
+            str(files / "tiny.safetensors"),
+            "--out",
+            str(again),
+        ],
+        capsys,
+    )
+    assert rc == 0
+    diff = np.abs(_pixels(again).astype(int) - _pixels(second).astype(int))
+    assert diff.max() <= 1  # batched vs single float rounding, at most one level
+    assert Image.open(again).text["parameters"] == Image.open(second).text["parameters"]
+
+
+def test_from_png_recreates_identical_pixels(files, capsys):
+    model = str(files / "tiny.safetensors")
+    first, second = files / "a.png", files / "b.png"
+    assert (
+        _run(
+            [
+                "generate",
+                "a (cat:1.3) BREAK the dog",
+                "--model",
+                model,
+                *COMMON,
+                "--sampler",
+                "Euler a",
+                "--cfg",
+                "3",
+                "--seed",
+                "3",
+                "--out",
+                str(first),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert _pixels(first).std() > 10  # a picture, not a flat (saturated) image
+    assert (
+        _run(
+            ["generate", "--from-png", str(first), "--model", model, "--out", str(second)], capsys
+        )[0]
+        == 0
+    )
+    assert np.array_equal(_pixels(first), _pixels(second))
+    # flags override what the PNG says
+    third = files / "c.png"
+    assert (
+        _run(
+            [
+                "generate",
+                "--from-png",
+                str(first),
+                "--model",
+                model,
+                "--seed",
+                "4",
+                "--out",
+                str(third),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert parse_parameters(Image.open(third).text["parameters"])["seed"] == 4
+    assert not np.array_equal(_pixels(first), _pixels(third))
+
+
+def test_img2img_and_inpaint(files, capsys):
+    model = str(files / "tiny.safetensors")
+    out, again = files / "i2i.png", files / "i2i_again.png"
+    init = str(files / "init.png")
+    args = ["generate", "a cat", "--model", model, "--steps", "4", "--sampler", "euler"]
+    assert _run([*args, "--init", init, "--strength", "0.5", "--out", str(out)], capsys)[0] == 0
+    p = parse_parameters(Image.open(out).text["parameters"])
+    assert p["denoising_strength"] == 0.5 and (p["width"], p["height"]) == (64, 48)
+    rc, _, err = _run(
+        ["generate", "--from-png", str(out), "--model", model, "--out", str(again)], capsys
+    )
+    assert rc == 2 and "pass the same --init IMAGE" in err
+    assert (
+        _run(
+            [
+                "generate",
+                "--from-png",
+                str(out),
+                "--model",
+                model,
+                "--init",
+                init,
+                "--out",
+                str(again),
+            ],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert np.array_equal(_pixels(out), _pixels(again)) and _pixels(out).std() > 10
+    inpainted = files / "inpaint.png"
+    assert (
+        _run(
+            [*args, "--init", init, "--mask", str(files / "mask.png"), "--out", str(inpainted)],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert parse_parameters(Image.open(inpainted).text["parameters"])["denoising_strength"] == 1.0
+
+
+def test_pixel_model(files, capsys):
+    pixel = str(files / "pixel.safetensors")
+    out = files / "digit.png"
+    assert (
+        _run(
+            ["generate", "--model", pixel, "--class", "2", "--steps", "2", "--out", str(out)],
+            capsys,
+        )[0]
+        == 0
+    )
+    assert Image.open(out).size == (8, 8)
+    again = files / "digit_again.png"
+    assert (
+        _run(["generate", "--from-png", str(out), "--model", pixel, "--out", str(again)], capsys)[0]
+        == 0
+    )
+    assert np.array_equal(_pixels(out), _pixels(again))
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--size", "60x48"], "not a multiple of 8"),
+        (["--size", "big"], "WIDTHxHEIGHT"),
+        (["--init", "{init}", "--strength", "1.5"], "--strength must be in [0, 1]"),
+        (["--init", "{init}", "--mask", "{small_mask}"], "mask is 64x32 but the init image"),
+        (["--init", "{root}/missing.png"], "not found"),
+        (["--mask", "{small_mask}"], "--mask needs --init"),
+        (["--from-png", "{plain}"], "no 'parameters' text chunk"),
+        (["--model", "{root}/nope.safetensors"], "not found"),
+        (["--model", "{pixel}"], "this model takes --class, not a prompt"),
+        (["--out", "{init}"], "exists; pass --overwrite"),
+        (["--sampler", "eulr"], "unknown sampler 'eulr'"),
+        (["--n", "0"], "--n must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(files, capsys, extra, message):
+    paths = {
+        "init": files / "init.png",
+        "small_mask": files / "small_mask.png",
+        "plain": files / "plain.png",
+        "pixel": files / "pixel.safetensors",
+        "root": files,
+    }
+    extra = [e.format(**paths) for e in extra]
+    args = [
+        "generate",
+        "a cat",
+        "--model",
+        str(files / "tiny.safetensors"),
+        "--steps",
+        "2",
+        "--out",
+        str(files / "never.png"),
+        *extra,
+    ]
+    rc, _, err = _run(args, capsys)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert message in lines[0]
+    assert not (files / "never.png").exists()
+
+
+def test_model_is_required(files, capsys):
+    rc, _, err = _run(["generate", "a cat"], capsys)
+    assert rc == 2 and "--model PATH is required" in err
+
+
+def test_generated_tensor_range_matches_png(files):
+    """The PNG holds round(clamp(x / 2 + 0.5) * 255) of generate()'s output."""
+    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+    from noisecraft.viz.images import to_uint8
+
+    model = LatentDiffusion.load(files / "tiny.safetensors")
+    req = GenerateRequest(
+        n=2,
+        prompts=["a cat, sitting"],
+        negative_prompt="the dog",
+        cfg=5.0,
+        steps=3,
+        sampler="euler",
+        seeds=[7, 8],
+        width=64,
+        height=48,
+        guidance_rescale=0.5,
+    )
+    x = generate(model, req)
+    assert np.array_equal(to_uint8(x)[0], _pixels(files / "cat.png"))
+    assert np.array_equal(to_uint8(x)[1], _pixels(files / "cat_1.png"))
+    assert torch.all(x.abs() <= 1)
