@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisecraft.errors import CheckpointError, ConfigError, closest, unknown_name
+from noisecraft.config_dict import config_from_dict
+from noisecraft.errors import CheckpointError, ConfigError, unknown_name
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -148,18 +149,7 @@ class TextEncoderConfig:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TextEncoderConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                guess = closest(key, known)
-                hints.append(f"'{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
-            raise ConfigError(
-                f"unknown text encoder config key(s) {', '.join(hints)}; "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**d)
+        return config_from_dict(cls, d, "text encoder")
 
 
 def _check_clip_skip(clip_skip: Any, layers: int) -> None:

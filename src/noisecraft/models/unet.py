@@ -12,15 +12,15 @@ per head); otherwise it is a pixel :class:`AttentionBlock`.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from noisecraft.errors import ConfigError, closest
+from noisecraft.config_dict import config_from_dict, config_to_dict
+from noisecraft.errors import ConfigError
 from noisecraft.nn.attention import AttentionBlock, SpatialTransformer, resolve_heads
 from noisecraft.nn.embeddings import timestep_embedding
 from noisecraft.nn.resnet import Downsample, ResBlock, Upsample, group_norm
@@ -124,24 +124,12 @@ class UNetConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> UNetConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                guess = closest(key, known)
-                hints.append(f"'{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
-            raise ConfigError(
-                f"unknown U-Net config key(s) {', '.join(hints)}; "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**d)
+        return config_from_dict(cls, d, "U-Net")
 
 
 class EmbedSequential(nn.Sequential):

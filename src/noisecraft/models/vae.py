@@ -27,14 +27,15 @@ import dataclasses
 import math
 import re
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from noisecraft.errors import CheckpointError, ConfigError, closest
+from noisecraft.config_dict import config_from_dict, config_to_dict
+from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.nn.resnet import Upsample, group_norm
 
 #: LDM's ``Normalize``: GroupNorm with eps 1e-6 (the U-Net's ResBlocks use 1e-5).
@@ -136,24 +137,12 @@ class VAEConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+        return config_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> VAEConfig:
         """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            hints = []
-            for key in unknown:
-                guess = closest(key, known)
-                hints.append(f"'{key}'" + (f" (did you mean '{guess}'?)" if guess else ""))
-            raise ConfigError(
-                f"unknown VAE config key(s) {', '.join(hints)}; "
-                f"known keys: {', '.join(sorted(known))}"
-            )
-        return cls(**d)
+        return config_from_dict(cls, d, "VAE")
 
 
 # ---------------------------------------------------------------- posterior
