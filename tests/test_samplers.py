@@ -60,17 +60,18 @@ def karras(n: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float
 # ---------------------------------------------------------------- convergence to the ODE
 
 
-def _ode_errors(name: str, steps: tuple[int, ...]) -> tuple[list[float], list[float]]:
+def _ode_errors(
+    name: str, steps: tuple[int, ...], options: dict | None = None
+) -> tuple[list[float], list[float]]:
     """Error at the last positive sigma (from the callback) and of the final output."""
+    options = ODE_OPTIONS.get(name, {}) if options is None else options
     x0 = torch.tensor([[-3.0, -1.0, 0.2, 2.0, 4.0]], dtype=torch.float64)
     at_min, final = [], []
     for n in steps:
         sigmas = karras(n)
         x = MU + x0 * sigmas[0]
         seen: dict = {}
-        out = SAMPLERS[name](
-            gaussian_denoiser, x, sigmas, callback=seen.update, **ODE_OPTIONS.get(name, {})
-        )
+        out = SAMPLERS[name](gaussian_denoiser, x, sigmas, callback=seen.update, **options)
         s0, s_last = float(sigmas[0]), float(sigmas[-2])
         at_min.append((seen["x"] - ode_solution(x, s0, s_last)).abs().max().item())
         final.append((out - ode_solution(x, s0, 0.0)).abs().max().item())
@@ -96,6 +97,16 @@ def test_converges_to_the_ode_solution_at_its_stated_order(name):
     assert slope >= order - 0.5, f"{name}: observed order {slope:.2f}, stated {order}"
     assert slope <= order + 1.0, f"{name}: observed order {slope:.2f} far above stated {order}"
     assert final[-1] < (0.03 if order == 1 else 2e-3)
+
+
+def test_dpmpp_3m_exact_weight_is_third_order():
+    """``exact=True`` weights D'' as the variation-of-constants integral does: order 3."""
+    steps = (32, 64, 128, 256)
+    at_min, _ = _ode_errors("dpmpp_3m_sde", steps, {"eta": 0.0, "exact": True})
+    default, _ = _ode_errors("dpmpp_3m_sde", steps)
+    slope = math.log2(at_min[-2] / at_min[-1])
+    assert slope >= 2.5, f"observed order {slope:.2f}"
+    assert at_min[-1] < default[-1]
 
 
 def test_unipc_order_is_predictor_order_plus_one():

@@ -70,7 +70,12 @@ SAMPLER_INFO: dict[str, tuple[bool, int, int, str]] = {
     "plms": (False, 2, 1, "pseudo linear multistep, 4-step fixed weights (PNDM, Liu et al. 2022)"),
     "dpmpp_2m": (False, 2, 1, "DPM-Solver++(2M) multistep (Lu et al. 2022)"),
     "dpmpp_2m_sde": (True, 2, 1, "DPM-Solver++(2M) SDE variant, eta=1"),
-    "dpmpp_3m_sde": (True, 3, 1, "DPM-Solver++(3M) SDE variant, eta=1"),
+    "dpmpp_3m_sde": (
+        True,
+        2,
+        1,
+        "DPM-Solver++(3M) SDE as k-diffusion, eta=1 (exact=True: 3rd order)",
+    ),
     "unipc": (False, 3, 1, "UniPC bh2 predictor-corrector, order 2+1 (Zhao et al. 2023)"),
 }
 
