@@ -486,59 +486,52 @@ class AutoencoderKL(nn.Module):
 
 _Rules = list[tuple[str, Callable[[re.Match[str], int], str]]]
 
-# LDM (ours) <-> diffusers, one rule per module kind. Decoder level indices are reversed
-# (``up.{i}`` <-> ``up_blocks.{n-1-i}``), which needs the level count ``n``.
-_TO_DIFFUSERS: _Rules = [
-    (
-        r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)",
-        lambda m, n: f"encoder.down_blocks.{m[1]}.resnets.{m[2]}.{m[3]}",
-    ),
-    (
-        r"encoder\.down\.(\d+)\.downsample\.(.+)",
-        lambda m, n: f"encoder.down_blocks.{m[1]}.downsamplers.0.{m[2]}",
-    ),
-    (
-        r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)",
-        lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.resnets.{m[2]}.{m[3]}",
-    ),
-    (
-        r"decoder\.up\.(\d+)\.upsample\.(.+)",
-        lambda m, n: f"decoder.up_blocks.{n - 1 - int(m[1])}.upsamplers.0.{m[2]}",
-    ),
-    (
-        r"(encoder|decoder)\.mid\.block_(\d)\.(.+)",
-        lambda m, n: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}.{m[3]}",
-    ),
-    (r"(encoder|decoder)\.mid\.attn_1\.(.+)", lambda m, n: f"{m[1]}.mid_block.attentions.0.{m[2]}"),
-    (r"(encoder|decoder)\.norm_out\.(.+)", lambda m, n: f"{m[1]}.conv_norm_out.{m[2]}"),
+# LDM (ours) <-> diffusers block names, one pair per module kind, read in both directions.
+# Fields: {i} {j} any index; {r} a decoder level, reversed between the two
+# (``up.{r}`` <-> ``up_blocks.{n-1-r}``, which needs the level count n); {m} a mid-block
+# resnet (``block_{m}`` <-> ``resnets.{m-1}``); {e} encoder | decoder; {rest} the leaf path.
+_BLOCK_PAIRS = [
+    ("encoder.down.{i}.block.{j}.{rest}", "encoder.down_blocks.{i}.resnets.{j}.{rest}"),
+    ("encoder.down.{i}.downsample.{rest}", "encoder.down_blocks.{i}.downsamplers.0.{rest}"),
+    ("decoder.up.{r}.block.{j}.{rest}", "decoder.up_blocks.{r}.resnets.{j}.{rest}"),
+    ("decoder.up.{r}.upsample.{rest}", "decoder.up_blocks.{r}.upsamplers.0.{rest}"),
+    ("{e}.mid.block_{m}.{rest}", "{e}.mid_block.resnets.{m}.{rest}"),
+    ("{e}.mid.attn_1.{rest}", "{e}.mid_block.attentions.0.{rest}"),
+    ("{e}.norm_out.{rest}", "{e}.conv_norm_out.{rest}"),
 ]
-_FROM_DIFFUSERS: _Rules = [
-    (
-        r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-        lambda m, n: f"encoder.down.{m[1]}.block.{m[2]}.{m[3]}",
-    ),
-    (
-        r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.(.+)",
-        lambda m, n: f"encoder.down.{m[1]}.downsample.{m[2]}",
-    ),
-    (
-        r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)",
-        lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.block.{m[2]}.{m[3]}",
-    ),
-    (
-        r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.(.+)",
-        lambda m, n: f"decoder.up.{n - 1 - int(m[1])}.upsample.{m[2]}",
-    ),
-    (
-        r"(encoder|decoder)\.mid_block\.resnets\.(\d)\.(.+)",
-        lambda m, n: f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3]}",
-    ),
-    (
-        r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)",
-        lambda m, n: f"{m[1]}.mid.attn_1.{m[2]}",
-    ),
-    (r"(encoder|decoder)\.conv_norm_out\.(.+)", lambda m, n: f"{m[1]}.norm_out.{m[2]}"),
-]
+_FIELD_PATTERNS = {"e": "encoder|decoder", "rest": ".+"}
+
+
+def _template_regex(template: str) -> str:
+    out = re.escape(template)
+    for field in re.findall(r"\{(\w+)\}", template):
+        body = _FIELD_PATTERNS.get(field, r"\d+")
+        out = out.replace(re.escape("{" + field + "}"), f"(?P<{field}>{body})", 1)
+    return out
+
+
+def _pair_rules(to_diffusers: bool) -> _Rules:
+    m_shift = -1 if to_diffusers else 1
+
+    def convert(groups: dict[str, str], n: int) -> dict[str, str | int]:
+        out: dict[str, str | int] = dict(groups)
+        if "r" in groups:
+            out["r"] = n - 1 - int(groups["r"])
+        if "m" in groups:
+            out["m"] = int(groups["m"]) + m_shift
+        return out
+
+    rules: _Rules = []
+    for ours, theirs in _BLOCK_PAIRS:
+        src, dst = (ours, theirs) if to_diffusers else (theirs, ours)
+        rules.append(
+            (_template_regex(src), lambda m, n, dst=dst: dst.format(**convert(m.groupdict(), n)))
+        )
+    return rules
+
+
+_TO_DIFFUSERS = _pair_rules(to_diffusers=True)
+_FROM_DIFFUSERS = _pair_rules(to_diffusers=False)
 # leaf names inside a block: ResnetBlock shortcut and attention projections
 _LEAF_TO_DIFFUSERS = {
     "nin_shortcut": "conv_shortcut",
