@@ -5,6 +5,22 @@ A recipe (``configs/mnist.toml``) has the sections ``[data]``, ``[model]``
 ``[run]``. ``noisecraft train CONFIG --set train.lr=1e-4`` overrides any key;
 values are parsed as TOML literals (``--set model.channel_mult=[1,2]``).
 An unknown key is an error that names the closest known key.
+
+``[task] name`` picks what is trained (:mod:`noisecraft.training.tasks`), and with it
+which sections the recipe may have (:data:`TASK_SECTIONS`):
+
+* ``"pixel"`` (default): a pixel-space U-Net diffusion model -- ``[data]``, ``[model]``,
+  ``[diffusion]``, ``[train]``, ``[run]``.
+* ``"vae"``: the first stage of latent diffusion (Rombach et al. 2022), a KL autoencoder --
+  ``[vae]`` (:class:`~noisecraft.models.vae.VAEConfig`) and ``[vae_loss]``
+  (:class:`~noisecraft.training.vae_loss.VAELossConfig`) instead of ``[model]`` /
+  ``[diffusion]``.
+* ``"text_latent"``: the second stage, a text-conditioned U-Net on the latents of a trained
+  VAE -- ``[latent]`` (:class:`LatentConfig`) and ``[text_encoder]``
+  (:class:`~noisecraft.models.text_encoder.TextEncoderConfig`) on top of the pixel sections.
+
+A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
+silently train the wrong thing).
 """
 
 from __future__ import annotations
@@ -16,7 +32,24 @@ from pathlib import Path
 from typing import Any
 
 from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.models.text_encoder import TextEncoderConfig
 from noisecraft.models.unet import UNetConfig
+from noisecraft.models.vae import VAEConfig
+from noisecraft.training.vae_loss import VAELossConfig
+
+#: The sections each task reads (besides ``[task]``), in the order ``to_dict`` writes them.
+TASK_SECTIONS: dict[str, tuple[str, ...]] = {
+    "pixel": ("data", "model", "diffusion", "train", "run"),
+    "vae": ("data", "vae", "vae_loss", "train", "run"),
+    "text_latent": ("data", "latent", "text_encoder", "model", "diffusion", "train", "run"),
+}
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What the trainer trains: ``pixel`` | ``vae`` | ``text_latent`` (see the module doc)."""
+
+    name: str = "pixel"
 
 
 @dataclass(frozen=True)
@@ -30,6 +63,7 @@ class DataConfig:
     flip: bool = False  # random horizontal flips (not for digits!)
     class_conditional: bool = True  # use labels (mnist, digits, or sub-folders of a folder)
     limit: int = 0  # use only the first N images (0 = all)
+    pad: int = 0  # pixels of background (-1) added on each side before resizing (28 + 2*2 = 32)
 
 
 @dataclass(frozen=True)
@@ -84,43 +118,102 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class LatentConfig:
+    """Where the latents of the ``text_latent`` task come from.
+
+    * ``vae``: the ``model.safetensors`` of a trained VAE run (checkpoint kind ``"vae"``); its
+      config carries the ``scaling_factor`` measured at the end of VAE training.
+    * ``posterior``: encode each image once with the posterior ``"mode"`` (its mean) or one
+      ``"sample"`` (drawn with ``train.seed``); the scaled latents are cached in memory.
+    * ``encode_batch_size``: images per VAE forward pass while caching.
+    """
+
+    vae: str = ""
+    posterior: str = "mode"  # mode | sample
+    encode_batch_size: int = 256
+
+
+#: Sections built by a model config's own ``from_dict`` (unknown keys name the closest).
+_MODEL_SECTIONS = {"model": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
+
+
+@dataclass(frozen=True)
 class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: UNetConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The sections the chosen task uses (besides ``task``)."""
+        return TASK_SECTIONS[self.task.name]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "data": dataclasses.asdict(self.data),
-            "model": self.model.to_dict(),
-            "diffusion": dataclasses.asdict(self.diffusion),
-            "train": dataclasses.asdict(self.train),
-            "run": dataclasses.asdict(self.run),
-        }
+        """``task`` and the sections the task uses, as plain JSON-able dicts."""
+        out: dict[str, Any] = {"task": dataclasses.asdict(self.task)}
+        for name in self.sections:
+            value = getattr(self, name)
+            out[name] = value.to_dict() if hasattr(value, "to_dict") else dataclasses.asdict(value)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ExperimentConfig:
-        sections = {f.name: f.type for f in fields(cls)}
+        known = {f.name for f in fields(cls)}
         for key in d:
-            if key not in sections:
-                raise unknown_name("config section", key, sections)
-        model = d.get("model", {})
-        try:
-            model_cfg = UNetConfig.from_dict(model)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"[model]: {e}") from None
-        return cls(
-            data=_build(DataConfig, d.get("data", {}), "data"),
-            model=model_cfg,
-            diffusion=_build(DiffusionConfig, d.get("diffusion", {}), "diffusion"),
-            train=_build(TrainConfig, d.get("train", {}), "train"),
-            run=_build(RunConfig, d.get("run", {}), "run"),
-        )
+            if key not in known:
+                raise unknown_name("config section", key, known)
+        task = _build(TaskConfig, d.get("task", {}), "task")
+        if task.name not in TASK_SECTIONS:
+            raise unknown_name("task", task.name, TASK_SECTIONS)
+        used = TASK_SECTIONS[task.name]
+        for key in d:
+            if key != "task" and key not in used:
+                users = [name for name, secs in TASK_SECTIONS.items() if key in secs]
+                raise ConfigError(
+                    f"[{key}] is not used by task '{task.name}' (it belongs to "
+                    f"task.name = {' | '.join(repr(u) for u in users)}); "
+                    f"remove [{key}] or set task.name"
+                )
+        kwargs: dict[str, Any] = {"task": task}
+        for f in fields(cls):
+            if f.name == "task" or f.name not in d:
+                continue
+            if f.name in _MODEL_SECTIONS:
+                kwargs[f.name] = _build_model_config(_MODEL_SECTIONS[f.name], d[f.name], f.name)
+            else:
+                kwargs[f.name] = _build(_SECTION_TYPES[f.name], d[f.name], f.name)
+        return cls(**kwargs)
+
+
+_SECTION_TYPES: dict[str, type] = {
+    "data": DataConfig,
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "run": RunConfig,
+    "vae_loss": VAELossConfig,
+    "latent": LatentConfig,
+}
+
+
+def _build_model_config(cls: type, values: Any, section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
+    try:
+        return cls.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"[{section}]: {e}") from None
 
 
 def _build(cls: type, values: dict[str, Any], section: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"[{section}] must be a table of keys, got {values!r}")
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in values.items():

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from noisecraft.errors import DataError, unknown_name
+from noisecraft.errors import ConfigError, DataError, unknown_name
 from noisecraft.training.config import DataConfig
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,10 @@ def _finish(images, labels, names, cfg: DataConfig) -> ImageDataset:
             f"dataset '{cfg.name}' has {images.shape[1]} channel(s); "
             f"set data.channels = {images.shape[1]}"
         )
+    if cfg.pad < 0:
+        raise ConfigError(f"data.pad must be >= 0, got {cfg.pad}")
+    if cfg.pad:  # background (-1) border, e.g. MNIST 28 + 2 * 2 = 32 without resampling
+        images = F.pad(images, (cfg.pad,) * 4, value=-1.0)
     images = _resize(images, cfg.image_size)
     if cfg.limit:
         images = images[: cfg.limit]

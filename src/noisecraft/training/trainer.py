@@ -1,20 +1,31 @@
-"""The training loop: AdamW + warm-up, clipping, accumulation, EMA, AMP, DDP, exact resume.
+"""The generic training loop: AdamW + warm-up, clipping, accumulation, EMA, AMP, DDP, resume.
+
+What is trained is a :class:`~noisecraft.training.tasks.Task` picked by ``[task] name``:
+pixel-space diffusion (``pixel``, the default), the KL autoencoder of latent diffusion
+(``vae``) or a text-conditioned latent diffusion model (``text_latent``). The task builds
+the model(s), draws the global batch of a step, computes the loss and writes the saved
+model and the sample grid; everything else is here, the same for every task.
 
 Exact resume
-    All randomness of step ``s`` (which images, flips, dropped labels,
-    timesteps, noise, dropout) comes from generators seeded by
+    All randomness of step ``s`` (which images, flips, dropped labels or captions,
+    timesteps, noise, posterior samples, dropout) comes from generators seeded by
     ``(seed, s)``: :func:`step_generator`. The batch order is a pure function
     of ``(seed, s)`` too (:func:`noisecraft.training.data.batch_indices`).
     A checkpoint therefore only needs weights, EMA, optimizer, LR schedule,
-    timestep-sampler state and ``s``; resuming from it gives the same loss
+    the task's state (timestep sampler) and ``s``; resuming from it gives the same loss
     sequence as a run that never stopped.
+
+DDP
+    Every process draws the same global batch and takes its slice; DDP averages the
+    gradients, so an update equals the single-process update on the global batch.
 
 Run directory (``run.dir``)
     ``config.json``      the resolved experiment config
     ``checkpoint.pt``    training state (read back with ``weights_only=True``)
-    ``model.safetensors`` the EMA model, a native checkpoint ``noisecraft sample`` reads
-    ``log.csv``          step, loss, lr, samples/s, elapsed seconds
-    ``samples/step_N.png`` sample grids (one row per class for class-conditional models)
+    ``model.safetensors`` the EMA model as a native checkpoint (kind ``unet``, ``vae`` or
+                         ``latent_diffusion``, by task)
+    ``log.csv``          step, loss, lr, samples/s, elapsed seconds (+ the task's log keys)
+    ``samples/step_N.png`` sample grids (the task's picture: samples, or reconstructions)
 """
 
 from __future__ import annotations
@@ -23,6 +34,7 @@ import contextlib
 import csv
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,17 +43,14 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from noisecraft.diffusion import NoiseSchedule, ObjectiveConfig, training_losses
-from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError, OutputExistsError
 from noisecraft.io.atomic import atomic_path
-from noisecraft.models.unet import UNet
-from noisecraft.pipelines.generate import GenerateRequest, generate
-from noisecraft.pipelines.pixel import PixelDiffusion
 from noisecraft.training import distributed
 from noisecraft.training.config import ExperimentConfig
-from noisecraft.training.data import ImageDataset, batch_indices, load_dataset
+from noisecraft.training.data import ImageDataset, load_dataset
 from noisecraft.training.ema import EMA
+from noisecraft.training.tasks import Task, build_task
+from noisecraft.training.tasks.base import build_schedule, objective_config
 from noisecraft.viz.images import save_grid
 
 CHECKPOINT = "checkpoint.pt"
@@ -62,24 +71,6 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
-def build_schedule(cfg: ExperimentConfig) -> NoiseSchedule:
-    d = cfg.diffusion
-    schedule = NoiseSchedule.from_name(d.schedule, num_steps=d.num_steps)
-    return schedule.rescale_zero_terminal_snr() if d.zero_terminal_snr else schedule
-
-
-def objective_config(cfg: ExperimentConfig) -> ObjectiveConfig:
-    d = cfg.diffusion
-    return ObjectiveConfig(
-        prediction=d.prediction,
-        weighting=d.weighting,
-        min_snr_gamma=d.min_snr_gamma,
-        offset_noise=0.0,  # the trainer adds it to the global batch's noise itself
-        learned_variance=d.learned_variance,
-        vlb_weight=d.vlb_weight,
-    )
-
-
 @dataclass
 class TrainResult:
     step: int
@@ -90,7 +81,12 @@ class TrainResult:
 
 
 class Trainer:
-    """Train a pixel-space U-Net diffusion model from an :class:`ExperimentConfig`."""
+    """Train the :class:`~noisecraft.training.tasks.Task` of an :class:`ExperimentConfig`.
+
+    ``model`` is the task's trained module (a U-Net for ``pixel``), ``ema`` its EMA copy
+    (what is saved and sampled), ``net`` the module the loss calls (``model`` or its DDP
+    wrapper).
+    """
 
     def __init__(
         self,
@@ -111,16 +107,11 @@ class Trainer:
             torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.run.dir)
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
-        self._check_model_vs_data()
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = UNet(cfg.model).to(self.device)
+        self.task: Task = build_task(cfg, self.dataset, self.device)
+        self.model: nn.Module = self.task.model.to(self.device)
         self.ema = EMA(self.model, tc.ema_decay, tc.ema_warmup)
-        self.schedule = build_schedule(cfg)
-        self.objective = objective_config(cfg)
-        self.t_sampler = make_timestep_sampler(
-            cfg.diffusion.timestep_sampler, cfg.diffusion.num_steps
-        )
         self.opt = torch.optim.AdamW(
             self.model.parameters(), lr=tc.lr, betas=tc.betas, weight_decay=tc.weight_decay
         )
@@ -135,6 +126,7 @@ class Trainer:
             self.amp_dtype = None  # CPU trains in float32 (bf16 is very slow on CPUs without AMX)
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step = 0
+        self.last_logs: dict[str, float] = {}  # the task's log keys, last step
         self.net: nn.Module = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -144,7 +136,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def _validate(self) -> None:
         tc = self.cfg.train
-        world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+        world = int(os.environ.get("WORLD_SIZE", "1"))
         if tc.batch_size < 1 or tc.grad_accum < 1 or tc.max_steps < 0:
             raise ConfigError("train.batch_size and train.grad_accum must be >= 1, max_steps >= 0")
         if tc.batch_size % (world * tc.grad_accum):
@@ -155,22 +147,9 @@ class Trainer:
         if tc.mixed_precision not in ("no", "fp16", "bf16"):
             raise ConfigError("train.mixed_precision must be one of: no, fp16, bf16")
 
-    def _check_model_vs_data(self) -> None:
-        m, ds = self.cfg.model, self.dataset
-        if m.in_channels != ds.images.shape[1]:
-            raise ConfigError(
-                f"model.in_channels = {m.in_channels} but the data has "
-                f"{ds.images.shape[1]} channel(s)"
-            )
-        if ds.labels is not None and m.num_classes is not None and m.num_classes < ds.num_classes:
-            raise ConfigError(
-                f"model.num_classes = {m.num_classes} but the data has {ds.num_classes} classes"
-            )
-        if ds.labels is None and m.num_classes is not None:
-            raise ConfigError(
-                "model.num_classes is set but the data has no labels; "
-                "remove model.num_classes or set data.class_conditional = true"
-            )
+    @property
+    def log_header(self) -> list[str]:
+        return ["step", "loss", "lr", "samples_per_s", "elapsed_s", *self.task.log_keys]
 
     def _prepare_run_dir(self, overwrite: bool) -> None:
         ckpt = self.run_dir / CHECKPOINT
@@ -187,65 +166,35 @@ class Trainer:
             if self.step == 0:
                 (self.run_dir / "samples").mkdir(exist_ok=True)
                 log = self.run_dir / "log.csv"
-                log.write_text("step,loss,lr,samples_per_s,elapsed_s\n")
+                log.write_text(",".join(self.log_header) + "\n")
             with atomic_path(self.run_dir / "config.json") as tmp:
                 tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
 
     # ------------------------------------------------------------- one step
-    def _global_batch(
-        self, step: int
-    ) -> tuple[torch.Tensor, dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Images, model kwargs, timesteps, importance weights, noise of global step ``step``."""
-        tc, ds = self.cfg.train, self.dataset
-        g = step_generator(tc.seed, step)
-        idx = batch_indices(len(ds), tc.batch_size, step, tc.seed)
-        x0 = ds.images[idx]
-        if self.cfg.data.flip:
-            flip = torch.rand(len(idx), generator=g) < 0.5
-            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        kwargs = {}
-        if ds.labels is not None and self.cfg.model.num_classes is not None:
-            labels = ds.labels[idx].clone()
-            drop = torch.rand(len(idx), generator=g) < tc.cond_drop_prob
-            labels[drop] = self.model.null_class
-            kwargs["class_labels"] = labels
-        t, weights = self.t_sampler.sample(len(idx), generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        if self.cfg.diffusion.offset_noise:  # drawn here so every rank sees the global batch's
-            offset = torch.randn(*x0.shape[:2], 1, 1, generator=g)
-            noise = noise + self.cfg.diffusion.offset_noise * offset
-        return x0, kwargs, t, weights, noise
-
     def train_step(self) -> float:
         """One optimizer step on global batch ``self.step``; returns its mean loss (all ranks)."""
         tc = self.cfg.train
-        x0, kwargs, t, weights, noise = self._global_batch(self.step)
+        batch = self.task.draw(self.step, step_generator(tc.seed, self.step))
         r, w = self.dist.rank, self.dist.world_size
         local = tc.batch_size // w
-        sl = slice(r * local, (r + 1) * local)
+        start = r * local
         micro = local // tc.grad_accum
         torch.manual_seed(step_generator(tc.seed, self.step, 1).initial_seed())  # dropout
         self.net.train()
-        total = torch.zeros((), device=self.device)
-        per_sample = []
+        per_sample, logs = [], []
         for k in range(tc.grad_accum):
-            ms = slice(sl.start + k * micro, sl.start + (k + 1) * micro)
+            ms = slice(start + k * micro, start + (k + 1) * micro)
             sync = k == tc.grad_accum - 1 or not self.dist.enabled
             ctx = contextlib.nullcontext() if sync else self.net.no_sync()
             with ctx, self._autocast():
-                out = training_losses(
-                    self.net,
-                    self.schedule,
-                    x0[ms].to(self.device),
-                    t[ms].to(self.device),
-                    config=self.objective,
-                    noise=noise[ms].to(self.device),
-                    model_kwargs={k2: v[ms].to(self.device) for k2, v in kwargs.items()},
-                )
-                loss = (out["loss"] * weights[ms].to(self.device)).mean() / tc.grad_accum
+                out = self.task.loss(self.net, {n: v[ms].to(self.device) for n, v in batch.items()})
+                loss = out.loss / tc.grad_accum
             self.scaler.scale(loss).backward()
-            total += loss.detach()
-            per_sample.append(out["loss"].detach().float())
+            per_sample.append(out.per_sample.detach().float())
+            if self.task.log_keys:
+                logs.append(
+                    torch.stack([out.logs[n].detach().float() for n in self.task.log_keys], 1)
+                )
         self.scaler.unscale_(self.opt)
         if tc.grad_clip > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
@@ -255,8 +204,11 @@ class Trainer:
         self.lr_sched.step()
         self.ema.update(self.model)
         losses = distributed.all_gather_cat(torch.cat(per_sample), self.dist)
-        if hasattr(self.t_sampler, "update"):
-            self.t_sampler.update(t, losses.cpu())
+        self.last_logs = {}
+        if logs:
+            extra = distributed.all_gather_cat(torch.cat(logs), self.dist).mean(0)
+            self.last_logs = dict(zip(self.task.log_keys, extra.tolist(), strict=True))
+        self.task.after_step(batch, losses.cpu())
         self.step += 1
         return float(losses.mean())
 
@@ -277,26 +229,34 @@ class Trainer:
         bar = tqdm(
             total=end,
             initial=self.step,
-            desc="train",
+            desc=f"train {self.task.name}",
             unit="step",
             disable=not (rc.progress and self.dist.is_main),
             dynamic_ncols=True,
         )
-        window, window_t = [], time.perf_counter()
+        window, window_logs, window_t = [], [], time.perf_counter()
         while self.step < end:
             loss = self.train_step()
             if not math.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr")
             losses.append(loss)
             window.append(loss)
+            window_logs.append(self.last_logs)
             bar.update(1)
             if self.step % rc.log_every == 0 or self.step == end:
                 now = time.perf_counter()
                 sps = len(window) * tc.batch_size / max(now - window_t, 1e-9)
                 mean = sum(window) / len(window)
-                bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{sps:.0f}")
-                self._log_row(mean, sps, now - t0)
-                window, window_t = [], now
+                extra = {
+                    k: sum(d[k] for d in window_logs) / len(window_logs) for k in self.task.log_keys
+                }
+                bar.set_postfix(
+                    loss=f"{mean:.4f}",
+                    **{k: f"{v:.4g}" for k, v in extra.items()},
+                    samples_s=f"{sps:.0f}",
+                )
+                self._log_row(mean, sps, now - t0, extra)
+                window, window_logs, window_t = [], [], now
             if rc.sample_every and self.step % rc.sample_every == 0:
                 self.save_samples()
             if rc.checkpoint_every and self.step % rc.checkpoint_every == 0 and self.step < end:
@@ -309,7 +269,9 @@ class Trainer:
         n = (self.step - start_step) * tc.batch_size
         return TrainResult(self.step, losses, secs, n / max(secs, 1e-9), self.run_dir)
 
-    def _log_row(self, loss: float, sps: float, elapsed: float) -> None:
+    def _log_row(
+        self, loss: float, sps: float, elapsed: float, extra: dict[str, float] | None = None
+    ) -> None:
         if not self.dist.is_main:
             return
         with open(self.run_dir / "log.csv", "a", newline="") as f:
@@ -320,20 +282,11 @@ class Trainer:
                     f"{self.lr_sched.get_last_lr()[0]:.3e}",
                     f"{sps:.1f}",
                     f"{elapsed:.1f}",
+                    *(f"{(extra or {})[k]:.6g}" for k in self.task.log_keys),
                 ]
             )
 
     # ----------------------------------------------------- save / resume
-    def pixel_model(self) -> PixelDiffusion:
-        """The EMA model as a sampling-ready :class:`PixelDiffusion`."""
-        return PixelDiffusion(
-            unet=self.ema.model,
-            schedule=self.schedule,
-            prediction=self.cfg.diffusion.prediction,
-            learned_variance=self.cfg.diffusion.learned_variance,
-            image_size=self.cfg.data.image_size,
-        )
-
     def training_metadata(self) -> dict:
         return {**self.cfg.to_dict(), "step": self.step}
 
@@ -347,23 +300,26 @@ class Trainer:
                 "opt": self.opt.state_dict(),
                 "lr_sched": self.lr_sched.state_dict(),
                 "scaler": self.scaler.state_dict(),
-                "t_sampler": self.t_sampler.state_dict()
-                if hasattr(self.t_sampler, "state_dict")
-                else {},
+                "task": self.task.state_dict(),
                 "config": json.dumps(self.cfg.to_dict()),
             }
             with atomic_path(self.run_dir / CHECKPOINT) as tmp:
                 torch.save(state, tmp)
-            self.pixel_model().save(
-                self.run_dir / MODEL, training=self.training_metadata(), overwrite=True
-            )
+            self.task.save_model(self.ema.model, self.run_dir / MODEL, self.training_metadata())
         distributed.barrier(self.dist)
 
     def load_state(self, path: Path) -> None:
         state = torch.load(path, map_location=self.device, weights_only=True)
         saved = json.loads(state["config"])
-        for section in ("model", "diffusion"):
-            if saved[section] != self.cfg.to_dict()[section]:
+        current = self.cfg.to_dict()
+        saved_task = saved.get("task", {}).get("name", "pixel")
+        if saved_task != self.task.name:
+            raise ConfigError(
+                f"{path} is a '{saved_task}' run, this config trains '{self.task.name}'; "
+                "use the same config to resume, or pass --overwrite to start over"
+            )
+        for section in self.task.resume_sections:
+            if saved.get(section) != current[section]:
                 raise ConfigError(
                     f"{path} was trained with a different [{section}] config; "
                     "use the same config to resume, or pass --overwrite to start over"
@@ -373,31 +329,31 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         self.lr_sched.load_state_dict(state["lr_sched"])
         self.scaler.load_state_dict(state["scaler"])
-        if state.get("t_sampler") and hasattr(self.t_sampler, "load_state_dict"):
-            self.t_sampler.load_state_dict(state["t_sampler"])
+        # checkpoints from before tasks kept the timestep sampler at the top level
+        self.task.load_state_dict(state.get("task", {"t_sampler": state.get("t_sampler", {})}))
         self.step = int(state["step"])
 
     @torch.no_grad()
     def save_samples(self) -> Path | None:
-        """A sample grid from the EMA model: one row per class (up to 10 classes x 8)."""
+        """The task's picture from the EMA model (samples, or originals over reconstructions)."""
         if not self.dist.is_main:
             return None
-        rc = self.cfg.run
-        k = self.cfg.model.num_classes
-        if k:
-            rows = min(k, 10)
-            classes = [c for c in range(rows) for _ in range(8)]
-            req = GenerateRequest(
-                n=len(classes),
-                sampler=rc.sample_sampler,
-                steps=rc.sample_steps,
-                cfg=rc.sample_cfg,
-                classes=classes,
-                seed=0,
-            )
-        else:
-            req = GenerateRequest(n=64, sampler=rc.sample_sampler, steps=rc.sample_steps, seed=0)
-        images = generate(self.pixel_model(), req)
+        images, nrow = self.task.sample_grid(self.ema.model)
         return save_grid(
-            images, self.run_dir / "samples" / f"step_{self.step:06d}.png", nrow=8, overwrite=True
+            images,
+            self.run_dir / "samples" / f"step_{self.step:06d}.png",
+            nrow=nrow,
+            overwrite=True,
         )
+
+
+__all__ = [
+    "CHECKPOINT",
+    "MODEL",
+    "TrainResult",
+    "Trainer",
+    "build_schedule",
+    "objective_config",
+    "resolve_device",
+    "step_generator",
+]

@@ -1,0 +1,35 @@
+"""What the trainer can train: one :class:`Task` per ``[task] name`` of a recipe.
+
+* ``pixel`` -- :class:`PixelTask`: pixel-space (class-conditional) diffusion.
+* ``vae`` -- :class:`VAETask`: the KL autoencoder of latent diffusion (first stage).
+* ``text_latent`` -- :class:`TextLatentTask`: a text-conditioned U-Net trained with a small
+  CLIP text encoder on the cached latents of a trained VAE (second stage).
+
+See :mod:`noisecraft.training.tasks.base` for the protocol.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from noisecraft.errors import unknown_name
+from noisecraft.training.config import TASK_SECTIONS, ExperimentConfig
+from noisecraft.training.data import ImageDataset
+from noisecraft.training.tasks.base import Task, TaskLoss
+from noisecraft.training.tasks.pixel import PixelTask
+from noisecraft.training.tasks.text_latent import TextLatentTask
+from noisecraft.training.tasks.vae import VAETask
+
+TASKS: dict[str, type] = {"pixel": PixelTask, "vae": VAETask, "text_latent": TextLatentTask}
+assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
+
+
+def build_task(cfg: ExperimentConfig, dataset: ImageDataset, device: torch.device) -> Task:
+    """The task named by ``cfg.task.name``, its model(s) built from ``cfg`` (on the CPU)."""
+    name = cfg.task.name
+    if name not in TASKS:
+        raise unknown_name("task", name, TASKS)
+    return TASKS[name](cfg, dataset, device)
+
+
+__all__ = ["TASKS", "PixelTask", "Task", "TaskLoss", "TextLatentTask", "VAETask", "build_task"]
