@@ -294,3 +294,11 @@ def test_generated_tensor_range_matches_png(files):
     assert np.array_equal(to_uint8(x)[0], _pixels(files / "cat.png"))
     assert np.array_equal(to_uint8(x)[1], _pixels(files / "cat_1.png"))
     assert torch.all(x.abs() <= 1)
+
+
+def test_missing_shipped_model_is_one_line_error(monkeypatch, tmp_path, capsys):
+    from noisecraft.cli import main as cli
+
+    monkeypatch.setitem(cli.BUILTIN_MODELS, "mnist-text", tmp_path / "absent.safetensors")
+    code, _, err = _run(["generate", "a handwritten 7", "--out", str(tmp_path / "x.png")], capsys)
+    assert code == 2 and "shipped model 'mnist-text'" in err and "--model PATH" in err

@@ -107,7 +107,8 @@ def generate_command(
         str | None, typer.Argument(help="what to draw (A1111 syntax: (word:1.2), BREAK)")
     ] = None,
     model: Annotated[
-        str | None, typer.Option("--model", help="model .safetensors (latent or pixel)")
+        str | None,
+        typer.Option("--model", help="model .safetensors (latent or pixel); default: mnist-text"),
     ] = None,
     negative: Annotated[
         str | None, typer.Option("--negative", help="negative prompt (what to avoid)")
@@ -204,7 +205,7 @@ def run_generate(
 
     png: dict[str, Any] = read_png_parameters(from_png) if from_png is not None else {}
     if model is None:
-        raise ConfigError("--model PATH is required (the .safetensors the image was made with)")
+        model = "mnist-text"  # the shipped text-to-image model
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
     width = height = None

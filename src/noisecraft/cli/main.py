@@ -19,13 +19,22 @@ app = typer.Typer(
 )
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_MODELS = {"mnist": ASSETS / "mnist.safetensors"}
+BUILTIN_MODELS = {
+    "mnist": ASSETS / "mnist.safetensors",  # class-conditional pixel model
+    "mnist-text": ASSETS / "mnist_text.safetensors",  # text-to-image latent model (mini SD)
+}
 
 
 def resolve_model(name: str) -> Path:
-    """A checkpoint path, or the name of a shipped model (``mnist``)."""
+    """A checkpoint path, or the name of a shipped model (``mnist``, ``mnist-text``)."""
     if name in BUILTIN_MODELS and not Path(name).exists():
-        return BUILTIN_MODELS[name]
+        path = BUILTIN_MODELS[name]
+        if not path.is_file():
+            raise ConfigError(
+                f"the shipped model '{name}' is not in this install ({path} is missing); "
+                "pass --model PATH of a model you trained (e.g. runs/mnist_text/model.safetensors)"
+            )
+        return path
     return Path(name)
 
 
@@ -216,6 +225,28 @@ def demo(
     typer.echo("one row per digit class 0-9 (classifier-free guidance 2.0, DPM++ 2M)")
     for p in paths:
         typer.echo(f"wrote {p.resolve()}")
+    if BUILTIN_MODELS["mnist-text"].is_file():
+        text = out_dir / "text_digits.png"
+        written = text_demo(text if overwrite else free_path(text), steps, seed, overwrite)
+        typer.echo('text-to-image (mini Stable Diffusion): row k is "a handwritten <k>"')
+        typer.echo(f"wrote {written.resolve()}")
+
+
+def text_demo(out: Path, steps: int, seed: int, overwrite: bool, per_row: int = 8) -> Path:
+    """Ten prompts "a handwritten zero" ... "nine" through the shipped text-to-image model."""
+    from tqdm.auto import tqdm
+
+    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, count_steps, generate
+    from noisecraft.training.captions import DIGIT_WORDS
+    from noisecraft.viz.images import save_grid
+
+    model = LatentDiffusion.load(BUILTIN_MODELS["mnist-text"])
+    prompts = [f"a handwritten {w}" for w in DIGIT_WORDS for _ in range(per_row)]
+    req = GenerateRequest(n=len(prompts), prompts=prompts, steps=steps, cfg=5.0, seed=seed)
+    with tqdm(total=count_steps(model, req), desc="text-to-image") as bar:
+        images = generate(model, req, callback=lambda d: bar.update(1))
+    text = {"parameters": f"prompts: a handwritten zero..nine, steps: {steps}, cfg: 5.0"}
+    return save_grid(images, out, nrow=per_row, scale=4, overwrite=overwrite, text=text)
 
 
 @app.command("samplers")
