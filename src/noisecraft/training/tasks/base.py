@@ -122,3 +122,25 @@ __all__ = [
     "draw_timesteps_and_noise",
     "objective_config",
 ]
+
+
+class TimestepSamplerState:
+    """Mixin of the diffusion tasks: feed losses to ``self.t_sampler`` and checkpoint it.
+
+    Importance samplers (loss-second-moment) learn from each step's per-sample losses;
+    their state goes into the checkpoint so that a resumed run draws the same timesteps.
+    """
+
+    t_sampler: Any
+
+    def after_step(self, batch: Batch, losses: Tensor) -> None:
+        if hasattr(self.t_sampler, "update"):
+            self.t_sampler.update(batch["t"], losses)
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = self.t_sampler.state_dict() if hasattr(self.t_sampler, "state_dict") else {}
+        return {"t_sampler": sd}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("t_sampler") and hasattr(self.t_sampler, "load_state_dict"):
+            self.t_sampler.load_state_dict(state["t_sampler"])

@@ -26,13 +26,14 @@ from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import (
     Batch,
     TaskLoss,
+    TimestepSamplerState,
     build_schedule,
     draw_timesteps_and_noise,
     objective_config,
 )
 
 
-class PixelTask:
+class PixelTask(TimestepSamplerState):
     """Train a (class-conditional) pixel-space U-Net diffusion model."""
 
     name = "pixel"
@@ -100,18 +101,6 @@ class PixelTask:
             model_kwargs=kwargs,
         )
         return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
-
-    def after_step(self, batch: Batch, losses: Tensor) -> None:
-        if hasattr(self.t_sampler, "update"):
-            self.t_sampler.update(batch["t"], losses)
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = self.t_sampler.state_dict() if hasattr(self.t_sampler, "state_dict") else {}
-        return {"t_sampler": sd}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("t_sampler") and hasattr(self.t_sampler, "load_state_dict"):
-            self.t_sampler.load_state_dict(state["t_sampler"])
 
     # ------------------------------------------------------------------ outputs
     def pipeline(self, model: nn.Module) -> PixelDiffusion:

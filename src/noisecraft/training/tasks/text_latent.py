@@ -47,6 +47,7 @@ from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import (
     Batch,
     TaskLoss,
+    TimestepSamplerState,
     build_schedule,
     draw_timesteps_and_noise,
     objective_config,
@@ -97,7 +98,7 @@ def load_latent_vae(path: str, device: torch.device) -> AutoencoderKL:
     return load_vae(path, device)
 
 
-class TextLatentTask:
+class TextLatentTask(TimestepSamplerState):
     """Train a text-to-image latent diffusion model (see the module docstring)."""
 
     name = "text_latent"
@@ -237,18 +238,6 @@ class TextLatentTask:
             model_kwargs={"input_ids": batch["input_ids"]},
         )
         return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
-
-    def after_step(self, batch: Batch, losses: Tensor) -> None:
-        if hasattr(self.t_sampler, "update"):
-            self.t_sampler.update(batch["t"], losses)
-
-    def state_dict(self) -> dict[str, Any]:
-        sd = self.t_sampler.state_dict() if hasattr(self.t_sampler, "state_dict") else {}
-        return {"t_sampler": sd}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("t_sampler") and hasattr(self.t_sampler, "load_state_dict"):
-            self.t_sampler.load_state_dict(state["t_sampler"])
 
     # ------------------------------------------------------------------ outputs
     def pipeline(self, model: nn.Module) -> LatentDiffusion:
