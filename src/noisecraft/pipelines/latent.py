@@ -28,6 +28,7 @@ from torch import Tensor
 from noisecraft.diffusion import DiscreteDenoiser, NoiseSchedule
 from noisecraft.diffusion.parametrization import c_skip_for, check_prediction
 from noisecraft.errors import CheckpointError, ConfigError
+from noisecraft.io.build import build_module
 from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from noisecraft.models.text_encoder import (
     CLIPTextEncoder,
@@ -289,9 +290,11 @@ class LatentDiffusion:
         tensors, info = load_checkpoint(path, expect_kind=KIND)
         cfg = info.config
         try:
-            unet = UNet(UNetConfig.from_dict(cfg["unet"]))
-            vae = AutoencoderKL(VAEConfig.from_dict(cfg["vae"]))
-            text_encoder = CLIPTextEncoder(TextEncoderConfig.from_dict(cfg["text_encoder"]))
+            configs = {
+                "unet": UNetConfig.from_dict(cfg["unet"]),
+                "vae": VAEConfig.from_dict(cfg["vae"]),
+                "text_encoder": TextEncoderConfig.from_dict(cfg["text_encoder"]),
+            }
             tokenizer = tokenizer_from_spec(cfg["tokenizer"])
         except KeyError as e:
             raise CheckpointError(
@@ -305,15 +308,17 @@ class LatentDiffusion:
                     f"{path}: unexpected tensor {key}; not a latent_diffusion file"
                 )
             parts[prefix][rest] = value
-        for name, module in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
-            try:
-                module.load_state_dict(parts[name], strict=True)
-            except RuntimeError as e:
-                first = str(e).strip().splitlines()[0]
-                raise CheckpointError(
-                    f"{path}: the {name} weights do not fit its config ({first})"
-                ) from None
-            module.to(device).eval().requires_grad_(False)
+        classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder}
+        unet, vae, text_encoder = (
+            build_module(
+                lambda n=name: classes[n](configs[n]),
+                parts[name],
+                what=name,
+                source=path,
+                device=device,
+            )
+            for name in ("unet", "vae", "text_encoder")
+        )
         diff = info.diffusion
         return cls(
             unet=unet,

@@ -26,7 +26,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisecraft.errors import CheckpointError, ConfigError
+from noisecraft.errors import ConfigError
+from noisecraft.io.build import build_module
 from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from noisecraft.training.config import ExperimentConfig
@@ -55,13 +56,10 @@ def save_vae(
 def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> AutoencoderKL:
     """Rebuild an :class:`AutoencoderKL` from a native "vae" checkpoint (eval mode, frozen)."""
     tensors, info = load_checkpoint(path, expect_kind=KIND)
-    try:
-        vae = AutoencoderKL(VAEConfig.from_dict(info.config))
-        vae.load_state_dict(tensors, strict=True)
-    except (RuntimeError, TypeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"{path}: the VAE weights do not fit its config ({first})") from None
-    return vae.to(device).eval().requires_grad_(False)
+    config = VAEConfig.from_dict(info.config)
+    return build_module(
+        lambda: AutoencoderKL(config), tensors, what="VAE", source=path, device=device
+    )
 
 
 # ------------------------------------------------------------------ the task

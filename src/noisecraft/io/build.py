@@ -1,0 +1,69 @@
+"""Build a model from a config and a state dict without holding two copies of the weights.
+
+``Module(config)`` followed by ``load_state_dict`` allocates and randomly initialises every
+parameter, then copies the loaded tensors over them: twice the weights' memory at the peak,
+plus the time of an initialisation that is thrown away. Here the module is built on the
+``meta`` device (shapes only, no storage) and ``load_state_dict(..., assign=True)`` makes the
+loaded tensors its parameters. With tensors from ``safetensors.safe_open`` / ``load_file``
+(memory-mapped) the weights exist once.
+
+Weights stored in half precision (fp16 / bf16 single files and diffusers ``variant="fp16"``
+folders) are widened to ``dtype`` (float32 by default: CPU kernels are fastest and exact in
+fp32, and bf16 is very slow on CPUs without AMX); on CUDA pass ``dtype=torch.float16``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from noisecraft.errors import CheckpointError
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_module(
+    factory: Callable[[], M],
+    state_dict: Mapping[str, Tensor],
+    *,
+    what: str,
+    source: str | os.PathLike,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> M:
+    """``factory()`` built on the meta device, then given ``state_dict`` as its parameters.
+
+    * ``what`` / ``source`` name the part and the file in the one-line error raised when the
+      weights do not fit the architecture (missing, unexpected or mis-shaped tensors).
+    * Floating-point tensors are cast to ``dtype`` (None keeps them as stored).
+    * Strict: every parameter and buffer must be in ``state_dict`` (the project's models have
+      no non-persistent buffers, so nothing is left on the meta device).
+    The module is returned in eval mode with ``requires_grad_(False)``.
+    """
+    with torch.device("meta"):
+        module = factory()
+    tensors = {
+        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        for k, v in state_dict.items()
+    }
+    try:
+        module.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as e:
+        first = _first_problem(str(e))
+        raise CheckpointError(
+            f"{source}: the {what} weights do not fit its architecture ({first})"
+        ) from None
+    return module.to(device).eval().requires_grad_(False)
+
+
+def _first_problem(message: str) -> str:
+    """The first concrete line of a ``load_state_dict`` error (e.g. a missing key)."""
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return lines[1] if len(lines) > 1 else lines[0]
+
+
+__all__ = ["build_module"]
