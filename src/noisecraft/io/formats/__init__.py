@@ -1,0 +1,8 @@
+"""Checkpoint formats other than the native one, each read into (and written from) a
+:class:`~noisecraft.pipelines.latent.LatentDiffusion`:
+
+* :mod:`.single_file`: original CompVis / AUTOMATIC1111 single files (``.safetensors`` /
+  ``.ckpt``), SD 1.x and 2.x.
+* :mod:`.diffusers_folder`: diffusers pipeline folders (``unet/``, ``vae/``,
+  ``text_encoder/``, ``tokenizer/``, ``scheduler/``).
+"""
