@@ -44,6 +44,10 @@ NOTE = (
 ASSET = Path(__file__).resolve().parent.parent / "src/noisecraft/assets/mnist.safetensors"
 
 
+#: Heading of the hand-written section of docs/samplers.md that regenerating keeps.
+KEPT_SECTION = "## Matching diffusers"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--model", default=str(ASSET))
@@ -169,6 +173,9 @@ def write_report(args, budgets, results, reference) -> None:
         rel = f" ({fid / reference['fid']:.2f}x the 1000-step DDPM FID)" if reference else ""
         lines.append(f"- {b} NFE: **{best[b]}**, FID {fid:.2f}{rel}")
     lines += ["", NOTE, "", f"![FID against NFE]({plot.name})", ""]
+    kept = out.read_text().partition(KEPT_SECTION)[1:] if out.exists() else ("", "")
+    if kept[0]:  # a hand-written section after the table (not measured here) stays
+        lines += [kept[0] + kept[1].rstrip("\n"), ""]
     out.write_text("\n".join(lines))
     Path(args.json).write_text(
         json.dumps({"args": vars(args), "results": results, "reference": reference}, indent=1)

@@ -202,3 +202,38 @@ def test_plms_with_heun_warmup_matches_pndm():
     # the default warm-up (Euler first step) is a different sampler
     default = SAMPLERS["plms"](denoiser, x_ve, sigmas.float())
     assert (default - ref).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_ddim_with_final_alpha_cumprod_matches(eta):
+    """SD's own DDIM config, ``set_alpha_to_one=False``: the last step goes to
+    alphas_cumprod[0] and diffusers returns that VP sample; ``final_sigma`` reproduces it."""
+    sched = diffusers.DDIMScheduler(**SD, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    sched.set_timesteps(STEPS)
+    a0 = float(sched.final_alpha_cumprod)
+    options = {"eta": eta, "final_sigma": math.sqrt((1 - a0) / a0)}
+    sigmas = _alpha_sigmas(sched)
+    ours, ref = _vp_run(sched, "ddim", sigmas, sched.timesteps, seed=3, options=options, eta=eta)
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+    # ending at sigma = 0 is another result (by about sigma_min * eps)
+    plain, _ = _vp_run(sched, "ddim", sigmas, sched.timesteps, seed=3, options={"eta": eta})
+    assert (plain - ref).abs().max() > 1e-3
+
+
+def test_lms_img2img_weights_on_the_full_grid_match_begin_index():
+    """img2img with diffusers' LMS: after ``set_begin_index(k)`` it takes order
+    min(k + 1, 4) weights on the full grid but sums only the derivatives it has."""
+    sched = diffusers.LMSDiscreteScheduler(**SD)
+    sched.set_timesteps(STEPS)
+    start = 5
+    sched.set_begin_index(start)
+    sigmas = unique_sigmas(sched)
+    x = start_noise() * float(sigmas[start])
+    ref = x.clone()
+    for t in sched.timesteps[start:]:
+        ref = sched.step(eps_model(sched.scale_model_input(ref, t), t), t, ref).prev_sample
+    denoiser = make_denoiser(sched.sigmas, sched.timesteps)
+    tail = sigmas[start:].float()
+    ours = SAMPLERS["lms"](denoiser, x, tail, history_sigmas=sigmas[:start])
+    torch.testing.assert_close(ours, ref, atol=2e-5, rtol=1e-5)
+    assert (SAMPLERS["lms"](denoiser, x, tail) - ref).abs().max() > 1e-3  # plain warm-up

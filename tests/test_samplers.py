@@ -249,6 +249,9 @@ def test_contract_rejects_unknown_options(name):
         ("plms", {"warmup": "rk4"}),
         ("dpmpp_2m_sde", {"solver_type": "rk4"}),
         ("euler", {"s_churn": -1.0}),
+        ("ddim", {"final_sigma": -0.1}),
+        ("lms", {"history_sigmas": [0.01]}),  # below sigmas[0]
+        ("lms", {"history_sigmas": [5.0, 30.0]}),  # rising
     ],
 )
 def test_bad_option_values_raise_config_error(name, options):

@@ -115,3 +115,5 @@ def test_errors():
     assert make_sigmas(sch, 101, "linspace").shape == (102,)
     with pytest.raises(ConfigError):
         make_sigmas(sch, 10, "karras", sigma_min=5.0, sigma_max=1.0)
+    with pytest.raises(UnknownNameError, match="did you mean 'multistep'"):
+        make_sigmas(sch, 10, "linspace", grid="multistp")

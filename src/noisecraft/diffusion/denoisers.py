@@ -65,6 +65,18 @@ class DiscreteDenoiser:
         self.timestep_interpolation = timestep_interpolation
         schedule.sigma_to_t(0.0, interpolation=timestep_interpolation)  # validate the name
 
+    def replace(self, **changes: Any) -> DiscreteDenoiser:
+        """A copy with some constructor arguments changed (e.g. ``quantize=True`` for the
+        integer timesteps of diffusers' DDIM / DPM++ / UniPC; the model is shared)."""
+        kwargs = {
+            "prediction": self.prediction,
+            "learned_variance": self.learned_variance,
+            "quantize": self.quantize,
+            "timestep_interpolation": self.timestep_interpolation,
+            **changes,
+        }
+        return type(self)(self.model, self.schedule, **kwargs)
+
     def sigma_to_t(self, sigma: Tensor) -> Tensor:
         """The (float32) timestep the model is called with for each sigma."""
         t = self.schedule.sigma_to_t(sigma, interpolation=self.timestep_interpolation)

@@ -6,6 +6,17 @@ interpolated linearly in sigma (diffusers' ``EulerDiscreteScheduler``). karras
 (Karras et al. 2022 eq. 5) and exponential (uniform in log sigma) are spaced in sigma
 directly, between the schedule's own smallest and largest sigma unless told otherwise.
 Every result ends in a final 0.
+
+diffusers' schedulers do not share one timestep grid; ``grid`` picks whose:
+
+- ``"euler"`` (default): ``EulerDiscreteScheduler`` / ``LMSDiscreteScheduler`` /
+  ``EulerAncestralDiscreteScheduler`` -- ``steps`` timesteps, fractional for linspace.
+- ``"ddim"``: ``DDIMScheduler`` -- the same ``steps`` timesteps rounded to integers
+  (``np.linspace(0, T - 1, steps).round()``; leading and trailing are integers already).
+- ``"multistep"``: ``DPMSolverMultistepScheduler`` / ``UniPCMultistepScheduler`` --
+  ``steps + 1`` timesteps by the spacing rule (leading: ratio ``T // (steps + 1)``), rounded,
+  the smallest dropped (the final sigma 0 takes its place); trailing as "euler". Their
+  karras timesteps are rounded too (:func:`discrete_timesteps`).
 """
 
 from __future__ import annotations
@@ -19,12 +30,15 @@ from noisecraft.diffusion.schedule import NoiseSchedule
 from noisecraft.errors import ConfigError, unknown_name
 
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
+GRIDS = ("euler", "ddim", "multistep")
 _TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
-def _check(schedule: NoiseSchedule, steps: int, spacing: str) -> None:
+def _check(schedule: NoiseSchedule, steps: int, spacing: str, grid: str = "euler") -> None:
     if spacing not in SPACINGS:
         raise unknown_name("sigma spacing", spacing, SPACINGS)
+    if grid not in GRIDS:
+        raise unknown_name("timestep grid", grid, GRIDS)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")
     if spacing in ("leading", "trailing") and steps > schedule.num_steps:
@@ -34,17 +48,23 @@ def _check(schedule: NoiseSchedule, steps: int, spacing: str) -> None:
         )
 
 
-def _grid_timesteps(schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int) -> Tensor:
+def _grid_timesteps(
+    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, grid: str = "euler"
+) -> Tensor:
     """Decreasing float64 timesteps on the training grid (diffusers' three spacings)."""
     T = schedule.num_steps
-    i = torch.arange(steps, dtype=torch.float64)
-    if spacing == "linspace":  # np.linspace(0, T - 1, steps)[::-1]: fractional
-        ts = torch.linspace(0, T - 1, steps, dtype=torch.float64)
-        return ts.flip(0)
-    if spacing == "leading":  # 0, r, 2r, ... (+ offset), r = T // steps
-        return (i * (T // steps)).round().flip(0) + steps_offset
-    # trailing: T, T - r, T - 2r, ... rounded, minus 1; r = T / steps
-    return (T - i * (T / steps)).round() - 1
+    if spacing == "trailing":  # T, T - r, T - 2r, ... rounded, minus 1; r = T / steps
+        i = torch.arange(steps, dtype=torch.float64)
+        return (T - i * (T / steps)).round() - 1
+    # multistep solvers space steps + 1 points and drop the smallest
+    n = steps + 1 if grid == "multistep" else steps
+    if spacing == "linspace":  # np.linspace(0, T - 1, n)[::-1]: fractional for "euler"
+        ts = torch.linspace(0, T - 1, n, dtype=torch.float64).flip(0)
+        ts = ts if grid == "euler" else ts.round()  # round half to even, as numpy
+    else:  # leading: 0, r, 2r, ... (+ offset), r = T // n
+        i = torch.arange(n, dtype=torch.float64)
+        ts = (i * (T // n)).round().flip(0) + steps_offset
+    return ts[:steps]
 
 
 def _karras(sigma_min: float, sigma_max: float, steps: int, rho: float) -> Tensor:
@@ -69,11 +89,12 @@ def _sigmas64(
     rho: float,
     sigma_min: float | None,
     sigma_max: float | None,
+    grid: str = "euler",
 ) -> tuple[Tensor, Tensor]:
     """(sigmas without the final 0, timesteps), both float64, length ``steps``."""
-    _check(schedule, steps, spacing)
+    _check(schedule, steps, spacing, grid)
     if spacing in _TIMESTEP_SPACINGS:
-        ts = _grid_timesteps(schedule, steps, spacing, steps_offset)
+        ts = _grid_timesteps(schedule, steps, spacing, steps_offset, grid)
         return schedule.t_to_sigma(ts, interpolation="linear"), ts
     smin = float(schedule.sigmas[0]) if sigma_min is None else float(sigma_min)
     smax = float(schedule.sigmas[-1]) if sigma_max is None else float(sigma_max)
@@ -87,7 +108,10 @@ def _sigmas64(
         s = _karras(smin, smax, steps, rho)
     else:
         s = _exponential(smin, smax, steps)
-    return s, schedule.sigma_to_t(s, interpolation="log")
+    ts = schedule.sigma_to_t(s, interpolation="log")
+    if grid == "multistep" and spacing == "karras":  # DPM++ / UniPC round them
+        ts = ts.round()
+    return s, ts
 
 
 def make_sigmas(
@@ -100,6 +124,7 @@ def make_sigmas(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     dtype: torch.dtype = torch.float32,
+    grid: str = "euler",
 ) -> Tensor:
     """Decreasing sigmas of length ``steps + 1`` whose last element is 0.
 
@@ -107,8 +132,10 @@ def make_sigmas(
     same ``timestep_spacing`` and ``steps_offset`` (SD 1.5 uses ``steps_offset=1``;
     only "leading" reads it); karras and exponential equal ``use_karras_sigmas`` /
     ``use_exponential_sigmas``. ``sigma_min`` / ``sigma_max`` / ``rho`` apply to those two.
+    ``grid="ddim"`` / ``"multistep"`` give the sigmas of diffusers' DDIM / DPM++ and UniPC
+    timesteps instead (module docstring).
     """
-    s, _ = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max)
+    s, _ = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max, grid)
     return torch.cat([s, s.new_zeros(1)]).to(dtype)
 
 
@@ -121,12 +148,13 @@ def discrete_timesteps(
     rho: float = 7.0,
     sigma_min: float | None = None,
     sigma_max: float | None = None,
+    grid: str = "euler",
 ) -> Tensor:
     """The ``steps`` decreasing timesteps behind :func:`make_sigmas` (float64).
 
     Integers for leading / trailing (``.long()`` is exact), fractional for linspace, and
     ``schedule.sigma_to_t(sigma)`` (log-sigma interpolation) for karras / exponential,
-    as diffusers' Euler scheduler reports them.
+    as diffusers' Euler scheduler reports them; rounded where ``grid`` says diffusers rounds.
     """
-    _, ts = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max)
+    _, ts = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max, grid)
     return ts

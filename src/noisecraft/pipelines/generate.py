@@ -42,7 +42,7 @@ keep noisecraft's original rule: one generator seeded with ``seed`` draws the no
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -50,12 +50,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from noisecraft.diffusion import CFGDenoiser, ClippedDenoiser, NoiseSchedule, make_sigmas
+from noisecraft.diffusion import (
+    CFGDenoiser,
+    ClippedDenoiser,
+    DiscreteDenoiser,
+    NoiseSchedule,
+    make_sigmas,
+)
 from noisecraft.diffusion.parametrization import c_skip_for
 from noisecraft.errors import ConfigError
 from noisecraft.pipelines.inpaint import InpaintDenoiser
 from noisecraft.pipelines.pixel import PixelDiffusion
 from noisecraft.samplers import SAMPLER_INFO, get_sampler, parse_sampler_name
+from noisecraft.samplers.diffusers_schedulers import DiffusersSampling, for_sampler
 
 Denoiser = Callable[..., Tensor]
 
@@ -101,6 +108,11 @@ class GenerateRequest:
     * ``strength``: img2img denoising strength in [0, 1]; None = 0.8 for img2img, 1.0 for
       inpainting. Steps run = ``int(steps * strength)`` (diffusers' ``get_timesteps``).
     * ``mask``: (1 or n, 1, H, W) (or (H, W)) in [0, 1], 1 (white) = repaint, binarised at 0.5.
+    * ``scheduler_config``: a diffusers scheduler config (a pipeline's
+      ``scheduler_config.json``, e.g. ``SD15_SCHEDULER_CONFIG``): sample exactly as diffusers
+      does with the scheduler it uses for ``sampler`` (timestep grid and rounding, initial
+      noise, DDIM's final alpha, ...; :mod:`noisecraft.samplers.diffusers_schedulers`).
+      None = noisecraft's own rules.
     """
 
     n: int = 16
@@ -121,6 +133,7 @@ class GenerateRequest:
     init_image: Tensor | None = None
     strength: float | None = None
     mask: Tensor | None = None
+    scheduler_config: Mapping[str, Any] | None = None
 
     # ------------------------------------------------------------------ derived values
     def image_seeds(self) -> list[int]:
@@ -163,11 +176,20 @@ class GenerateRequest:
             return 0
         return img2img_start(self.steps, strength)
 
+    def diffusers_sampling(self) -> DiffusersSampling | None:
+        """How diffusers samples this request (None without ``scheduler_config``)."""
+        if self.scheduler_config is None:
+            return None
+        return for_sampler(self.sampler, self.scheduler_config, self.spacing)
+
     # ------------------------------------------------------------------ validation
     def validate(self, model: Any) -> None:
         """Raise a one-line :class:`ConfigError` / unknown-name error before any work starts."""
         m = as_model(model)
         get_sampler(parse_sampler_name(self.sampler)[0])
+        diffusers = self.diffusers_sampling()
+        if diffusers is not None:
+            diffusers.sampler_options(m.schedule, eta=self.eta)  # eta only where diffusers has it
         if self.n < 1:
             raise ConfigError(f"--n must be at least 1, got {self.n}")
         if self.steps < 1:
@@ -432,6 +454,9 @@ class _Plan:
     start: int  # img2img start index
     runs: list[tuple[int, int]]
     per_image: bool
+    options: dict[str, Any]  # sampler options
+    quantize: bool = False  # the model sees integer timesteps
+    initial_sigma: float | None = None  # text-to-image start std; None = the first sigma
 
     @property
     def tail(self) -> Tensor:
@@ -444,12 +469,30 @@ class _Plan:
 
 def _plan(m: DiffusionModel, request: GenerateRequest) -> _Plan:
     name, sampler_spacing = parse_sampler_name(request.sampler)
-    spacing = request.spacing or sampler_spacing or "linspace"
-    sigmas = make_sigmas(m.schedule, request.steps, spacing)
+    start = request.start_index()
     per_image = m.per_image_seeds or request.seeds is not None
     size = 1 if per_image and _is_stochastic(name, request.eta) else request.batch_size
     runs = [(s, min(s + size, request.n)) for s in range(0, request.n, size)]
-    return _Plan(name, spacing, sigmas, request.start_index(), runs, per_image)
+    diffusers = request.diffusers_sampling()
+    if diffusers is not None:
+        sigmas = diffusers.sigmas(m.schedule, request.steps)
+        options = diffusers.sampler_options(m.schedule, sigmas, start, request.eta)
+        initial = diffusers.initial_sigma(float(sigmas[0]))
+        return _Plan(
+            diffusers.sampler,
+            diffusers.spacing,
+            sigmas,
+            start,
+            runs,
+            per_image,
+            options,
+            diffusers.quantize,
+            initial,
+        )
+    spacing = request.spacing or sampler_spacing or "linspace"
+    sigmas = make_sigmas(m.schedule, request.steps, spacing)
+    options = {} if request.eta is None else {"eta": request.eta}
+    return _Plan(name, spacing, sigmas, start, runs, per_image, options)
 
 
 def count_steps(model: Any, request: GenerateRequest) -> int:
@@ -503,7 +546,10 @@ def generate(
     sigmas = plan.tail.to(device)
     steps_run = plan.steps_per_run
     denoiser = m.denoiser(plan.spacing)
-    options = {} if request.eta is None else {"eta": request.eta}
+    if plan.quantize:
+        denoiser = _quantized(denoiser)
+    options = plan.options
+    initial_sigma = sigmas[0] if plan.initial_sigma is None else plan.initial_sigma
     shape = m.latent_shape(request)
     seeds = request.image_seeds()
 
@@ -517,7 +563,7 @@ def generate(
     for b, (start, stop) in enumerate(plan.runs):
         run = _draw(m, inputs, shape, seeds[start:stop], start, stop, legacy, device)
         if inputs.init is None or (inputs.mask is not None and inputs.strength_max):
-            x = run.noise * sigmas[0]
+            x = run.noise * initial_sigma
         else:
             x = run.known + run.noise * sigmas[0]  # SDEdit: the init latents noised to sigma
 
@@ -543,6 +589,16 @@ def generate(
             x = (1.0 - run.mask) * run.known + run.mask * x
         out.append(m.decode(x).float().clamp(-1, 1).cpu() if decode else x.float().cpu())
     return torch.cat(out)
+
+
+def _quantized(denoiser: Denoiser) -> Denoiser:
+    """The same denoiser calling the model with timesteps rounded to integers."""
+    if isinstance(denoiser, DiscreteDenoiser):
+        return denoiser.replace(quantize=True)
+    raise ConfigError(
+        f"cannot round the timesteps of a {type(denoiser).__name__} denoiser; "
+        "leave out scheduler_config"
+    )
 
 
 @dataclass(frozen=True)

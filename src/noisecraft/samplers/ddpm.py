@@ -8,7 +8,9 @@ diffusers' DDIM / DDPM / PNDM with ``set_alpha_to_one=True`` end at alpha_bar = 
 sigma = 0 like every grid here, and then agree with these samplers to float32 rounding
 (tests/test_sampler_parity.py). With ``set_alpha_to_one=False`` (Stable Diffusion's config)
 diffusers' last step lands on alpha_bar[0] (sigma ~ 0.03 for SD) and returns that slightly
-noisy x_VP; a grid ending in 0 cannot express that final step.
+noisy x_VP; a grid ending in 0 cannot express that final step, so ``sample_ddim`` takes it
+as an option, ``final_sigma`` (set by the diffusers preset,
+:mod:`noisecraft.samplers.diffusers_schedulers`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from noisecraft.errors import ConfigError
 from noisecraft.samplers._util import (
     Denoiser,
     bind,
@@ -88,6 +91,7 @@ def sample_ddim(
     extra_args: dict | None = None,
     eta: float = 0.0,
     s_noise: float = 1.0,
+    final_sigma: float = 0.0,
     **options: Any,
 ) -> torch.Tensor:
     """DDIM (Song et al. 2021 eq. 12 with sigma_t(eta) of eq. 16).
@@ -97,15 +101,26 @@ def sample_ddim(
     ``eta=0`` (default) is the deterministic sampler (first order in sigma: it is Euler's method
     on the probability-flow ODE); ``eta=1`` is DDPM. With ``eta > 0`` one noise tensor is drawn
     per step, the last included, scaled by ``s_noise``.
+
+    ``final_sigma > 0``: the last step (to sigma 0) goes to ``final_sigma`` instead and the
+    result is returned as the VP sample there, x_VP = sqrt(abar) x0_hat + sqrt(1 - abar -
+    std^2) eps_hat (+ std z), abar = 1 / (1 + final_sigma^2) -- diffusers' ``DDIMScheduler``
+    with ``set_alpha_to_one=False``, whose last step uses ``alphas_cumprod[0]`` (the
+    schedule's smallest sigma, ~0.029 for SD) and whose pipelines decode that sample.
     """
     reject_options("ddim", options)
     check_eta("ddim", eta, s_noise)
+    if not (math.isfinite(final_sigma) and final_sigma >= 0.0):
+        raise ConfigError(f"sampler 'ddim': final_sigma must be >= 0, got {final_sigma}")
     sig = check_sigmas(sigmas)
     model = bind(denoiser, x, extra_args)
     for i in range(len(sig) - 1):
         s, sn = sig[i], sig[i + 1]
         denoised = model(x, s)
         emit(callback, i, x, sigmas, denoised)
+        vp_out = sn == 0.0 and final_sigma > 0.0
+        if vp_out:
+            sn = min(final_sigma, s)
         ab_prev = _abar(sn)
         eps = (x - denoised) / s  # VE and VP share the same eps
         # std = eta sqrt((1 - abar_prev) / (1 - abar) (1 - abar / abar_prev)), in sigmas:
@@ -114,5 +129,5 @@ def sample_ddim(
         x_vp = math.sqrt(ab_prev) * denoised + c_eps * eps
         if eta > 0.0:
             x_vp = x_vp + (std * s_noise) * randn_like(x, generator)
-        x = x_vp / math.sqrt(ab_prev)
+        x = x_vp if vp_out else x_vp / math.sqrt(ab_prev)
     return x

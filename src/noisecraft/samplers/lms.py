@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -63,6 +64,7 @@ def sample_lms(
     callback: Callable[[dict], Any] | None = None,
     extra_args: dict | None = None,
     order: int = 4,
+    history_sigmas: Sequence[float] | torch.Tensor | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """Linear multistep method on dx/dsigma = (x - D) / sigma (k-diffusion ``sample_lms``).
@@ -71,10 +73,32 @@ def sample_lms(
     (``lms_coefficient``): Adams-Bashforth with variable steps (Karras et al. 2022 sec. 3 uses
     the same ODE). ``order`` (default 4) previous derivatives; the first steps use as many as
     exist. One denoiser call per step.
+
+    ``history_sigmas``: the sigmas before ``sigmas[0]`` of a longer grid whose steps were
+    skipped (img2img). Then, as diffusers' ``LMSDiscreteScheduler`` after ``set_begin_index``
+    (``order = min(step_index + 1, order)`` with the global step index,
+    scheduling_lms_discrete.py ``step``), the weights of step i are those of order
+    min(global index + 1, ``order``) on the full grid, and only the weights of derivatives
+    seen so far are used. Those weights are not consistent (they do not sum to the step
+    size until ``order`` derivatives exist); the option reproduces diffusers' img2img and is
+    off by default.
     """
     reject_options("lms", options)
     check_order("lms", order, 1, 8)
     sig = check_sigmas(sigmas)
+    history: list[float] = []
+    if history_sigmas is not None:
+        history = [float(v) for v in torch.as_tensor(history_sigmas).double().reshape(-1)]
+        full = [*history, sig[0]]
+        if not all(math.isfinite(v) for v in history) or any(
+            b >= a for a, b in zip(full, full[1:], strict=False)
+        ):
+            raise ConfigError(
+                "sampler 'lms': history_sigmas must be finite, strictly decreasing and above "
+                "sigmas[0]; pass the skipped head of the full sigma grid"
+            )
+    grid = [*history, *sig]
+    offset = len(history)
     model = bind(denoiser, x, extra_args)
     ds: list[torch.Tensor] = []
     for i in range(len(sig) - 1):
@@ -83,8 +107,9 @@ def sample_lms(
         ds.append(to_d(x, sig[i], denoised))
         if len(ds) > order:
             ds.pop(0)
-        cur = len(ds)
-        step = sum(lms_coefficient(sig, i, j, cur) * d for j, d in enumerate(reversed(ds)))
+        g = offset + i
+        cur = min(g + 1, order)  # == len(ds) without history
+        step = sum(lms_coefficient(grid, g, j, cur) * d for j, d in enumerate(reversed(ds)))
         x = x + step
     return x
 
