@@ -63,6 +63,12 @@ CONFIGS = {
         TINY, attention_levels=(0, 1), transformer_depth=2, use_linear_projection=True
     ),
     "head-channels": dataclasses.replace(TINY, num_heads=-1, head_channels=8),
+    # equal channels at every level: [2, 2] heads could be read either way; a list is SD 2.x's
+    # spelling of head_channels, an int SD 1.x's of num_heads
+    "head-channels-equal-levels": dataclasses.replace(
+        TINY, channel_mult=(1, 1), num_heads=-1, head_channels=8
+    ),
+    "num-heads-equal-levels": dataclasses.replace(TINY, channel_mult=(1, 1)),
     "scale-shift": dataclasses.replace(TINY, use_scale_shift_norm=True),
 }
 
