@@ -24,6 +24,7 @@ from noisecraft.io.safe_read import (
     read_checkpoint,
     read_ckpt,
     read_safetensors,
+    read_safetensors_metadata,
     sniff_format,
 )
 
@@ -66,6 +67,14 @@ def test_safetensors_round_trip_is_memory_mapped(tmp_path):
     if sys.platform == "linux":  # the file is mapped, not read into a second copy
         maps = Path("/proc/self/maps").read_text()
         assert str(path.resolve()) in maps or path.name in maps
+
+
+def test_metadata_alone_is_read_after_checking_the_header(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_file(_tensors(), str(path), metadata={"k": "v"})
+    assert read_safetensors_metadata(path) == {"k": "v"}
+    path.write_bytes(path.read_bytes()[:-3])
+    assert "truncated" in _error(path, read_safetensors_metadata)
 
 
 def test_ckpt_unwraps_nesting_and_drops_non_tensors(tmp_path):

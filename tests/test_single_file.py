@@ -13,11 +13,13 @@ from safetensors.torch import save_file
 
 from noisecraft.diffusion import NoiseSchedule
 from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError
+from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
 from noisecraft.io.formats.single_file import (
     SingleFileInfo,
     detect_architecture,
     ema_key,
     load_single_file,
+    load_vae_file,
     openclip_layout_fits,
     probe_prediction,
     save_single_file,
@@ -29,6 +31,8 @@ from noisecraft.models.tokenizer import CLIPTokenizer, write_vocab_files
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
 from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+from test_latent_pipeline import VAE as MINI_VAE  # the mini SD of the latent pipeline tests
+from test_latent_pipeline import tiny_model
 
 # Tiny models that follow SD's conventions (what shapes cannot tell): SD 1.x U-Nets have 8
 # heads, SD 2.x 64 channels per head and linear projections; text heads are width // 64;
@@ -215,8 +219,6 @@ def test_model_off_the_sd_conventions_round_trips_through_metadata(tmp_path):
     """A mini SD trained here (4 U-Net heads, a small custom vocabulary, 8 GroupNorm groups)
     keeps its configs and tokenizer in the file's metadata; without it the shapes alone
     cannot describe it."""
-    from test_latent_pipeline import tiny_model
-
     model = tiny_model()
     path = save_single_file(model, tmp_path / "mini.safetensors")
     loaded = load_single_file(path)
@@ -517,6 +519,23 @@ def test_vae_file_replaces_the_checkpoints(files, tmp_path):
             assert "VAE from" in model.info.description
     with pytest.raises(CheckpointError, match="is not a VAE"):
         load_single_file(files["sd1"], vae=no_vae)
+
+
+def test_vae_file_in_noisecraft_formats_keeps_its_config(tmp_path):
+    """A native VAE (4 GroupNorm groups: off SD's conventions) or the VAE inside a native
+    latent_diffusion file comes with its stored config, not an inferred one."""
+    vae = _jitter(AutoencoderKL(MINI_VAE), 5)
+    native = tmp_path / "vae.safetensors"
+    save_checkpoint(native, vae.state_dict(), CheckpointInfo(kind="vae", config=MINI_VAE.to_dict()))
+    whole = tmp_path / "mini.safetensors"
+    mini = tiny_model()
+    mini.save(whole)
+    for path, want in ((native, vae), (whole, mini.vae)):
+        got = load_vae_file(path)
+        assert got.config == want.config
+        for k, v in want.state_dict().items():
+            assert torch.equal(got.state_dict()[k], v), k
+    assert load_vae_file(native, scaling_factor=0.5).config.scaling_factor == 0.5
 
 
 def test_fp16_file_computes_in_fp32_and_writes_back_fp16(models, tmp_path):

@@ -166,6 +166,11 @@ def check_safetensors_header(path: str | os.PathLike) -> tuple[dict[str, dict], 
     return header, metadata
 
 
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The string metadata of a ``.safetensors`` file, header validated, no tensor read."""
+    return check_safetensors_header(_existing(path))[1]
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
     """All tensors of a ``.safetensors`` file (memory-mapped) and its string metadata.
 
@@ -395,5 +400,6 @@ __all__ = [
     "read_checkpoint",
     "read_ckpt",
     "read_safetensors",
+    "read_safetensors_metadata",
     "sniff_format",
 ]

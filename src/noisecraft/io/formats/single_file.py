@@ -728,19 +728,53 @@ def _schedule_from_betas(extras: Mapping[str, Tensor]) -> NoiseSchedule:
     return NoiseSchedule(b)
 
 
-def _read_vae(
-    path: str | os.PathLike, device: str | torch.device, dtype: torch.dtype | None
+def load_vae_file(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = torch.float32,
+    scaling_factor: float | None = None,
+    shift_factor: float | None = None,
 ) -> AutoencoderKL:
-    """A VAE from its own file: LDM names (bare, ``first_stage_model.`` or ``vae.``) or
-    diffusers names, ``.safetensors`` or ``.ckpt``; a whole SD file gives its VAE."""
-    tensors, _ = read_checkpoint(path)
-    if _starts(tensors, VAE_PREFIX):
+    """A VAE from its own file (``--vae``), ``.safetensors`` or ``.ckpt``.
+
+    Accepts LDM names (bare, as AUTOMATIC1111's VAE files, or under ``first_stage_model.`` /
+    ``vae.``; a whole SD single file gives its VAE), diffusers ``AutoencoderKL`` names (also
+    the old ``query`` / ``key`` / ``value`` / ``proj_attn``), and noisecraft's native ``vae``
+    and ``latent_diffusion`` files (whose config is used as stored). LDM ``loss.*`` and
+    ``model_ema.*`` entries are ignored. The config of foreign files is inferred from the
+    shapes with SD's conventions; ``scaling_factor`` / ``shift_factor`` set the latent scale
+    (pass the model's own when the VAE replaces another; default SD's 0.18215, no shift).
+    """
+    from noisecraft.io.checkpoint import METADATA_KEY
+
+    tensors, metadata = read_checkpoint(path)
+    native = None
+    if METADATA_KEY in metadata:
+        try:
+            native = json.loads(metadata[METADATA_KEY])
+        except json.JSONDecodeError:
+            native = None
+    config: VAEConfig | None = None
+    if isinstance(native, dict) and native.get("kind") in ("vae", KIND):
+        try:
+            if native["kind"] == "vae":
+                config = VAEConfig.from_dict(native["config"])
+            else:
+                config = VAEConfig.from_dict(native["config"]["vae"])
+                tensors = {k[4:]: v for k, v in tensors.items() if k.startswith("vae.")}
+        except (KeyError, TypeError, NoisecraftError) as e:
+            raise CheckpointError(f"{path}: corrupt noisecraft metadata ({e})") from None
+    elif _starts(tensors, VAE_PREFIX):
         tensors = {k[len(VAE_PREFIX) :]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)}
-    sd = {
-        _strip_vae_prefix(k): v
-        for k, v in tensors.items()
-        if not _strip_vae_prefix(k).startswith("loss.") and not k.startswith(EMA_PREFIX)
-    }
+    sd: dict[str, Tensor] = {}
+    for key, value in tensors.items():
+        name = _strip_vae_prefix(key)
+        if name.startswith("loss.") or key.startswith(EMA_PREFIX):
+            continue
+        if _VAE_ATTN.search("." + name) and value.ndim == 2:
+            value = value[:, :, None, None]
+        sd[name] = value
     if not _is_vae(sd):
         raise CheckpointError(
             f"{path} is not a VAE: found keys like {_examples(sd)}; expected encoder.*, "
@@ -751,10 +785,19 @@ def _read_vae(
             sd = from_diffusers_state_dict(sd)
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}") from None
-    config = infer_vae_config(sd, str(path))
-    return build_module(
-        lambda: AutoencoderKL(config), sd, what="VAE", source=path, dtype=dtype, device=device
-    )
+    if config is None:
+        config = infer_vae_config(sd, str(path))
+    if scaling_factor is not None:
+        config = dataclasses.replace(config, scaling_factor=scaling_factor)
+    if shift_factor is not None:
+        config = dataclasses.replace(config, shift_factor=shift_factor)
+    final = config
+    try:
+        return build_module(
+            lambda: AutoencoderKL(final), sd, what="VAE", source=path, dtype=dtype, device=device
+        )
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot build the VAE ({e})") from None
 
 
 def _configs_from_meta(meta: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -833,12 +876,14 @@ def load_single_file(
         lambda: CLIPTextEncoder(detected.text_encoder), parts.text_encoder, "text encoder"
     )
     if vae is not None:
-        vae_module = _read_vae(vae, device, dtype)
-        if meta is not None and meta.get("vae"):  # keep the model's latent scale
-            own = VAEConfig.from_dict(meta["vae"])
-            vae_module.config = dataclasses.replace(
-                vae_module.config, scaling_factor=own.scaling_factor, shift_factor=own.shift_factor
-            )
+        own = detected.vae or VAEConfig.sd()  # the model's latent scale, not the VAE file's
+        vae_module = load_vae_file(
+            vae,
+            device=device,
+            dtype=dtype,
+            scaling_factor=own.scaling_factor,
+            shift_factor=own.shift_factor,
+        )
     elif detected.vae is not None:
         vae_module = build(lambda: AutoencoderKL(detected.vae), parts.vae, "VAE")
     else:
@@ -1049,6 +1094,7 @@ __all__ = [
     "infer_unet_config",
     "infer_vae_config",
     "ldm_state_dict",
+    "load_vae_file",
     "load_single_file",
     "openclip_layout_fits",
     "probe_prediction",
