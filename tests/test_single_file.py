@@ -167,7 +167,12 @@ def test_round_trip_is_bit_exact(family, models, files, tmp_path):
 def test_shapes_alone_give_the_configs(family, models, files, tmp_path):
     """Without our metadata (a file from elsewhere) every config is inferred from shapes."""
     model = models[family]
-    foreign = _foreign(files[family], tmp_path / "foreign.safetensors")
+    unused = {  # OpenCLIP tensors SD never uses: kept and written back
+        "cond_stage_model.model.text_projection": torch.randn(64, 32),
+        "cond_stage_model.model.logit_scale": torch.tensor(4.6052),
+    }
+    extra = unused if family == "sd2" else None
+    foreign = _foreign(files[family], tmp_path / "foreign.safetensors", extra)
     detected = detect_architecture(read_checkpoint(foreign)[0])
     assert detected.family == family and not detected.inpainting and not detected.ema
     assert detected.unet == model.unet.config
