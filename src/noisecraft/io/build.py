@@ -7,6 +7,14 @@ plus the time of an initialisation that is thrown away. Here the module is built
 loaded tensors its parameters. With tensors from ``safetensors.safe_open`` / ``load_file``
 (memory-mapped) the weights exist once.
 
+Measured (``bench/memory.py``, safetensors 0.8): ``load_file`` returns tensors that are views
+of the file's memory map, so a float32 file becomes the model's parameters with no copy at
+all; the pages count in the process's RSS as file-backed pages as they are first read. The
+casts and the move to ``device`` are made tensor by tensor (``Tensor.to(device, dtype)``: one
+copy in the target dtype on the target device, no intermediate CPU copy), and are no-ops
+for a float32 file loaded on the CPU. A half-precision file widened to float32 holds the
+file's pages (half the float32 size) and the widened copy until loading ends.
+
 Weights stored in half precision (fp16 / bf16 single files and diffusers ``variant="fp16"``
 folders) are widened to ``dtype`` (float32 by default: CPU kernels are fastest and exact in
 fp32, and bf16 is very slow on CPUs without AMX); on CUDA pass ``dtype=torch.float16``.
@@ -39,15 +47,21 @@ def build_module(
 
     * ``what`` / ``source`` name the part and the file in the one-line error raised when the
       weights do not fit the architecture (missing, unexpected or mis-shaped tensors).
-    * Floating-point tensors are cast to ``dtype`` (None keeps them as stored).
+    * Floating-point tensors are cast to ``dtype`` (None keeps them as stored) and every
+      tensor is moved to ``device``, one tensor at a time, before it is assigned.
     * Strict: every parameter and buffer must be in ``state_dict`` (the project's models have
       no non-persistent buffers, so nothing is left on the meta device).
     The module is returned in eval mode with ``requires_grad_(False)``.
     """
     with torch.device("meta"):
         module = factory()
+    device = torch.device(device)
     tensors = {
-        k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v)
+        k: (
+            v.to(device=device, dtype=dtype)
+            if dtype is not None and v.is_floating_point()
+            else v.to(device=device)
+        )
         for k, v in state_dict.items()
     }
     try:

@@ -14,6 +14,13 @@ edges little weight). Larger tiles and overlaps bring the result closer.
 
 Tile positions are spread evenly: ``n = ceil((size - overlap) / (tile - overlap))`` tiles
 laid out on the latent grid, so every overlap is at least the requested one.
+
+:func:`decode_latents` (what :meth:`LatentDiffusion.decode
+<noisecraft.pipelines.latent.LatentDiffusion.decode>` and so ``generate()`` use) tiles on its
+own when an image has more than :data:`AUTO_TILE_PIXELS` pixels: the untiled SD decoder's
+memory grows with the pixel count (its last level runs 128-256 channels at full resolution:
+about 1 GiB of float32 activations per 512x512 image at the peak, 4 GiB at 1024x1024, 16 GiB at
+2048x2048), while a tiled decode needs that of one 512x512 tile whatever the size.
 """
 
 from __future__ import annotations
@@ -26,6 +33,10 @@ from torch import Tensor
 
 from noisecraft.errors import ConfigError
 from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian
+
+#: Images with more pixels than this (per image) are decoded in tiles when tiling is not forced
+#: on or off: 1024x1024 and smaller decode whole (exactly as before), larger ones in tiles.
+AUTO_TILE_PIXELS = 1024 * 1024
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -146,3 +157,33 @@ def tiled_decode(
     grid = (z.shape[-2], z.shape[-1])
     f = c.downsample_factor
     return _blend(vae.decode, z, grid, tile_latent, overlap_latent, in_scale=1, out_scale=f)
+
+
+def needs_tiling(vae: AutoencoderKL, latent_shape: tuple[int, ...] | torch.Size) -> bool:
+    """Whether :func:`decode_latents` tiles latents of ``latent_shape`` (.., h, w) on its own:
+    when the decoded image has more than :data:`AUTO_TILE_PIXELS` pixels."""
+    f = vae.config.downsample_factor
+    h, w = latent_shape[-2:]
+    return h * f * w * f > AUTO_TILE_PIXELS
+
+
+def decode_latents(vae: AutoencoderKL, z: Tensor, tiled: bool | None = None) -> Tensor:
+    """Scaled diffusion latents -> images, as :meth:`AutoencoderKL.decode_latents`, in tiles
+    (:func:`tiled_decode`, default tile 512 px, overlap 64 px) when ``tiled`` is True, or when
+    it is None and :func:`needs_tiling` says so.
+    """
+    if tiled is None:
+        tiled = needs_tiling(vae, z.shape)
+    if tiled:
+        return tiled_decode(vae, vae.unscale_latents(z))
+    return vae.decode_latents(z)
+
+
+__all__ = [
+    "AUTO_TILE_PIXELS",
+    "decode_latents",
+    "needs_tiling",
+    "tile_starts",
+    "tiled_decode",
+    "tiled_encode",
+]

@@ -113,6 +113,9 @@ class GenerateRequest:
       does with the scheduler it uses for ``sampler`` (timestep grid and rounding, initial
       noise, DDIM's final alpha, ...; :mod:`noisecraft.samplers.diffusers_schedulers`).
       None = noisecraft's own rules.
+    * ``vae_tiling``: decode latents in overlapping tiles (True), whole (False), or tiled
+      only for images above 1024x1024 pixels (None; :mod:`noisecraft.models.vae_tiling`).
+      Pixel models have nothing to tile and ignore it.
     """
 
     n: int = 16
@@ -134,6 +137,7 @@ class GenerateRequest:
     strength: float | None = None
     mask: Tensor | None = None
     scheduler_config: Mapping[str, Any] | None = None
+    vae_tiling: bool | None = None
 
     # ------------------------------------------------------------------ derived values
     def image_seeds(self) -> list[int]:
@@ -333,7 +337,7 @@ class DiffusionModel(Protocol):
 
     def encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor: ...
 
-    def decode(self, latents: Tensor) -> Tensor: ...
+    def decode(self, latents: Tensor, tiled: bool | None = None) -> Tensor: ...
 
     def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]: ...
 
@@ -410,7 +414,7 @@ class PixelModel:
     def encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
         return images
 
-    def decode(self, latents: Tensor) -> Tensor:
+    def decode(self, latents: Tensor, tiled: bool | None = None) -> Tensor:
         return latents
 
     def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]:
@@ -587,7 +591,9 @@ def generate(
             )
         if inputs.blend:  # the known region is the clean init latents at the end
             x = (1.0 - run.mask) * run.known + run.mask * x
-        out.append(m.decode(x).float().clamp(-1, 1).cpu() if decode else x.float().cpu())
+        if decode:
+            x = m.decode(x) if request.vae_tiling is None else m.decode(x, request.vae_tiling)
+        out.append(x.float().clamp(-1, 1).cpu() if decode else x.float().cpu())
     return torch.cat(out)
 
 

@@ -37,6 +37,7 @@ from noisecraft.models.text_encoder import (
 )
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
+from noisecraft.models.vae_tiling import decode_latents
 from noisecraft.pipelines.generate import (
     TIMESTEP_SPACINGS,
     GenerateRequest,
@@ -58,15 +59,25 @@ class _UNetCall:
     ``concat`` (a 9-channel inpainting U-Net's mask and masked-image latents) is appended to
     the *scaled* input, as diffusers does (``cat([scale_model_input(latents), mask,
     masked_latents])``): only the noisy latents are scaled by ``1 / sqrt(1 + sigma^2)``.
+
+    A U-Net in half precision gets its floating-point inputs in its own dtype and its output
+    is returned in the sampler's dtype (float32 latents): the sampler's arithmetic stays in
+    float32 whatever the weights are.
     """
 
     def __init__(self, unet: UNet):
         self.unet = unet
 
     def __call__(self, x: Tensor, t: Tensor, *, concat: Tensor | None = None, **kw: Any) -> Tensor:
+        dtype = next(self.unet.parameters()).dtype
+        out_dtype = x.dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        return self.unet(x, t, **kw)
+        kw = {
+            k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+            for k, v in kw.items()
+        }
+        return self.unet(x.to(dtype), t, **kw).to(out_dtype)
 
 
 @dataclass(eq=False)
@@ -82,6 +93,10 @@ class LatentDiffusion:
       False uses its mode (mean).
     * ``prompt_weighting``: read A1111 emphasis ``(word:1.2)`` / ``[word]`` and ``BREAK``
       (tokenizer's ``encode_weighted``); False tokenizes the text as it is (still chunked).
+    * ``execution_device``: where inputs go and the sampler runs when it is not where the
+      weights are; set by sequential CPU offload
+      (:func:`~noisecraft.pipelines.offload.offload_latent_diffusion`), with ``offload`` its
+      hooks. None = the U-Net's device.
     """
 
     unet: UNet
@@ -96,6 +111,8 @@ class LatentDiffusion:
     prompt_weighting: bool = True
     info: CheckpointInfo | None = None
     x0_range: tuple[float, float] | None = None
+    execution_device: torch.device | None = None
+    offload: Any = None
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -120,6 +137,8 @@ class LatentDiffusion:
     # ------------------------------------------------------------------ protocol
     @property
     def device(self) -> torch.device:
+        if self.execution_device is not None:
+            return self.execution_device
         return next(self.unet.parameters()).device
 
     @property
@@ -193,9 +212,14 @@ class LatentDiffusion:
         images = images.to(device=self.device, dtype=next(self.vae.parameters()).dtype)
         return self.vae.encode_latents(images, generator, sample=self.sample_posterior)
 
-    def decode(self, latents: Tensor) -> Tensor:
-        """Scaled latents -> images, roughly in [-1, 1]."""
-        return self.vae.decode_latents(latents.to(next(self.vae.parameters()).dtype))
+    def decode(self, latents: Tensor, tiled: bool | None = None) -> Tensor:
+        """Scaled latents -> images, roughly in [-1, 1].
+
+        ``tiled``: decode in overlapping tiles (:mod:`~noisecraft.models.vae_tiling`), True /
+        False to force it; None tiles only large images
+        (:func:`~noisecraft.models.vae_tiling.decode_latents`).
+        """
+        return decode_latents(self.vae, latents.to(next(self.vae.parameters()).dtype), tiled)
 
     def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]:
         """``concat`` = [mask (B, 1, h, w), masked-image latents (B, z, h, w)] for the U-Net."""
@@ -285,8 +309,27 @@ class LatentDiffusion:
         save_checkpoint(path, tensors, info, overwrite=overwrite)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> LatentDiffusion:
-        """Rebuild the model from a native ``latent_diffusion`` checkpoint."""
+    def load(
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        *,
+        dtype: torch.dtype = torch.float32,
+        vae_dtype: torch.dtype | None = None,
+    ) -> LatentDiffusion:
+        """Rebuild the model from a native ``latent_diffusion`` checkpoint.
+
+        The weights are the file's memory-mapped tensors (one copy; see
+        :func:`~noisecraft.io.build.build_module`), cast to ``dtype`` and moved to ``device``
+        tensor by tensor. On CUDA ``dtype=torch.float16`` or ``torch.bfloat16`` halves the
+        weights' memory. ``vae_dtype`` (None = ``dtype``, except float32 when ``dtype`` is
+        float16) is the VAE's: SD 1.x / SDXL VAE decoders have activations beyond float16's
+        range (65504) at large sizes and then decode to NaN / black images, which is why
+        diffusers upcasts the VAE (``force_upcast``); bfloat16 has float32's range. The VAE
+        is 8 % of SD 1.5's weights, so keeping it in float32 costs little.
+        """
+        if vae_dtype is None:
+            vae_dtype = torch.float32 if dtype == torch.float16 else dtype
         tensors, info = load_checkpoint(path, expect_kind=KIND)
         cfg = info.config
         try:
@@ -309,16 +352,19 @@ class LatentDiffusion:
                 )
             parts[prefix][rest] = value
         classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder}
+        dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype}
         unet, vae, text_encoder = (
             build_module(
                 lambda n=name: classes[n](configs[n]),
-                parts[name],
+                parts.pop(name),
                 what=name,
                 source=path,
+                dtype=dtypes[name],
                 device=device,
             )
             for name in ("unet", "vae", "text_encoder")
         )
+        del tensors
         diff = info.diffusion
         return cls(
             unet=unet,

@@ -1,0 +1,248 @@
+"""Peak memory of loading and sampling a full-size Stable Diffusion 1.5 model on the CPU.
+
+The SD 1.5 architecture (U-Net 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text tower 123 M parameters:
+4.3 GB in float32) with random weights is saved as one native ``.safetensors`` file (or
+``--file PATH`` is used: a native file, or an original single file through
+``noisecraft.io.formats.single_file.load_single_file`` once that exists), then each
+measurement runs in a FRESH child process, so peaks do not mix:
+
+* ``weights``: bytes of the loaded parameters;
+* ``base``: RSS of the child after importing torch and noisecraft, before loading;
+* ``load``: peak RSS (``VmHWM``) right after ``LatentDiffusion.load``: the weights are a memory
+  map of the file, paged in lazily, so this is small;
+* ``touched``: RSS after reading every weight once (all pages of the map resident): base plus
+  one copy of the weights if loading made no copy;
+* ``peak``: peak RSS of the whole child: load, prompt encoding, ``--steps`` Euler steps with
+  classifier-free guidance (U-Net batch 2) and the VAE decode, for one ``--size`` image;
+* ``peak/weights``: the issue's target is <= 1.3.
+
+Modes (``--modes``): ``default``; ``slicing`` (``set_attention_slicing(128 MiB)``: the
+first U-Net level's 1 GiB attention matrix in 8 query chunks); ``tiling`` (the VAE decodes
+in tiles of half the image side, overlap 1/8 of it, i.e. 4 tiles, via
+``vae_tiling.tiled_decode``; ``generate()``'s own switch only tiles above 1024x1024).
+
+Run: ``python bench/memory.py --size 512 --steps 1`` (a few minutes on 2 cores: building and
+saving the model ~1 min, then per mode one U-Net step ~13 s and a VAE decode ~26 s at 512).
+``--json`` prints one JSON line instead of the table (used by the slow test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODES = ("default", "slicing", "tiling")
+SLICING_BUDGET = 128 * 2**20
+PROMPT = "a photograph of an astronaut riding a horse"
+
+
+def _status(key: str) -> int:
+    """A ``/proc/self/status`` memory field in bytes (VmRSS, VmHWM, RssAnon, RssFile)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(key)
+
+
+def sd15_model():
+    """A LatentDiffusion with Stable Diffusion 1.5's architecture and random weights."""
+    import torch
+
+    from noisecraft.diffusion import NoiseSchedule
+    from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+    from noisecraft.models.tokenizer import CLIPTokenizer
+    from noisecraft.models.unet import UNet, UNetConfig
+    from noisecraft.models.vae import AutoencoderKL, VAEConfig
+    from noisecraft.pipelines.latent import LatentDiffusion
+
+    torch.manual_seed(0)
+    unet = UNetConfig(  # tests/test_unet.py::test_stable_diffusion_layout_matches_diffusers
+        in_channels=4,
+        out_channels=4,
+        model_channels=320,
+        channel_mult=(1, 2, 4, 4),
+        num_res_blocks=2,
+        attention_levels=(0, 1, 2),
+        num_heads=8,
+        context_dim=768,
+    )
+    return LatentDiffusion(
+        unet=UNet(unet).eval().requires_grad_(False),
+        vae=AutoencoderKL(VAEConfig.sd()).eval().requires_grad_(False),
+        text_encoder=CLIPTextEncoder(TextEncoderConfig.sd15()).eval().requires_grad_(False),
+        tokenizer=CLIPTokenizer.default(),
+        schedule=NoiseSchedule.scaled_linear(),
+        image_size=512,
+    )
+
+
+def _build(path: str) -> None:
+    sd15_model().save(path)
+
+
+def _load(path: str):
+    from noisecraft.io.checkpoint import METADATA_KEY
+    from noisecraft.pipelines.latent import LatentDiffusion
+
+    with open(path, "rb") as f:  # native file: its safetensors header names noisecraft
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    if METADATA_KEY in header.get("__metadata__", {}):
+        return LatentDiffusion.load(path)
+    try:
+        from noisecraft.io.formats.single_file import load_single_file
+    except ImportError:
+        sys.exit(
+            f"{path} is not a native noisecraft file and this noisecraft has no single-file loader"
+        )
+    return load_single_file(path)
+
+
+def _measure(path: str, mode: str, size: int, steps: int) -> dict:
+    import torch
+
+    from noisecraft.models.vae_tiling import tiled_decode
+    from noisecraft.nn.attention import set_attention_slicing
+    from noisecraft.pipelines import GenerateRequest, generate
+
+    base = _status("VmRSS")
+    t0 = time.perf_counter()
+    model = _load(path)
+    load_s = time.perf_counter() - t0
+    load_peak = _status("VmHWM")
+    params = [p for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in params)
+    with torch.no_grad():
+        for p in params:  # page in every weight once
+            p.sum()
+    touched = _status("VmRSS")
+    touched_file = _status("RssFile")
+
+    if mode == "slicing":
+        set_attention_slicing(SLICING_BUDGET)
+    request = GenerateRequest(
+        n=1, prompts=[PROMPT], sampler="euler", steps=steps, cfg=7.5, width=size, height=size
+    )
+    marks = []
+    t0 = time.perf_counter()
+    if mode == "tiling":
+        latents = generate(model, request, decode=False)
+        t1 = time.perf_counter()
+        tile = size // 16  # latent pixels: half the image side
+        z = model.vae.unscale_latents(latents.to(next(model.vae.parameters()).dtype))
+        with torch.no_grad():
+            image = tiled_decode(model.vae, z, tile, max(tile // 8, 1)).float().clamp(-1, 1)
+    else:  # generate()'s own path; the last step's callback marks the start of the decode
+        image = generate(model, request, callback=lambda d: marks.append(time.perf_counter()))
+        t1 = marks[-1]
+    t2 = time.perf_counter()
+    return {
+        "mode": mode,
+        "size": size,
+        "steps": steps,
+        "weights_bytes": weights,
+        "file_bytes": os.path.getsize(path),
+        "base_rss": base,
+        "load_peak": load_peak,
+        "touched_rss": touched,
+        "touched_file_rss": touched_file,
+        "peak_rss": _status("VmHWM"),
+        "end_anon_rss": _status("RssAnon"),
+        "end_file_rss": _status("RssFile"),
+        "ru_maxrss": _ru_maxrss(),
+        "load_s": load_s,
+        "sample_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "image_shape": list(image.shape),
+        "finite": bool(torch.isfinite(image).all()),
+    }
+
+
+def _ru_maxrss() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def _child(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True
+    )
+    return out.stdout
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:6.2f}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--file", help="an existing model file instead of a new random SD 1.5")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
+    ap.add_argument("--workdir", help="where the random model is written (default: a temp dir)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line, not a table")
+    ap.add_argument("--_build", help=argparse.SUPPRESS)
+    ap.add_argument("--_measure", help=argparse.SUPPRESS)
+    ap.add_argument("--_mode", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+
+    if args._build:
+        _build(args._build)
+        return
+    if args._measure:
+        print(json.dumps(_measure(args._measure, args._mode, args.size, args.steps)))
+        return
+
+    modes = [m for m in args.modes.split(",") if m]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode {bad[0]}; choose from {', '.join(MODES)}")
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        path = args.file
+        build_s = None
+        if path is None:
+            path = str(Path(tmp) / "sd15-random.safetensors")
+            t0 = time.perf_counter()
+            _child("--_build", path)
+            build_s = time.perf_counter() - t0
+        rows = {}
+        for mode in modes:
+            out = _child(
+                "--_measure", path, "--_mode", mode, "--size", str(args.size), "--steps",
+                str(args.steps),
+            )  # fmt: skip
+            rows[mode] = json.loads(out.strip().splitlines()[-1])
+    if args.json:
+        print(json.dumps(rows))
+        return
+    first = next(iter(rows.values()))
+    print(
+        f"SD 1.5 architecture, random weights: {first['weights_bytes'] / 1e9:.2f} GB of "
+        f"parameters, file {first['file_bytes'] / 1e9:.2f} GB"
+        + (f" (built and saved in {build_s:.0f} s)" if build_s else "")
+    )
+    print(f"one {args.size}x{args.size} image, {args.steps} Euler step(s), CFG 7.5 (U-Net batch 2)")
+    print(
+        "mode      base GiB  load GiB  touched GiB  peak GiB  peak/weights  "
+        "sample s  decode s  finite"
+    )
+    for mode, r in rows.items():
+        print(
+            f"{mode:<9} {_gib(r['base_rss'])}    {_gib(r['load_peak'])}    "
+            f"{_gib(r['touched_rss'])}       {_gib(r['peak_rss'])}    "
+            f"{r['peak_rss'] / r['weights_bytes']:8.2f}      {r['sample_s']:7.1f}   "
+            f"{r['decode_s']:7.1f}   {r['finite']}"
+        )
+
+
+if __name__ == "__main__":
+    main()
