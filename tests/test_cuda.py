@@ -49,3 +49,60 @@ def test_cuda_sampling_matches_cpu(tmp_path, sampler):
     gpu = generate(PixelDiffusion.load(path, device="cuda"), req)
     # same CPU-drawn noise on both devices; only float rounding differs
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------- memory paths
+# (CPU versions with a fake float64 "device" are in tests/test_memory.py)
+
+
+@cuda
+def test_half_precision_latent_model_on_cuda(tmp_path):
+    from noisecraft.pipelines import LatentDiffusion
+    from test_latent_pipeline import _req, tiny_model
+
+    path = tmp_path / "tiny.safetensors"
+    tiny_model().save(path)
+    model = LatentDiffusion.load(path, device="cuda", dtype=torch.float16)
+    assert {(p.dtype, p.device.type) for p in model.unet.parameters()} == {(torch.float16, "cuda")}
+    # the VAE stays float32: SD VAEs overflow float16 at large sizes
+    assert {(p.dtype, p.device.type) for p in model.vae.parameters()} == {(torch.float32, "cuda")}
+    req = _req(steps=2)
+    out = generate(model, req)
+    ref = generate(LatentDiffusion.load(path), req)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert (out - ref).abs().max() < 0.1 and (out - ref).abs().mean() < 0.01
+
+
+@cuda
+def test_sequential_offload_on_cuda():
+    from noisecraft.pipelines.offload import offload_latent_diffusion
+    from test_latent_pipeline import _req, tiny_model
+
+    model = tiny_model()
+    req = _req(steps=2)
+    ref = generate(model, req)
+    weights = {n: p.data_ptr() for n, p in model.unet.named_parameters()}
+    off = offload_latent_diffusion(model, "cuda")
+    assert off.device.type == "cuda"
+    on_gpu = []
+
+    def count(mod, args):  # runs after the offload hook: only this module's weights on the GPU
+        own = sum(p.numel() for p in mod.parameters(recurse=False))
+        total = sum(
+            p.numel()
+            for m in (model.unet, model.vae, model.text_encoder)
+            for p in m.parameters()
+            if p.is_cuda
+        )
+        on_gpu.append((total, own))
+
+    spies = [m.register_forward_pre_hook(count) for m in off.offload.hooked]
+    out = generate(off, req)
+    for s in spies:
+        s.remove()
+    assert on_gpu and all(total == own for total, own in on_gpu)
+    torch.testing.assert_close(out, ref, atol=2e-3, rtol=0)
+    # the weights never left the CPU; nothing of them stays on the GPU
+    assert {n: p.data_ptr() for n, p in model.unet.named_parameters()} == weights
+    assert all(not p.is_cuda for p in model.unet.parameters())
+    off.offload.remove()

@@ -277,11 +277,20 @@ def test_offloaded_latent_model_generates_the_same_image():
     ref = generate(model, req)
     off = offload_latent_diffusion(model, "cpu", dtype=torch.float64)
     assert off is not model and off.offload is not None
-    seen = []
+    seen, on_device = [], []
     spy = model.unet.out[-1].register_forward_hook(lambda m, a, o: seen.append(o.dtype))
+    modules = (model.unet, model.vae, model.text_encoder)
+
+    def count(mod, args):  # after the offload hook: only this module's weights are float64
+        total = sum(p.numel() for m in modules for p in m.parameters() if p.dtype == torch.float64)
+        on_device.append((total, sum(p.numel() for p in mod.parameters(recurse=False))))
+
+    spies = [m.register_forward_pre_hook(count) for m in off.offload.hooked]
     out = generate(off, req)
-    spy.remove()
+    for s in [spy, *spies]:
+        s.remove()
     assert seen and set(seen) == {torch.float64}  # the U-Net did run on the fake device
+    assert on_device and all(total == own for total, own in on_device)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
     assert {p.dtype for p in model.unet.parameters()} == {torch.float32}
     off.offload.remove()
