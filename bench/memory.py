@@ -21,6 +21,12 @@ first U-Net level's 1 GiB attention matrix in 8 query chunks); ``tiling`` (the V
 in tiles of half the image side, overlap 1/8 of it, i.e. 4 tiles, via
 ``vae_tiling.tiled_decode``; ``generate()``'s own switch only tiles above 1024x1024).
 
+``--sdpa`` instead measures one attention call the size of SD 1.5's first U-Net level at
+512x512 (q, k, v of shape (2, 8, 4096, 40): batch 2 with CFG, 8 heads, 64x64 tokens; the full
+attention matrix is 1 GiB in float32), each case in its own child: SDPA as it runs by default
+on the CPU (a fused kernel), SDPA forced to its unfused math kernel, and the math kernel sliced
+by ``set_attention_slicing(128 MiB)``. It prints the peak RSS above the inputs.
+
 Run: ``python bench/memory.py --size 512 --steps 1`` (a few minutes on 2 cores: building and
 saving the model ~1 min, then per mode one U-Net step ~13 s and a VAE decode ~26 s at 512).
 ``--json`` prints one JSON line instead of the table (used by the slow test).
@@ -88,20 +94,20 @@ def _build(path: str) -> None:
 
 
 def _load(path: str):
+    """A native file through ``LatentDiffusion.load``, anything else as an original single file."""
     from noisecraft.io.checkpoint import METADATA_KEY
     from noisecraft.pipelines.latent import LatentDiffusion
 
-    with open(path, "rb") as f:  # native file: its safetensors header names noisecraft
-        n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
-    if METADATA_KEY in header.get("__metadata__", {}):
-        return LatentDiffusion.load(path)
+    if path.endswith(".safetensors"):
+        with open(path, "rb") as f:  # a native file's safetensors header names noisecraft
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n))
+        if METADATA_KEY in header.get("__metadata__", {}):
+            return LatentDiffusion.load(path)
     try:
         from noisecraft.io.formats.single_file import load_single_file
     except ImportError:
-        sys.exit(
-            f"{path} is not a native noisecraft file and this noisecraft has no single-file loader"
-        )
+        sys.exit(f"{path} is not a native noisecraft file, and there is no single-file loader")
     return load_single_file(path)
 
 
@@ -165,6 +171,37 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
     }
 
 
+SDPA_CASES = ("sdpa", "math", "math+slicing")
+
+
+def _measure_sdpa(case: str) -> dict:
+    import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from noisecraft.nn.attention import attention, set_attention_slicing
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 8, 4096, 40, generator=g) for _ in range(3))
+    if case == "math+slicing":
+        set_attention_slicing(SLICING_BUDGET)
+    before = _status("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    t0 = time.perf_counter()
+    if case == "sdpa":
+        out = attention(q, k, v)
+    else:
+        with sdpa_kernel(SDPBackend.MATH):
+            out = attention(q, k, v)
+    return {
+        "case": case,
+        "peak_above_inputs": _status("VmHWM") - before,
+        "output_bytes": out.numel() * out.element_size(),
+        "matrix_bytes": 2 * 8 * 4096 * 4096 * 4,
+        "seconds": time.perf_counter() - t0,
+    }
+
+
 def _ru_maxrss() -> int:
     import resource
 
@@ -190,6 +227,8 @@ def main() -> None:
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--workdir", help="where the random model is written (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON line, not a table")
+    ap.add_argument("--sdpa", action="store_true", help="measure one SD 1.5 attention call")
+    ap.add_argument("--_sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--_build", help=argparse.SUPPRESS)
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
@@ -197,6 +236,22 @@ def main() -> None:
 
     if args._build:
         _build(args._build)
+        return
+    if args._sdpa:
+        print(json.dumps(_measure_sdpa(args._sdpa)))
+        return
+    if args.sdpa:
+        rows = [json.loads(_child("--_sdpa", case).strip().splitlines()[-1]) for case in SDPA_CASES]
+        if args.json:
+            print(json.dumps(rows))
+            return
+        print("one attention call, q/k/v (2, 8, 4096, 40) float32; full matrix 1024 MiB")
+        print("case           peak above inputs MiB  output MiB  seconds")
+        for r in rows:
+            print(
+                f"{r['case']:<14} {r['peak_above_inputs'] / 2**20:21.0f}  "
+                f"{r['output_bytes'] / 2**20:10.0f}  {r['seconds']:7.2f}"
+            )
         return
     if args._measure:
         print(json.dumps(_measure(args._measure, args._mode, args.size, args.steps)))

@@ -19,8 +19,9 @@ laid out on the latent grid, so every overlap is at least the requested one.
 <noisecraft.pipelines.latent.LatentDiffusion.decode>` and so ``generate()`` use) tiles on its
 own when an image has more than :data:`AUTO_TILE_PIXELS` pixels: the untiled SD decoder's
 memory grows with the pixel count (its last level runs 128-256 channels at full resolution:
-about 1 GiB of float32 activations per 512x512 image at the peak, 4 GiB at 1024x1024, 16 GiB at
-2048x2048), while a tiled decode needs that of one 512x512 tile whatever the size.
+a measured 743 MiB of float32 activations at the peak for one 512x512 image on the CPU, so
+about 3 GiB at 1024x1024 and 12 GiB at 2048x2048), while a tiled decode needs that of one
+512x512 tile whatever the size.
 """
 
 from __future__ import annotations

@@ -20,10 +20,11 @@ The attention matrix of one call holds ``batch * heads * Lq * Lk`` numbers: at S
 
 * **CPU** (torch 2.13): ``F.scaled_dot_product_attention`` runs a fused, flash-style kernel for
   float32, float16, bfloat16 and float64 that never materialises the matrix. Measured peak
-  RSS above the inputs for q, k, v of shape (2, 8, 4096, 40): 20 MiB, of which 10 MiB is the
-  output (1 GiB matrix); (2, 8, 9216, 40): 33 MiB (5 GiB matrix); the VAE's mid-block
-  attention (1, 1, 4096, 512): 19 MiB. The unfused math (``softmax(q @ k.T) @ v``, also
-  SDPA's ``SDPBackend.MATH``) peaks at 2065 MiB for the first case (matrix and its softmax).
+  RSS above the inputs for q, k, v of shape (2, 8, 4096, 40) (``bench/memory.py --sdpa``):
+  20 MiB, of which 10 MiB is the output, for a 1 GiB matrix; (2, 8, 9216, 40): 33 MiB (5 GiB
+  matrix); the VAE's mid-block attention at 512x512, (1, 1, 4096, 512): 19 MiB. SDPA's
+  unfused ``SDPBackend.MATH`` kernel peaks at 2333 MiB for the first case (the scores, their
+  softmax), and at 344 MiB sliced with a 128 MiB budget.
 * **CUDA**: the flash and memory-efficient kernels do not materialise it either; the math
   kernel does, and SDPA falls back to it for some inputs (dtypes, masks, head sizes, GPUs).
 
@@ -32,7 +33,8 @@ So slicing is **off by default** (SDPA picks its kernel, as before). With one sw
 code), a call whose matrix exceeds ``budget_bytes`` is computed in query chunks: rows
 ``i:j`` of the output are ``SDPA(q[..., i:j, :], k, v)``, each chunk's matrix within the
 budget. Each output row depends only on its own query row, so the result is the unsliced one
-up to float rounding. ``slice_size`` forces chunks of that many query rows instead.
+up to float rounding. ``slice_size`` forces chunks of that many query rows instead. The budget
+bounds one chunk's matrix; an unfused kernel holds two or three matrices of that size.
 """
 
 from __future__ import annotations

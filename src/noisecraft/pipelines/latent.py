@@ -73,11 +73,17 @@ class _UNetCall:
         out_dtype = x.dtype
         if concat is not None:
             x = torch.cat([x, concat.to(x.dtype)], dim=1)
-        kw = {
-            k: v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
-            for k, v in kw.items()
-        }
+        kw = {k: _cast(v, dtype) for k, v in kw.items()}
         return self.unet(x.to(dtype), t, **kw).to(out_dtype)
+
+
+def _cast(value: Any, dtype: torch.dtype) -> Any:
+    """Floating-point tensors (also in a list or tuple, e.g. ControlNet residuals) to ``dtype``."""
+    if isinstance(value, Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cast(v, dtype) for v in value)
+    return value
 
 
 @dataclass(eq=False)
