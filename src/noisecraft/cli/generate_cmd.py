@@ -143,6 +143,12 @@ def generate_command(
         Path | None, typer.Option("--from-png", help="re-create the image described in this PNG")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    vae: Annotated[
+        Path | None, typer.Option("--vae", help="a separate VAE file replacing the model's")
+    ] = None,
+    prediction: Annotated[
+        str | None, typer.Option(help="override the detected prediction type: eps | v")
+    ] = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     paths = run_generate(
@@ -164,9 +170,31 @@ def generate_command(
         overwrite=overwrite,
         from_png=from_png,
         device=device,
+        vae=vae,
+        prediction=prediction,
     )
     for p in paths:
         typer.echo(f"wrote {p}")
+
+
+def diffusers_scheduler_config(net: Any, sampler: str) -> dict[str, Any] | None:
+    """The diffusers scheduler config an imported Stable Diffusion model samples with, so
+    that a seed gives the image diffusers gives: the folder's own ``scheduler_config.json``,
+    or SD 1.5's for a single file. None (noisecraft's own rules) for native models and for
+    samplers diffusers has no scheduler for (e.g. heun)."""
+    from noisecraft.io.formats.single_file import SingleFileInfo
+    from noisecraft.samplers import parse_sampler_name
+    from noisecraft.samplers.diffusers_schedulers import DIFFUSERS_SAMPLERS, SD15_SCHEDULER_CONFIG
+
+    info = getattr(net, "info", None)
+    if info is None or parse_sampler_name(sampler)[0] not in DIFFUSERS_SAMPLERS:
+        return None
+    saved = info.diffusion.get("scheduler")
+    if saved:
+        return dict(saved["config"])
+    if isinstance(info, SingleFileInfo):
+        return dict(SD15_SCHEDULER_CONFIG)
+    return None
 
 
 def run_generate(
@@ -189,6 +217,8 @@ def run_generate(
     overwrite: bool = False,
     from_png: Path | None = None,
     device: str = "cpu",
+    vae: Path | None = None,
+    prediction: str | None = None,
 ) -> list[Path]:
     """What ``noisecraft generate`` does; returns the paths written."""
     from tqdm.auto import tqdm
@@ -228,7 +258,7 @@ def run_generate(
     for p in paths:
         check_writable(p, overwrite=overwrite)
 
-    net = load_any(resolve_model(model), device=device)
+    net = load_any(resolve_model(model), device=device, vae=vae, prediction=prediction)
     latent = isinstance(net, LatentDiffusion)
     if latent and png.get("clip_skip") is not None:
         net = net.replace(clip_skip=int(png["clip_skip"]))
@@ -266,6 +296,7 @@ def run_generate(
     req = GenerateRequest(
         n=n,
         sampler=sampler_name,
+        scheduler_config=diffusers_scheduler_config(net, sampler_name),
         spacing=spacing,
         steps=steps if steps is not None else png.get("steps", DEFAULTS["steps"]),
         cfg=float(cfg_scale),

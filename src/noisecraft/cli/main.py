@@ -281,10 +281,12 @@ def plot_schedule(
 
 
 def _register_subcommands() -> None:
+    from noisecraft.cli.convert_cmd import convert_command
     from noisecraft.cli.eval_cmd import eval_command
     from noisecraft.cli.generate_cmd import generate_command
     from noisecraft.cli.viz_cmd import viz_app
 
+    app.command("convert")(convert_command)
     app.command("eval")(eval_command)
     app.command("generate")(generate_command)
     app.add_typer(viz_app, name="viz")

@@ -17,22 +17,17 @@ from noisecraft.pipelines.pixel import PixelDiffusion
 
 
 def load_model(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    *,
+    vae: str | os.PathLike | None = None,
+    prediction: str | None = None,
 ) -> PixelDiffusion | LatentDiffusion:
-    """Load a native checkpoint of either kind ("unet" or "latent_diffusion")."""
-    from noisecraft.errors import CheckpointError
-    from noisecraft.io.checkpoint import read_info
-    from noisecraft.pipelines import latent, pixel
+    """Load a model of any format: native ("unet" or "latent_diffusion"), an SD single file
+    (``.safetensors`` / ``.ckpt``) or a diffusers folder (:mod:`noisecraft.io.formats.auto`)."""
+    from noisecraft.io.formats.auto import load_any
 
-    kind = read_info(path).kind
-    if kind == pixel.KIND:
-        return PixelDiffusion.load(path, device=device)
-    if kind == latent.KIND:
-        return LatentDiffusion.load(path, device=device)
-    raise CheckpointError(
-        f"{path} holds a '{kind}' model; generate needs a '{pixel.KIND}' or "
-        f"'{latent.KIND}' checkpoint"
-    )
+    return load_any(path, device=device, vae=vae, prediction=prediction)
 
 
 __all__ = [

@@ -1,0 +1,134 @@
+"""Which format a path holds, loading any of them, and converting between them.
+
+Three formats hold a Stable Diffusion-type model (U-Net + VAE + text encoder + tokenizer):
+
+* ``noisecraft``: the native single ``.safetensors`` with a JSON config in its metadata
+  (:meth:`LatentDiffusion.save`; pixel models are native only);
+* ``single-file``: the original CompVis / AUTOMATIC1111 layout, ``.safetensors`` or ``.ckpt``
+  (:mod:`.single_file`);
+* ``diffusers``: a diffusers pipeline folder (:mod:`.diffusers_folder`).
+
+The format is read off the path itself (a folder, a ``noisecraft`` metadata key, or neither),
+never off the name alone.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisecraft.errors import CheckpointError, ConfigError, unknown_name
+
+FORMATS = ("noisecraft", "single-file", "diffusers")
+
+
+def detect_format(path: str | os.PathLike) -> str:
+    """ "diffusers" for a folder, "noisecraft" for a native file, else "single-file"."""
+    from noisecraft.io.checkpoint import METADATA_KEY
+    from noisecraft.io.safe_read import read_safetensors_metadata
+
+    path = Path(path)
+    if path.is_dir():
+        return "diffusers"
+    if not path.is_file():
+        raise CheckpointError(
+            f"{path} not found; give a .safetensors / .ckpt file or a diffusers folder"
+        )
+    if path.suffix.lower() == ".safetensors":
+        meta = read_safetensors_metadata(path)
+        if METADATA_KEY in meta:
+            return "noisecraft"
+    return "single-file"
+
+
+def load_any(
+    path: str | os.PathLike,
+    *,
+    device: str | torch.device = "cpu",
+    vae: str | os.PathLike | None = None,
+    prediction: str | None = None,
+) -> Any:
+    """Load a model from any format: a PixelDiffusion or LatentDiffusion.
+
+    ``vae``: a separate VAE file (LDM or diffusers names) replacing the model's own;
+    ``prediction``: override the detected parametrisation ("eps" or "v").
+    """
+    fmt = detect_format(path)
+    if fmt == "noisecraft":
+        from noisecraft.io.checkpoint import read_info
+        from noisecraft.pipelines import latent, pixel
+
+        kind = read_info(path).kind
+        if kind == pixel.KIND:
+            if vae is not None:
+                raise ConfigError(f"{path} is a pixel-space model; it has no VAE to replace")
+            model: Any = pixel.PixelDiffusion.load(path, device=device)
+        elif kind == latent.KIND:
+            model = latent.LatentDiffusion.load(path, device=device)
+            if vae is not None:
+                from noisecraft.io.formats.single_file import load_vae_file
+
+                model = model.replace(vae=load_vae_file(vae, device=device))
+        else:
+            raise CheckpointError(
+                f"{path} holds a '{kind}' model; generate needs a '{pixel.KIND}' or "
+                f"'{latent.KIND}' checkpoint"
+            )
+        if prediction is not None:
+            model = model.replace(prediction=prediction)
+        return model
+    if fmt == "diffusers":
+        from noisecraft.io.formats.diffusers_folder import load_diffusers_folder
+
+        model = load_diffusers_folder(path, prediction=prediction, device=device)
+        if vae is not None:
+            from noisecraft.io.formats.single_file import load_vae_file
+
+            model = model.replace(vae=load_vae_file(vae, device=device))
+        return model
+    from noisecraft.io.formats.single_file import load_single_file
+
+    return load_single_file(path, prediction=prediction, vae=vae, device=device)
+
+
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    to: str,
+    *,
+    overwrite: bool = False,
+    vae: str | os.PathLike | None = None,
+    prediction: str | None = None,
+) -> Path:
+    """Read ``src`` in any format and write it to ``dst`` in format ``to`` (see FORMATS)."""
+    if to not in FORMATS:
+        raise unknown_name("format", to, FORMATS)
+    from noisecraft.io.atomic import check_writable
+    from noisecraft.pipelines.latent import LatentDiffusion
+
+    dst = Path(dst)
+    if to != "diffusers":
+        check_writable(dst, overwrite=overwrite)  # fail before the (slow) load
+    model = load_any(src, vae=vae, prediction=prediction)
+    if not isinstance(model, LatentDiffusion):
+        raise ConfigError(
+            f"{src} is a pixel-space noisecraft model; only latent (Stable Diffusion-type) "
+            "models convert to other formats"
+        )
+    if to == "noisecraft":
+        model.save(dst, overwrite=overwrite)
+    elif to == "single-file":
+        from noisecraft.io.formats.single_file import save_single_file
+
+        save_single_file(model, dst, overwrite=overwrite)
+    else:
+        from noisecraft.io.formats.diffusers_folder import save_diffusers_folder
+
+        save_diffusers_folder(model, dst, overwrite=overwrite)
+    return dst
+
+
+__all__ = ["FORMATS", "convert", "detect_format", "load_any"]
