@@ -10,6 +10,10 @@ negative prompt, seed, steps, size and guidance. Observed max difference: 4e-6 (
 rounding); asserted: 1e-4, well inside the 2/255 that the parity promise is about, because
 on a random tiny model some of the rules below move the image by less than 2/255.
 
+The same comparison runs on the model READ FROM FILES (fixture ``imported``): diffusers'
+pipeline saved as a folder and loaded by noisecraft, and that folder converted to an SD
+single file and loaded again.
+
 The grid tests compare each rule with diffusers' own ``set_timesteps`` / ``init_noise_sigma``
 over many step counts, without a model.
 """
@@ -262,6 +266,28 @@ def sd(tmp_path_factory):
     return model, parts, init, x
 
 
+@pytest.fixture(scope="module", params=["diffusers-folder", "single-file"])
+def imported(request, sd, tmp_path_factory):
+    """``sd`` with our model READ FROM FILES: diffusers' pipeline saved with
+    ``save_pretrained`` (SD 1.5's PNDM scheduler config) and loaded by
+    :func:`load_diffusers_folder`, or that folder converted to an SD single file and loaded
+    by :func:`load_single_file`. The images must still be diffusers' images."""
+    from noisecraft.io.formats.diffusers_folder import load_diffusers_folder
+    from noisecraft.io.formats.single_file import load_single_file, save_single_file
+
+    _, parts, init, x = sd
+    tmp = tmp_path_factory.mktemp("imported")
+    scheduler = _scheduler("PNDMScheduler", SD15_SCHEDULER_CONFIG)
+    diffusers.StableDiffusionPipeline(**{**parts, "scheduler": scheduler}).save_pretrained(
+        str(tmp / "folder")
+    )
+    model = load_diffusers_folder(tmp / "folder")
+    if request.param == "single-file":
+        save_single_file(model, tmp / "model.safetensors")
+        model = load_single_file(tmp / "model.safetensors")
+    return model, parts, init, x
+
+
 def _pair(sd, name, mode, *, seeds=(21,), steps=None, eta=None, scheduler_config=None):
     """(ours, diffusers') images in [0, 1] for SD15_SCHEDULERS[name] and ``mode``."""
     model, parts, init, x = sd
@@ -318,6 +344,12 @@ def _check(got, want):
 @pytest.mark.parametrize("name", list(SD15_SCHEDULERS))
 def test_same_image_as_diffusers(sd, name, mode):
     _check(*_pair(sd, name, mode))
+
+
+@pytest.mark.parametrize("mode", ["txt2img", "img2img"])
+@pytest.mark.parametrize("name", list(SD15_SCHEDULERS))
+def test_same_image_as_diffusers_from_a_folder_and_a_single_file(imported, name, mode):
+    _check(*_pair(imported, name, mode))
 
 
 @pytest.mark.parametrize(
