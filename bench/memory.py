@@ -12,6 +12,7 @@ measurement runs in a FRESH child process, so peaks do not mix:
   map of the file, paged in lazily, so this is small;
 * ``touched``: RSS after reading every weight once (all pages of the map resident): base plus
   one copy of the weights if loading made no copy;
+* ``sampling``: peak RSS up to the end of the last sampling step (before the VAE decode);
 * ``peak``: peak RSS of the whole child: load, prompt encoding, ``--steps`` Euler steps with
   classifier-free guidance (U-Net batch 2) and the VAE decode, for one ``--size`` image;
 * ``peak/weights``: the issue's target is <= 1.3.
@@ -137,17 +138,21 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
         n=1, prompts=[PROMPT], sampler="euler", steps=steps, cfg=7.5, width=size, height=size
     )
     marks = []
+
+    def mark(d: dict) -> None:
+        marks.append((time.perf_counter(), _status("VmHWM"), _status("VmRSS")))
+
     t0 = time.perf_counter()
     if mode == "tiling":
-        latents = generate(model, request, decode=False)
+        latents = generate(model, request, decode=False, callback=mark)
         t1 = time.perf_counter()
         tile = size // 16  # latent pixels: half the image side
         z = model.vae.unscale_latents(latents.to(next(model.vae.parameters()).dtype))
         with torch.no_grad():
             image = tiled_decode(model.vae, z, tile, max(tile // 8, 1)).float().clamp(-1, 1)
     else:  # generate()'s own path; the last step's callback marks the start of the decode
-        image = generate(model, request, callback=lambda d: marks.append(time.perf_counter()))
-        t1 = marks[-1]
+        image = generate(model, request, callback=mark)
+        t1 = marks[-1][0]
     t2 = time.perf_counter()
     return {
         "mode": mode,
@@ -159,6 +164,8 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
         "load_peak": load_peak,
         "touched_rss": touched,
         "touched_file_rss": touched_file,
+        "sample_peak_rss": marks[-1][1],
+        "sample_end_rss": marks[-1][2],
         "peak_rss": _status("VmHWM"),
         "end_anon_rss": _status("RssAnon"),
         "end_file_rss": _status("RssFile"),
@@ -287,13 +294,14 @@ def main() -> None:
     )
     print(f"one {args.size}x{args.size} image, {args.steps} Euler step(s), CFG 7.5 (U-Net batch 2)")
     print(
-        "mode      base GiB  load GiB  touched GiB  peak GiB  peak/weights  "
+        "mode      base GiB  load GiB  touched GiB  sampling GiB  peak GiB  peak/weights  "
         "sample s  decode s  finite"
     )
     for mode, r in rows.items():
         print(
             f"{mode:<9} {_gib(r['base_rss'])}    {_gib(r['load_peak'])}    "
-            f"{_gib(r['touched_rss'])}       {_gib(r['peak_rss'])}    "
+            f"{_gib(r['touched_rss'])}       {_gib(r['sample_peak_rss'])}        "
+            f"{_gib(r['peak_rss'])}    "
             f"{r['peak_rss'] / r['weights_bytes']:8.2f}      {r['sample_s']:7.1f}   "
             f"{r['decode_s']:7.1f}   {r['finite']}"
         )

@@ -152,6 +152,22 @@ def test_sliced_blocks_equal_unsliced():
         torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
 
 
+def test_feed_forward_in_chunks_equals_whole(monkeypatch):
+    torch.manual_seed(0)
+    ff = _jitter(attn.FeedForward(8), 1)  # GEGLU projection: 64 floats = 256 bytes per token
+    x = torch.randn(2, 37, 8)
+    with torch.enable_grad():
+        whole = ff(x).detach()  # autograd: never chunked
+    calls = []
+    ff.net[0].register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    monkeypatch.setattr(attn, "FEED_FORWARD_CHUNK_BYTES", 256 * 5)
+    with torch.no_grad():
+        chunked = ff(x)
+    assert calls == [5] * 14 + [4]  # 74 tokens in chunks of 5
+    assert chunked.shape == whole.shape
+    torch.testing.assert_close(chunked, whole, atol=1e-6, rtol=0)
+
+
 # ---------------------------------------------------------------------------- loading
 
 
@@ -305,6 +321,26 @@ def test_auto_tiling_threshold():
     assert not vae_tiling.needs_tiling(model.vae, (1, 4, 128, 128))  # 1024 x 1024
     assert vae_tiling.needs_tiling(model.vae, (1, 4, 128, 136))  # 1088 x 1024
     assert not vae_tiling.needs_tiling(model.vae, (1, 4, 64, 256))  # 2048 x 512 = 1 MP
+
+
+def test_decode_trims_the_heap_and_changes_nothing(monkeypatch):
+    model = tiny_model()
+    z = torch.randn(1, 4, 6, 8, generator=torch.Generator().manual_seed(0))
+    trims = []
+    real = vae_tiling.release_freed_heap
+    monkeypatch.setattr(vae_tiling, "release_freed_heap", lambda: trims.append(1) or real())
+    with torch.no_grad():
+        images = vae_tiling.decode_latents(model.vae, z)
+        assert images.equal(model.vae.decode_latents(z))
+    blocks = sum(len(level.block) + hasattr(level, "upsample") for level in model.vae.decoder.up)
+    assert len(trims) == 1 + blocks  # once before the decode, once before each decoder block
+    assert not any(m._forward_pre_hooks for m in model.vae.modules())  # hooks removed
+    try:
+        glibc = bool(os.confstr("CS_GNU_LIBC_VERSION"))
+    except (ValueError, OSError, AttributeError):
+        glibc = False
+    if glibc:
+        assert real()  # glibc: malloc_trim was found and called
 
 
 @pytest.fixture

@@ -26,6 +26,7 @@ about 3 GiB at 1024x1024 and 12 GiB at 2048x2048), while a tiled decode needs th
 
 from __future__ import annotations
 
+import ctypes
 import math
 from collections.abc import Callable
 
@@ -177,13 +178,52 @@ def decode_latents(vae: AutoencoderKL, z: Tensor, tiled: bool | None = None) -> 
         tiled = needs_tiling(vae, z.shape)
     if tiled:
         return tiled_decode(vae, vae.unscale_latents(z))
-    return vae.decode_latents(z)
+    if z.device.type != "cpu":
+        return vae.decode_latents(z)
+    release_freed_heap()
+    handles = [  # also before each decoder block: the lower levels' freed tensors
+        m.register_forward_pre_hook(_trim_before)
+        for level in vae.decoder.up
+        for m in (*level.block, getattr(level, "upsample", None))
+        if m is not None
+    ]
+    try:
+        return vae.decode_latents(z)
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _trim_before(module: torch.nn.Module, args: tuple) -> None:
+    release_freed_heap()
+
+
+def release_freed_heap() -> bool:
+    """Give the C heap's free pages back to the OS (glibc ``malloc_trim(0)``); False elsewhere.
+
+    Why before a decode: tensors under 32 MiB come from the C heap (glibc raises its mmap
+    threshold up to 32 MiB as big blocks are freed), and the U-Net's skip tensors, kept alive
+    across the whole network, pin the heap, so the temporaries freed around them stay in the
+    process (measured: 300 MiB after one SD 1.5 step at 512x512). The decoder's full-size
+    tensors (128-256 MiB) are fresh mmaps that cannot reuse those pages, so without the trim
+    they add on top: peak RSS of a 512x512 generation 5.40 GiB, with it 5.16 GiB.
+    Trimming takes a few milliseconds and changes no result.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        return False
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+    return True
 
 
 __all__ = [
     "AUTO_TILE_PIXELS",
     "decode_latents",
     "needs_tiling",
+    "release_freed_heap",
     "tile_starts",
     "tiled_decode",
     "tiled_encode",
