@@ -48,3 +48,19 @@ def test_free_path_numbers_instead_of_overwriting(tmp_path):
     assert free_path(target) == tmp_path / "digits_2.png"
     (tmp_path / "digits_2.png").write_bytes(b"2")
     assert free_path(target) == tmp_path / "digits_3.png"
+
+
+def test_safetensors_written_through_atomic_path_get_the_umask_mode(tmp_path):
+    """safetensors' save_file replaces the file with a 0600 one; the mode is set after it."""
+    import torch
+
+    from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(
+            tmp_path / "m.safetensors", {"w": torch.zeros(2)}, CheckpointInfo("t", {})
+        )
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
