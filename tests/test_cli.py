@@ -271,3 +271,7 @@ def test_demo_uses_shipped_model_and_keeps_earlier_outputs(tmp_path, capsys):
     assert (tmp_path / "digits.png").read_bytes() == first
     with Image.open(tmp_path / "digits.png") as im:
         assert im.height > im.width  # 10 class rows of 8 digits
+    # the shipped text-to-image model's grid, numbered the same way
+    assert f"wrote {tmp_path / 'text_digits_2.png'}" in out
+    with Image.open(tmp_path / "text_digits.png") as im:
+        assert im.height > im.width  # 10 prompt rows of 8 images
