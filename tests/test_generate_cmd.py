@@ -297,3 +297,13 @@ def test_missing_shipped_model_is_one_line_error(monkeypatch, tmp_path, capsys):
     monkeypatch.setitem(cli.BUILTIN_MODELS, "mnist-text", tmp_path / "absent.safetensors")
     code, _, err = _run(["generate", "a handwritten 7", "--out", str(tmp_path / "x.png")], capsys)
     assert code == 2 and "shipped model 'mnist-text'" in err and "--model PATH" in err
+
+
+def test_unbalanced_brackets_warn_in_one_line_and_generate(tmp_path, capsys):
+    out = tmp_path / "seven.png"
+    args = ["generate", "(a handwritten 7", "--steps", "2", "--out", str(out)]
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    assert out.is_file()
+    lines = [ln for ln in err.splitlines() if ln.startswith("warning:")]
+    assert len(lines) == 1 and "unclosed" in lines[0] and "Traceback" not in err

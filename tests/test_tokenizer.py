@@ -25,6 +25,7 @@ import gzip
 import html
 import random
 import unicodedata
+import warnings
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ from noisecraft.errors import (
     ConfigError,
     NoisecraftError,
     OutputExistsError,
+    PromptWarning,
     UnknownNameError,
 )
 from noisecraft.models import prompt_weights, tokenizer
@@ -248,6 +250,7 @@ def test_loaders_agree(tok, vocab_dir, tmp_path):
 def test_module_imports_no_third_party_tokenizers():
     allowed = {"__future__", "gzip", "html", "json", "re", "unicodedata", "zlib", "collections"}
     allowed |= {"functools", "importlib", "pathlib", "types", "typing", "torch", "noisecraft"}
+    allowed |= {"warnings"}
     for module in (tokenizer, prompt_weights):
         tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
         top = set()
@@ -364,19 +367,24 @@ def test_parse_prompt_attention_a1111_examples():
         ("important", 1.1),
         (" word", 1.0),
     ]
-    assert parse_prompt_attention("(unbalanced") == [("unbalanced", 1.1)]
+    with pytest.warns(PromptWarning, match="unclosed"):  # A1111 would weight it by 1.1
+        assert parse_prompt_attention("(unbalanced") == [("(unbalanced", 1.0)]
     assert parse_prompt_attention(r"\(literal\]") == [("(literal]", 1.0)]
     assert parse_prompt_attention("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
-    assert parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).") == [
-        ("a ", 1.0),
-        ("house", 1.5730000000000004),
-        (" ", 1.1),
-        ("on", 1.0),
-        (" a ", 1.1),
-        ("hill", 0.55),
-        (", sun, ", 1.1),
-        ("sky", 1.4641000000000006),
-        (".", 1.1),
+    # A1111's own example has one "(" never closed; A1111 weights the rest of the prompt by
+    # 1.1 ("house" 1.573, "sky" 1.4641), we keep that bracket as text and warn
+    with pytest.warns(PromptWarning, match="1 unclosed"):
+        got = parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    assert got == [
+        ("a (", 1.0),
+        ("house", 1.3 * 1.1),
+        (" ", 1.0),
+        ("on", 1 / 1.1),
+        (" a ", 1.0),
+        ("hill", 0.5),
+        (", sun, ", 1.0),
+        ("sky", 1.1 * 1.1 * 1.1),
+        (".", 1.0),
     ]
 
 
@@ -431,3 +439,22 @@ def test_encode_weighted(tok):
     # BREAK inside brackets still breaks
     assert tok.encode_weighted("(a BREAK b)").ids.shape == (2, 77)
     assert tok.encode_weighted("").ids.tolist() == [[BOS] + [EOS] * 76]
+
+
+def test_unclosed_brackets_warn_and_stay_literal():
+    with pytest.warns(PromptWarning, match="2 unclosed"):
+        got = parse_prompt_attention("a (red [cat:1.2) (dog) (sky")
+    # "(red [cat:1.2)": the explicit weight closes the round bracket; "[" is left open
+    assert got == [
+        ("a ", 1.0),
+        ("red [cat", 1.2),
+        (" ", 1.0),
+        ("dog", 1.1),
+        (" (sky", 1.0),
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # balanced and escaped brackets: no warning
+        assert parse_prompt_attention(r"a \(cat) ((dog))") == [
+            ("a (cat) ", 1.0),
+            ("dog", 1.1 * 1.1),
+        ]

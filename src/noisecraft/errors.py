@@ -39,6 +39,14 @@ class OutputExistsError(NoisecraftError, FileExistsError):
     """An output file exists and overwriting was not asked for."""
 
 
+class NoisecraftWarning(UserWarning):
+    """Base class of warnings for the user; the CLI prints them as ``warning: ...``."""
+
+
+class PromptWarning(NoisecraftWarning):
+    """Something in a prompt that is read differently from what it may look like."""
+
+
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice closest to ``name`` (difflib ratio >= 0.5), or None."""
     matches = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from noisecraft.errors import ConfigError, NoisecraftError
+from noisecraft.errors import ConfigError, NoisecraftError, NoisecraftWarning
 
 app = typer.Typer(
     add_completion=False,
@@ -301,6 +302,24 @@ def main(argv: list[str] | None = None) -> int:
     typer/click handle usage errors themselves (usage + exit 2); our own
     :class:`NoisecraftError` passes through them and is printed here.
     """
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", NoisecraftWarning)
+        warnings.showwarning = _one_line_warning
+        return _main(argv)
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as ``warning: ...`` on stderr (on a line of its own, above a running
+    progress bar); others in Python's usual form."""
+    if issubclass(category, NoisecraftWarning):
+        from tqdm import tqdm
+
+        tqdm.write(f"warning: {message}", file=sys.stderr)
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
+def _main(argv: list[str] | None) -> int:
     try:
         app(args=argv, standalone_mode=True)
     except SystemExit as e:

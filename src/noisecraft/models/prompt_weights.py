@@ -11,8 +11,11 @@ raise or lower the weight of a stretch of text:
 ``BREAK``              (upper case, a whole word) ends the 75-token chunk
 =====================  ==========================================
 
-Unclosed brackets apply to the end of the prompt; an unmatched closing
-bracket is kept as text. Runs with the same weight are merged. The weights are
+Unbalanced brackets are text: an unmatched closing bracket is kept as text (as in
+A1111), and so is an opening bracket that is never closed, with a
+:class:`~noisecraft.errors.PromptWarning` (A1111 would silently weight the rest of the
+prompt; a forgotten ``)`` is more often a typo than a wish). Runs with the same weight are
+merged. The weights are
 applied after the text encoder (A1111 scales each token's hidden state and
 then restores the mean); this module only parses.
 """
@@ -20,8 +23,9 @@ then restores the mean); this module only parses.
 from __future__ import annotations
 
 import re
+import warnings
 
-from noisecraft.errors import ConfigError
+from noisecraft.errors import ConfigError, PromptWarning
 
 __all__ = ["BREAK", "parse_prompt_attention"]
 
@@ -64,10 +68,12 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     >>> parse_prompt_attention("an (important) word")
     [('an ', 1.0), ('important', 1.1), (' word', 1.0)]
-    >>> parse_prompt_attention("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")[:3]
-    [('a ', 1.0), ('house', 1.5730000000000004), (' ', 1.1)]
+    >>> parse_prompt_attention("a ((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")[:4]
+    [('a ', 1.0), ('house', 1.4300000000000002), (' ', 1.0), ('on', 0.9090909090909091)]
     >>> parse_prompt_attention(r"\\(literal\\]")
     [('(literal]', 1.0)]
+    >>> parse_prompt_attention("a (cat")  # doctest: +SKIP
+    [('a (cat', 1.0)]
     >>> parse_prompt_attention("a BREAK b")
     [('a', 1.0), ('BREAK', -1.0), ('b', 1.0)]
 
@@ -82,12 +88,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             (A1111 fails there with a bare ``ValueError``).
     """
     res: list[list] = []
+    # an opening bracket leaves its own text in ``res`` (a placeholder), emptied when it is
+    # closed; one never closed stays as literal text
     round_brackets: list[int] = []
     square_brackets: list[int] = []
-
-    def multiply_range(start: int, multiplier: float) -> None:
-        for p in range(start, len(res)):
-            res[p][1] *= multiplier
 
     for m in _RE_ATTENTION.finditer(text):
         piece = m.group(0)
@@ -96,8 +100,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             res.append([piece[1:], 1.0])
         elif piece == "(":
             round_brackets.append(len(res))
+            res.append([piece, 1.0])
         elif piece == "[":
             square_brackets.append(len(res))
+            res.append([piece, 1.0])
         elif weight is not None and round_brackets:
             try:
                 factor = float(weight)
@@ -105,24 +111,27 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
                 raise ConfigError(
                     f"bad emphasis weight '{weight}' in prompt; write it as (text:1.3)"
                 ) from None
-            multiply_range(round_brackets.pop(), factor)
+            _close(res, round_brackets.pop(), factor)
         elif piece == ")" and round_brackets:
-            multiply_range(round_brackets.pop(), _ROUND)
+            _close(res, round_brackets.pop(), _ROUND)
         elif piece == "]" and square_brackets:
-            multiply_range(square_brackets.pop(), _SQUARE)
+            _close(res, square_brackets.pop(), _SQUARE)
         else:
             for i, part in enumerate(_RE_BREAK.split(piece)):
                 if i > 0:
                     res.append([BREAK, -1.0])
                 res.append([part, 1.0])
 
-    for pos in round_brackets:
-        multiply_range(pos, _ROUND)
-    for pos in square_brackets:
-        multiply_range(pos, _SQUARE)
-
-    if not res:
-        res = [["", 1.0]]
+    if round_brackets or square_brackets:
+        warnings.warn(
+            PromptWarning(
+                f"prompt {text!r} has {len(round_brackets) + len(square_brackets)} unclosed "
+                "bracket(s); they are read as literal text (close them to weight the words, "
+                "or write \\( to mean the bracket itself)"
+            ),
+            stacklevel=2,
+        )
+    res = [r for r in res if r[0]] or [["", 1.0]]
 
     # Merge runs of identical weights.
     i = 0
@@ -133,3 +142,10 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
         else:
             i += 1
     return [(str(t), float(w)) for t, w in res]
+
+
+def _close(res: list[list], start: int, multiplier: float) -> None:
+    """Close the bracket whose placeholder is ``res[start]``: weight what it encloses."""
+    res[start][0] = ""
+    for p in range(start, len(res)):
+        res[p][1] *= multiplier
