@@ -16,6 +16,7 @@ from noisecraft.nn import (
     ResBlock,
     SpatialTransformer,
     Upsample,
+    kernels,
     norm_groups_for,
     resolve_heads,
     timestep_embedding,
@@ -256,3 +257,102 @@ def test_spatial_transformer_sd_parameter_names():
         assert n in names
     assert "transformer_blocks.0.attn1.to_q.bias" not in names
     assert st.transformer_blocks[0].attn2.to_k.in_features == 12
+
+
+# ---------------------------------------------------------------- CPU fast kernels
+
+
+def _fast_available() -> bool:
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        return kernels._fast(x, x)
+
+
+needs_onednn = pytest.mark.skipif(not _fast_available(), reason="no oneDNN ops in this torch")
+
+
+@needs_onednn
+@pytest.mark.parametrize("bias", [True, False])
+def test_fast_linear_equals_f_linear(bias):
+    torch.manual_seed(0)
+    w, b = torch.randn(24, 16), (torch.randn(24) if bias else None)
+    for x in (torch.randn(5, 16), torch.randn(2, 7, 16), torch.randn(7, 2, 16).transpose(0, 1)):
+        ref = F.linear(x, w, b)
+        with torch.no_grad():
+            out = kernels.linear(x, w, b)
+            with kernels.fast_kernels(False):
+                assert torch.equal(kernels.linear(x, w, b), ref)  # switched off: the reference
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    ("cin", "cout", "k", "stride", "padding", "size", "batch", "path"),
+    [
+        (16, 24, 1, 1, 0, 9, 2, "pointwise"),  # a 1x1 conv (proj_in, skip connections)
+        (16, 24, 1, 2, 0, 9, 1, "pointwise"),
+        (32, 320, 3, 1, 1, 4, 1, "im2col"),  # 4x5 pixels, 320 channels: 20 * 4096 <= 320**2
+        (32, 320, 3, 2, 1, 8, 1, "im2col"),  # stride 2, odd sizes below
+        (32, 320, 3, 2, 1, 7, 1, "im2col"),
+        (24, 256, 4, 1, 2, 2, 1, "im2col"),  # even kernel: a 3x4 output
+        (8, 16, 3, 1, 1, 12, 2, "reference"),  # many pixels, few channels: F.conv2d
+    ],
+)
+def test_fast_conv2d_paths_equal_f_conv2d(cin, cout, k, stride, padding, size, batch, path):
+    torch.manual_seed(0)
+    conv = kernels.Conv2d(cin, cout, k, stride=stride, padding=padding)
+    x = torch.randn(batch, cin, size, size + 1)
+    assert kernels.conv_path(x.shape, conv.weight.shape, stride, padding) == path
+    ref = F.conv2d(x, conv.weight, conv.bias, stride, padding)
+    with torch.no_grad():
+        out = conv(x)
+        out_cl = conv(x.contiguous(memory_format=torch.channels_last))
+    assert out.shape == ref.shape and out.is_contiguous()
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_cl, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_fast_kernels_fall_back_for_autograd_and_keep_names():
+    torch.manual_seed(0)
+    lin, conv = kernels.Linear(6, 4), kernels.Conv2d(3, 256, 3, padding=1)
+    assert isinstance(lin, torch.nn.Linear) and isinstance(conv, torch.nn.Conv2d)
+    assert list(lin.state_dict()) == list(torch.nn.Linear(6, 4).state_dict()) == ["weight", "bias"]
+    x = torch.randn(2, 6, requires_grad=True)
+    y = lin(x)  # autograd records: the reference op, bit for bit, with a backward
+    assert torch.equal(y, F.linear(x, lin.weight, lin.bias))
+    y.sum().backward()
+    assert x.grad is not None and lin.weight.grad is not None
+    img = torch.randn(1, 3, 2, 2)  # im2col shape, but the weights require grad
+    assert torch.equal(conv(img), F.conv2d(img, conv.weight, conv.bias, padding=1))
+    half = torch.randn(2, 6).half()  # not float32: the reference op
+    with torch.no_grad():
+        assert torch.equal(lin.half()(half), F.linear(half, lin.weight, lin.bias))
+
+
+def test_resblock_in_place_ops_keep_gradients():
+    """The in-place SiLUs and skip addition give the out-of-place block's values and grads."""
+    torch.manual_seed(0)
+    block = _jitter(ResBlock(8, 12, 16, norm_groups=4, dropout=0.1))
+    x, emb = torch.randn(2, 8, 6, 5, requires_grad=True), torch.randn(2, 12)
+    torch.manual_seed(1)
+    block(x, emb).square().sum().backward()
+    grads = [x.grad.clone(), *(p.grad.clone() for p in block.parameters())]
+    x.grad = None
+    block.zero_grad()
+    torch.manual_seed(1)  # same dropout mask
+    naive = _naive_train_resblock(block, x, emb, 4)
+    naive.square().sum().backward()
+    for a, b in zip(grads, [x.grad, *(p.grad for p in block.parameters())], strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def _naive_train_resblock(block: ResBlock, x, emb, groups):
+    w = dict(block.named_parameters())
+    h = F.silu(F.group_norm(x, groups, w["in_layers.0.weight"], w["in_layers.0.bias"]))
+    h = F.conv2d(h, w["in_layers.2.weight"], w["in_layers.2.bias"], padding=1)
+    e = F.linear(F.silu(emb), w["emb_layers.1.weight"], w["emb_layers.1.bias"])[..., None, None]
+    h = F.group_norm(h + e, groups, w["out_layers.0.weight"], w["out_layers.0.bias"])
+    h = F.dropout(F.silu(h), 0.1, training=True)
+    h = F.conv2d(h, w["out_layers.3.weight"], w["out_layers.3.bias"], padding=1)
+    return F.conv2d(x, w["skip_connection.weight"], w["skip_connection.bias"]) + h

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from noisecraft.config_dict import config_from_dict
 from noisecraft.errors import CheckpointError, ConfigError, unknown_name
+from noisecraft.nn.kernels import Linear
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -188,10 +189,10 @@ class CLIPAttention(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.heads = config.heads
-        self.q_proj = nn.Linear(config.width, config.width)
-        self.k_proj = nn.Linear(config.width, config.width)
-        self.v_proj = nn.Linear(config.width, config.width)
-        self.out_proj = nn.Linear(config.width, config.width)
+        self.q_proj = Linear(config.width, config.width)
+        self.k_proj = Linear(config.width, config.width)
+        self.v_proj = Linear(config.width, config.width)
+        self.out_proj = Linear(config.width, config.width)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         q, k, v = (
@@ -211,8 +212,8 @@ class CLIPMLP(nn.Module):
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.quick = config.activation == "quick_gelu"
-        self.fc1 = nn.Linear(config.width, config.intermediate_size)
-        self.fc2 = nn.Linear(config.intermediate_size, config.width)
+        self.fc1 = Linear(config.width, config.intermediate_size)
+        self.fc2 = Linear(config.intermediate_size, config.width)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.fc1(x)

@@ -23,6 +23,7 @@ from noisecraft.config_dict import config_from_dict, config_to_dict
 from noisecraft.errors import ConfigError
 from noisecraft.nn.attention import AttentionBlock, SpatialTransformer, resolve_heads
 from noisecraft.nn.embeddings import timestep_embedding
+from noisecraft.nn.kernels import Conv2d, Linear
 from noisecraft.nn.resnet import Downsample, ResBlock, Upsample, group_norm
 
 
@@ -161,7 +162,7 @@ class UNet(nn.Module):
         groups = c.norm_groups
 
         self.time_embed = nn.Sequential(
-            nn.Linear(c.model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
+            Linear(c.model_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim)
         )
         self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
 
@@ -193,7 +194,7 @@ class UNet(nn.Module):
 
         ch = c.model_channels
         self.input_blocks = nn.ModuleList(
-            [EmbedSequential(nn.Conv2d(c.in_channels, ch, 3, padding=1))]
+            [EmbedSequential(Conv2d(c.in_channels, ch, 3, padding=1))]
         )
         skip = [ch]
         last = len(c.channel_mult) - 1
@@ -224,10 +225,10 @@ class UNet(nn.Module):
                     layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
                 self.output_blocks.append(EmbedSequential(*layers))
 
-        out_conv = nn.Conv2d(ch, c.output_channels, 3, padding=1)
+        out_conv = Conv2d(ch, c.output_channels, 3, padding=1)
         nn.init.zeros_(out_conv.weight)
         nn.init.zeros_(out_conv.bias)
-        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(), out_conv)
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(inplace=True), out_conv)
 
     def _check(self, x: Tensor, class_labels: Tensor | None, context: Tensor | None) -> None:
         c = self.config

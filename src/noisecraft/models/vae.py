@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from noisecraft.config_dict import config_from_dict, config_to_dict
 from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.nn.attention import attention
+from noisecraft.nn.kernels import Conv2d
 from noisecraft.nn.resnet import Upsample, group_norm
 
 #: LDM's ``Normalize``: GroupNorm with eps 1e-6 (the U-Net's ResBlocks use 1e-5).
@@ -238,14 +239,12 @@ class VAEResnetBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, groups: int, dropout: float = 0.0):
         super().__init__()
         self.norm1 = group_norm(in_channels, groups, eps=_EPS)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         self.norm2 = group_norm(out_channels, groups, eps=_EPS)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.nin_shortcut: nn.Module = (
-            nn.Conv2d(in_channels, out_channels, 1)
-            if in_channels != out_channels
-            else nn.Identity()
+            Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -265,10 +264,10 @@ class VAEAttnBlock(nn.Module):
     def __init__(self, channels: int, *, groups: int):
         super().__init__()
         self.norm = group_norm(channels, groups, eps=_EPS)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
+        self.q = Conv2d(channels, channels, 1)
+        self.k = Conv2d(channels, channels, 1)
+        self.v = Conv2d(channels, channels, 1)
+        self.proj_out = Conv2d(channels, channels, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
@@ -287,7 +286,7 @@ class VAEDownsample(nn.Module):
 
     def __init__(self, channels: int):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
@@ -322,7 +321,7 @@ class Encoder(nn.Module):
     def __init__(self, c: VAEConfig):
         super().__init__()
         g, ch = c.norm_groups, c.base_channels
-        self.conv_in = nn.Conv2d(c.in_channels, ch, 3, padding=1)
+        self.conv_in = Conv2d(c.in_channels, ch, 3, padding=1)
         self.down = nn.ModuleList()
         block_in = ch
         for i, mult in enumerate(c.channel_mult):
@@ -338,7 +337,7 @@ class Encoder(nn.Module):
         self.mid = _Mid(block_in, groups=g, dropout=c.dropout, attention=c.mid_attention)
         self.norm_out = group_norm(block_in, g, eps=_EPS)
         out = 2 * c.z_channels if c.double_z else c.z_channels
-        self.conv_out = nn.Conv2d(block_in, out, 3, padding=1)
+        self.conv_out = Conv2d(block_in, out, 3, padding=1)
 
     def forward(self, x: Tensor) -> Tensor:
         h = self.conv_in(x)
@@ -358,7 +357,7 @@ class Decoder(nn.Module):
         super().__init__()
         g, ch = c.norm_groups, c.base_channels
         block_in = ch * c.channel_mult[-1]
-        self.conv_in = nn.Conv2d(c.z_channels, block_in, 3, padding=1)
+        self.conv_in = Conv2d(c.z_channels, block_in, 3, padding=1)
         self.mid = _Mid(block_in, groups=g, dropout=c.dropout, attention=c.mid_attention)
         levels: list[_Level] = []
         for i in reversed(range(len(c.channel_mult))):
@@ -373,7 +372,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)  # LDM: up[i] is level i, built lowest resolution first
         self.up = nn.ModuleList(levels)
         self.norm_out = group_norm(block_in, g, eps=_EPS)
-        self.conv_out = nn.Conv2d(block_in, c.out_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_in, c.out_channels, 3, padding=1)
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.mid(self.conv_in(z))
@@ -401,8 +400,8 @@ class AutoencoderKL(nn.Module):
         self.encoder = Encoder(c)
         self.decoder = Decoder(c)
         moments = 2 * c.z_channels if c.double_z else c.z_channels
-        self.quant_conv = nn.Conv2d(moments, moments, 1)
-        self.post_quant_conv = nn.Conv2d(c.z_channels, c.z_channels, 1)
+        self.quant_conv = Conv2d(moments, moments, 1)
+        self.post_quant_conv = Conv2d(c.z_channels, c.z_channels, 1)
 
     @property
     def last_layer(self) -> Tensor:

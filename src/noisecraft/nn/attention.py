@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError
+from noisecraft.nn.kernels import Conv2d, Linear
 from noisecraft.nn.resnet import group_norm
 
 
@@ -210,10 +211,10 @@ class CrossAttention(nn.Module):
         inner = heads * dim_head
         context_dim = context_dim or query_dim
         self.heads = heads
-        self.to_q = nn.Linear(query_dim, inner, bias=False)
-        self.to_k = nn.Linear(context_dim, inner, bias=False)
-        self.to_v = nn.Linear(context_dim, inner, bias=False)
-        self.to_out = nn.Sequential(nn.Linear(inner, query_dim), nn.Dropout(dropout))
+        self.to_q = Linear(query_dim, inner, bias=False)
+        self.to_k = Linear(context_dim, inner, bias=False)
+        self.to_v = Linear(context_dim, inner, bias=False)
+        self.to_out = nn.Sequential(Linear(inner, query_dim), nn.Dropout(dropout))
 
     def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
         context = x if context is None else context
@@ -230,7 +231,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int):
         super().__init__()
-        self.proj = nn.Linear(dim_in, 2 * dim_out)
+        self.proj = Linear(dim_in, 2 * dim_out)
 
     def forward(self, x: Tensor) -> Tensor:
         a, gate = self.proj(x).chunk(2, dim=-1)
@@ -255,7 +256,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0):
         super().__init__()
         inner = mult * dim
-        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), nn.Linear(inner, dim))
+        self.net = nn.Sequential(GEGLU(dim, inner), nn.Dropout(dropout), Linear(inner, dim))
 
     def forward(self, x: Tensor) -> Tensor:
         proj = self.net[0].proj.out_features
@@ -323,11 +324,11 @@ class SpatialTransformer(nn.Module):
         self.use_linear = use_linear
         self.norm = group_norm(channels, norm_groups, eps=1e-6)
         if use_linear:
-            self.proj_in: nn.Module = nn.Linear(channels, inner)
-            self.proj_out: nn.Module = _zero(nn.Linear(inner, channels))
+            self.proj_in: nn.Module = Linear(channels, inner)
+            self.proj_out: nn.Module = _zero(Linear(inner, channels))
         else:
-            self.proj_in = nn.Conv2d(channels, inner, 1)
-            self.proj_out = _zero(nn.Conv2d(inner, channels, 1))
+            self.proj_in = Conv2d(channels, inner, 1)
+            self.proj_out = _zero(Conv2d(inner, channels, 1))
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(inner, heads, dim_head, context_dim, dropout)
             for _ in range(depth)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError
+from noisecraft.nn.kernels import Conv2d, Linear
 
 
 def norm_groups_for(channels: int, groups: int) -> int:
@@ -44,7 +45,7 @@ class Downsample(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         if use_conv:
-            self.op: nn.Module = nn.Conv2d(channels, out_channels, 3, stride=2, padding=1)
+            self.op: nn.Module = Conv2d(channels, out_channels, 3, stride=2, padding=1)
         else:
             if out_channels != channels:
                 raise ConfigError("Downsample without a conv cannot change the channel count")
@@ -62,7 +63,7 @@ class Upsample(nn.Module):
         out_channels = out_channels or channels
         self.use_conv = use_conv
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels, 3, padding=1)
+            self.conv = Conv2d(channels, out_channels, 3, padding=1)
         elif out_channels != channels:
             raise ConfigError("Upsample without a conv cannot change the channel count")
 
@@ -79,6 +80,10 @@ class ResBlock(nn.Module):
     ``h = conv(dropout(SiLU(GN(h))))``; output ``skip(x) + h``. The last conv starts at zero
     (``zero_init``) so that every block begins as the identity, as improved-diffusion does.
     ``up`` / ``down`` resample inside the block (BigGAN style, ``resblock_updown``).
+
+    The SiLUs overwrite the GroupNorm outputs and the skip is added into the last conv's
+    output (in place; autograd allows both: GroupNorm's and a conv's backward need their
+    inputs, not their outputs), so no block allocates a full-size tensor it does not need.
     """
 
     def __init__(
@@ -99,8 +104,8 @@ class ResBlock(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
             group_norm(channels, norm_groups),
-            nn.SiLU(),
-            nn.Conv2d(channels, out_channels, 3, padding=1),
+            nn.SiLU(inplace=True),
+            Conv2d(channels, out_channels, 3, padding=1),
         )
         self.updown = up or down
         if up:
@@ -111,22 +116,22 @@ class ResBlock(nn.Module):
             self.x_upd = Downsample(channels, use_conv=False)
         self.emb_layers = nn.Sequential(
             nn.SiLU(),
-            nn.Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
+            Linear(emb_channels, 2 * out_channels if use_scale_shift_norm else out_channels),
         )
-        out_conv = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        out_conv = Conv2d(out_channels, out_channels, 3, padding=1)
         if zero_init:
             nn.init.zeros_(out_conv.weight)
             nn.init.zeros_(out_conv.bias)
         self.out_layers = nn.Sequential(
             group_norm(out_channels, norm_groups),
-            nn.SiLU(),
+            nn.SiLU(inplace=True),
             nn.Dropout(dropout),
             out_conv,
         )
         if out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
         else:
-            self.skip_connection = nn.Conv2d(channels, out_channels, 1)
+            self.skip_connection = Conv2d(channels, out_channels, 1)
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
         if self.updown:
@@ -143,4 +148,4 @@ class ResBlock(nn.Module):
                 h = layer(h)
         else:
             h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+        return h.add_(self.skip_connection(x))  # h: the last conv's own output
