@@ -1,14 +1,14 @@
 """Peak memory of loading and sampling a full-size Stable Diffusion 1.5 model on the CPU.
 
 The SD 1.5 architecture (U-Net 859.5 M, VAE 83.7 M, CLIP ViT-L/14 text tower 123 M parameters:
-4.3 GB in float32) with random weights is saved as one native ``.safetensors`` file (or
-``--file PATH`` is used: a native file, or an original single file through
-``noisecraft.io.formats.single_file.load_single_file`` once that exists), then each
-measurement runs in a FRESH child process, so peaks do not mix:
+4.3 GB in float32) with random weights is saved as an original SD single file (CompVis
+layout, what users download; ``--format native`` for noisecraft's own), or ``--file PATH``
+is used (any format ``noisecraft.io.formats.auto.load_any`` reads), then each measurement
+runs in a FRESH child process, so peaks do not mix:
 
 * ``weights``: bytes of the loaded parameters;
 * ``base``: RSS of the child after importing torch and noisecraft, before loading;
-* ``load``: peak RSS (``VmHWM``) right after ``LatentDiffusion.load``: the weights are a memory
+* ``load``: peak RSS (``VmHWM``) right after loading: the weights are a memory
   map of the file, paged in lazily, so this is small;
 * ``touched``: RSS after reading every weight once (all pages of the map resident): base plus
   one copy of the weights if loading made no copy;
@@ -93,25 +93,21 @@ def sd15_model():
 
 
 def _build(path: str) -> None:
-    sd15_model().save(path)
+    """Save the random SD 1.5 as an original single file (what users have) or native."""
+    model = sd15_model()
+    if path.endswith(".native.safetensors"):
+        model.save(path)
+    else:
+        from noisecraft.io.formats.single_file import save_single_file
+
+        save_single_file(model, path)
 
 
 def _load(path: str):
-    """A native file through ``LatentDiffusion.load``, anything else as an original single file."""
-    from noisecraft.io.checkpoint import METADATA_KEY
-    from noisecraft.pipelines.latent import LatentDiffusion
+    """Any format noisecraft reads (native, single file, diffusers folder)."""
+    from noisecraft.io.formats.auto import load_any
 
-    if path.endswith(".safetensors"):
-        with open(path, "rb") as f:  # a native file's safetensors header names noisecraft
-            n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n))
-        if METADATA_KEY in header.get("__metadata__", {}):
-            return LatentDiffusion.load(path)
-    try:
-        from noisecraft.io.formats.single_file import load_single_file
-    except ImportError:
-        sys.exit(f"{path} is not a native noisecraft file, and there is no single-file loader")
-    return load_single_file(path)
+    return load_any(path)
 
 
 def _measure(path: str, mode: str, size: int, steps: int) -> dict:
@@ -233,6 +229,12 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--file", help="an existing model file instead of a new random SD 1.5")
+    ap.add_argument(
+        "--format",
+        choices=("single-file", "native"),
+        default="single-file",
+        help="how the random SD 1.5 is saved before it is loaded (default: an SD single file)",
+    )
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--workdir", help="where the random model is written (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON line, not a table")
@@ -274,7 +276,8 @@ def main() -> None:
         path = args.file
         build_s = None
         if path is None:
-            path = str(Path(tmp) / "sd15-random.safetensors")
+            suffix = ".native.safetensors" if args.format == "native" else ".safetensors"
+            path = str(Path(tmp) / f"sd15-random{suffix}")
             t0 = time.perf_counter()
             _child("--_build", path)
             build_s = time.perf_counter() - t0

@@ -1,4 +1,4 @@
-"""The shipped mini Stable Diffusion (assets/mnist_text.safetensors) draws the digit it is asked for.
+"""The shipped mini Stable Diffusion (assets/mnist_text.safetensors) draws the digit asked for.
 
 Judged as the class-conditional model is (tests/test_shipped_model.py): the shipped MNIST
 classifier (99.1 % on held-out real digits) reads 100 generated images, ten prompts per
