@@ -13,10 +13,12 @@ from typing import Annotated, Any
 
 import typer
 
-from noisecraft.errors import ConfigError
+from noisecraft.errors import ConfigError, unknown_name
 
 DEFAULTS: dict[str, Any] = {"steps": 20, "sampler": "dpmpp_2m", "seed": 0}
 DEFAULT_CFG = {"latent": 7.0, "pixel": 2.0}
+#: ``--dtype`` names -> torch dtype names
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -149,6 +151,13 @@ def generate_command(
     prediction: Annotated[
         str | None, typer.Option(help="override the detected prediction type: eps | v")
     ] = None,
+    dtype: Annotated[
+        str,
+        typer.Option(help="fp32 | fp16 | bf16 weights (half precision: CUDA; VAE fp32 for fp16)"),
+    ] = "fp32",
+    offload: Annotated[
+        bool, typer.Option(help="keep weights in CPU memory, move each layer to --device to run it")
+    ] = False,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     paths = run_generate(
@@ -172,6 +181,8 @@ def generate_command(
         device=device,
         vae=vae,
         prediction=prediction,
+        dtype=dtype,
+        offload=offload,
     )
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -219,8 +230,11 @@ def run_generate(
     device: str = "cpu",
     vae: Path | None = None,
     prediction: str | None = None,
+    dtype: str = "fp32",
+    offload: bool = False,
 ) -> list[Path]:
     """What ``noisecraft generate`` does; returns the paths written."""
+    import torch
     from tqdm.auto import tqdm
 
     from noisecraft.cli.main import resolve_model
@@ -258,8 +272,20 @@ def run_generate(
     for p in paths:
         check_writable(p, overwrite=overwrite)
 
-    net = load_any(resolve_model(model), device=device, vae=vae, prediction=prediction)
+    if dtype not in DTYPES:
+        raise unknown_name("--dtype", dtype, DTYPES)
+    net = load_any(
+        resolve_model(model), device="cpu" if offload else device, vae=vae, prediction=prediction
+    )
     latent = isinstance(net, LatentDiffusion)
+    if (dtype != "fp32" or offload) and not latent:
+        raise ConfigError("--dtype and --offload are for latent (Stable Diffusion-type) models")
+    if dtype != "fp32":  # weights stored in the dtype they run in (VAE: vae_dtype_for)
+        net = net.to(dtype=getattr(torch, DTYPES[dtype]))
+    if offload:  # weights stay in CPU memory; each layer visits --device for its forward
+        from noisecraft.pipelines.offload import offload_latent_diffusion
+
+        net = offload_latent_diffusion(net, device)
     if latent and png.get("clip_skip") is not None:
         net = net.replace(clip_skip=int(png["clip_skip"]))
     if sampler is not None:

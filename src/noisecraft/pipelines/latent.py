@@ -335,7 +335,7 @@ class LatentDiffusion:
         is 8 % of SD 1.5's weights, so keeping it in float32 costs little.
         """
         if vae_dtype is None:
-            vae_dtype = torch.float32 if dtype == torch.float16 else dtype
+            vae_dtype = vae_dtype_for(dtype)
         tensors, info = load_checkpoint(path, expect_kind=KIND)
         cfg = info.config
         try:
@@ -386,8 +386,25 @@ class LatentDiffusion:
             info=info,
         )
 
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
+        """The same model with its modules moved / cast in place (VAE: :func:`vae_dtype_for`);
+        for a model already loaded in float32, e.g. from a diffusers folder."""
+        for module, d in (
+            (self.unet, dtype),
+            (self.text_encoder, dtype),
+            (self.vae, None if dtype is None else vae_dtype_for(dtype)),
+        ):
+            module.to(device=device, dtype=d)
+        return self
+
     def replace(self, **changes: Any) -> LatentDiffusion:
         return dataclasses.replace(self, **changes)
+
+
+def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype when the rest runs in ``dtype``: float32 for float16 (SD's VAE decoder
+    overflows float16 at large sizes; diffusers' ``force_upcast``), else ``dtype``."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 # ---------------------------------------------------------------------------- tokenizer io
