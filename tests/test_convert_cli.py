@@ -180,3 +180,27 @@ def test_missing_tokenizer_folder_and_bad_size(folder, tmp_path, capsys):
     ]
     rc, _, err = _run(args, capsys)
     assert rc == 2 and "60" in err and len(err.strip().splitlines()) == 1
+
+
+def test_arch_override_errors(folder, tmp_path, capsys):
+    """--arch is for SD single files (tests/test_single_file.py checks what it changes); a
+    folder states its config, and an unknown family is a one-line error."""
+    from noisecraft.errors import ConfigError
+
+    _, src = folder
+    with pytest.raises(ConfigError, match="--arch applies to SD single files"):
+        load_any(src, arch="sd2")
+    single = tmp_path / "m.safetensors"
+    assert _run(["convert", str(src), str(single), "--to", "single-file"], capsys)[0] == 0
+    args = [
+        "generate",
+        "a",
+        "--model",
+        str(single),
+        "--arch",
+        "sd3",
+        "--out",
+        str(tmp_path / "x.png"),
+    ]
+    rc, _, err = _run(args, capsys)
+    assert rc == 2 and "sd1, sd2" in err and len(err.strip().splitlines()) == 1

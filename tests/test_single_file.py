@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from noisecraft.diffusion import NoiseSchedule
-from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError
+from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError, UnknownNameError
 from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
 from noisecraft.io.formats.single_file import (
     SingleFileInfo,
@@ -691,3 +691,24 @@ def test_full_size_configs_are_inferred(unet, text, open_clip, family):
     assert openclip_layout_fits(text) == open_clip  # save_single_file writes the same layout
     name = "SD 2.x" if family == "sd2" else "SD 1.x"
     assert detected.description.startswith(name) and "context" in detected.description
+
+
+def test_family_override_sets_what_shapes_cannot_show(tmp_path):
+    """Heads per layer and the text activation are SD conventions, not shapes: a foreign file
+    of an SD 1.x-style model read as "sd2" gets 64-channel heads and GELU (another model),
+    read as detected (or as "sd1") it is the original."""
+    unet = dataclasses.replace(SD1_UNET, model_channels=64, channel_mult=(1, 2))
+    model = tiny("sd1", unet=unet)
+    foreign = _foreign(
+        save_single_file(model, tmp_path / "m.safetensors"), tmp_path / "f.safetensors"
+    )
+    as_sd1 = load_single_file(foreign)
+    assert load_single_file(foreign, family="sd1").unet.config == as_sd1.unet.config
+    _assert_same(model, as_sd1)
+    as_sd2 = load_single_file(foreign, family="sd2")
+    assert as_sd2.unet.config.head_channels == 64 and as_sd1.unet.config.num_heads == 8
+    assert as_sd2.text_encoder.config.activation == "gelu"
+    want, got = _outputs(as_sd1), _outputs(as_sd2)
+    assert not torch.allclose(want["unet"], got["unet"], atol=1e-4)
+    with pytest.raises(UnknownNameError, match="sd1, sd2"):
+        load_single_file(foreign, family="sdxl")

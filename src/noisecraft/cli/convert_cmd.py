@@ -20,11 +20,14 @@ def convert_command(
     prediction: Annotated[
         str | None, typer.Option(help="override the detected prediction type: eps | v")
     ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="override the detected SD family of a single file: sd1 | sd2")
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Convert a Stable Diffusion-type model between formats (any direction)."""
     from noisecraft.io.formats.auto import convert, detect_format
 
     fmt = detect_format(src)
-    out = convert(src, dst, to, overwrite=overwrite, vae=vae, prediction=prediction)
+    out = convert(src, dst, to, overwrite=overwrite, vae=vae, prediction=prediction, arch=arch)
     typer.echo(f"converted {src} ({fmt}) -> {out} ({to})")

@@ -151,6 +151,9 @@ def generate_command(
     prediction: Annotated[
         str | None, typer.Option(help="override the detected prediction type: eps | v")
     ] = None,
+    arch: Annotated[
+        str | None, typer.Option(help="override the detected SD family of a single file: sd1 | sd2")
+    ] = None,
     dtype: Annotated[
         str,
         typer.Option(help="fp32 | fp16 | bf16 weights (half precision: CUDA; VAE fp32 for fp16)"),
@@ -181,6 +184,7 @@ def generate_command(
         device=device,
         vae=vae,
         prediction=prediction,
+        arch=arch,
         dtype=dtype,
         offload=offload,
     )
@@ -230,6 +234,7 @@ def run_generate(
     device: str = "cpu",
     vae: Path | None = None,
     prediction: str | None = None,
+    arch: str | None = None,
     dtype: str = "fp32",
     offload: bool = False,
 ) -> list[Path]:
@@ -275,7 +280,11 @@ def run_generate(
     if dtype not in DTYPES:
         raise unknown_name("--dtype", dtype, DTYPES)
     net = load_any(
-        resolve_model(model), device="cpu" if offload else device, vae=vae, prediction=prediction
+        resolve_model(model),
+        device="cpu" if offload else device,
+        vae=vae,
+        prediction=prediction,
+        arch=arch,
     )
     latent = isinstance(net, LatentDiffusion)
     if (dtype != "fp32" or offload) and not latent:

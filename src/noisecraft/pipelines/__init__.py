@@ -22,12 +22,13 @@ def load_model(
     *,
     vae: str | os.PathLike | None = None,
     prediction: str | None = None,
+    arch: str | None = None,
 ) -> PixelDiffusion | LatentDiffusion:
     """Load a model of any format: native ("unet" or "latent_diffusion"), an SD single file
     (``.safetensors`` / ``.ckpt``) or a diffusers folder (:mod:`noisecraft.io.formats.auto`)."""
     from noisecraft.io.formats.auto import load_any
 
-    return load_any(path, device=device, vae=vae, prediction=prediction)
+    return load_any(path, device=device, vae=vae, prediction=prediction, arch=arch)
 
 
 __all__ = [

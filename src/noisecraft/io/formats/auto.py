@@ -50,13 +50,20 @@ def load_any(
     device: str | torch.device = "cpu",
     vae: str | os.PathLike | None = None,
     prediction: str | None = None,
+    arch: str | None = None,
 ) -> Any:
     """Load a model from any format: a PixelDiffusion or LatentDiffusion.
 
     ``vae``: a separate VAE file (LDM or diffusers names) replacing the model's own;
-    ``prediction``: override the detected parametrisation ("eps" or "v").
+    ``prediction``: override the detected parametrisation ("eps" or "v");
+    ``arch``: override the detected SD family of a single file ("sd1" / "sd2"; native files
+    and diffusers folders state their configs, so it is refused there).
     """
     fmt = detect_format(path)
+    if arch is not None and fmt != "single-file":
+        raise ConfigError(
+            f"--arch applies to SD single files; {path} is a {fmt} model whose config is stored"
+        )
     if fmt == "noisecraft":
         from noisecraft.io.checkpoint import read_info
         from noisecraft.pipelines import latent, pixel
@@ -91,7 +98,7 @@ def load_any(
         return model
     from noisecraft.io.formats.single_file import load_single_file
 
-    return load_single_file(path, prediction=prediction, vae=vae, device=device)
+    return load_single_file(path, prediction=prediction, vae=vae, device=device, family=arch)
 
 
 def convert(
@@ -102,6 +109,7 @@ def convert(
     overwrite: bool = False,
     vae: str | os.PathLike | None = None,
     prediction: str | None = None,
+    arch: str | None = None,
 ) -> Path:
     """Read ``src`` in any format and write it to ``dst`` in format ``to`` (see FORMATS)."""
     if to not in FORMATS:
@@ -112,7 +120,7 @@ def convert(
     dst = Path(dst)
     if to != "diffusers":
         check_writable(dst, overwrite=overwrite)  # fail before the (slow) load
-    model = load_any(src, vae=vae, prediction=prediction)
+    model = load_any(src, vae=vae, prediction=prediction, arch=arch)
     if not isinstance(model, LatentDiffusion):
         raise ConfigError(
             f"{src} is a pixel-space noisecraft model; only latent (Stable Diffusion-type) "

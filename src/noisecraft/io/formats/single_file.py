@@ -65,7 +65,7 @@ import torch
 from torch import Tensor
 
 from noisecraft.diffusion import NoiseSchedule
-from noisecraft.errors import CheckpointError, ConfigError, NoisecraftError
+from noisecraft.errors import CheckpointError, ConfigError, NoisecraftError, unknown_name
 from noisecraft.io.atomic import atomic_path, check_writable
 from noisecraft.io.build import build_module
 from noisecraft.io.checkpoint import CheckpointInfo
@@ -95,6 +95,9 @@ SD1_UNET_HEADS = 8
 SD2_HEAD_CHANNELS = 64
 CLIP_HEAD_CHANNELS = 64
 PROBE_THRESHOLD = 0.5
+
+#: Architecture families a single file can hold (``detect_architecture``).
+FAMILIES = ("sd1", "sd2")
 
 
 # ============================================================================ splitting
@@ -572,6 +575,7 @@ def detect_architecture(
     sd: Mapping[str, Tensor],
     source: str = "checkpoint",
     metadata: Mapping[str, str] | None = None,
+    family: str | None = None,
 ) -> Detected:
     """Recognise an SD 1.x / 2.x single file (or inpainting variant) and infer every config.
 
@@ -580,8 +584,12 @@ def detect_architecture(
     (``joint_blocks``), Flux (``double_blocks``), LoRA (``lora_unet_*``, ``*.lora_down.*``),
     ControlNet, a VAE alone, a text encoder alone, and unknown layouts. ``source`` names the
     file in messages. With the file's ``metadata`` holding our ``noisecraft_single_file``
-    key, the configs written there are used instead of the inferred ones.
+    key, the configs written there are used instead of the inferred ones. ``family``
+    ("sd1" / "sd2") overrides the detected family, i.e. the conventions shapes cannot show:
+    attention heads (8 per layer vs 64 channels each) and the text encoder's activation.
     """
+    if family not in (None, *FAMILIES):
+        raise unknown_name("architecture", str(family), FAMILIES)
     _refuse_other_kinds(sd, source)
     parts = split_ldm_state_dict(sd)
     if parts.text_layout is None:
@@ -591,7 +599,8 @@ def detect_architecture(
         )
     proj = parts.unet.get("middle_block.1.proj_in.weight")
     linear = proj is not None and proj.ndim == 2
-    family = "sd2" if parts.text_layout == "open_clip" or linear else "sd1"
+    if family is None:
+        family = "sd2" if parts.text_layout == "open_clip" or linear else "sd1"
     meta = _parse_meta(metadata or {}, source)
     try:
         if meta is not None:
@@ -819,6 +828,7 @@ def load_single_file(
     vae: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
+    family: str | None = None,
 ) -> LatentDiffusion:
     """Read an SD 1.x / 2.x single file (``.safetensors`` or ``.ckpt``) as a LatentDiffusion.
 
@@ -830,6 +840,8 @@ def load_single_file(
     * ``vae``: the path of a VAE file replacing the checkpoint's (LDM or diffusers names).
     * ``dtype``: weights are widened to float32 by default (fp16 files compute in fp32 on
       CPU); None keeps the stored dtype.
+    * ``family``: "sd1" / "sd2" overrides the detected architecture family
+      (:func:`detect_architecture`).
 
     What was loaded and why is in ``model.info.description`` (a :class:`SingleFileInfo`).
     """
@@ -838,7 +850,7 @@ def load_single_file(
     if prediction is not None and prediction not in ("eps", "v"):
         raise ConfigError(f"prediction must be 'eps' or 'v', got {prediction!r}")
     tensors, metadata = read_checkpoint(path)
-    detected = detect_architecture(tensors, source, metadata)
+    detected = detect_architecture(tensors, source, metadata, family)
     parts = split_ldm_state_dict(tensors)
     meta = _parse_meta(metadata, source)
 
