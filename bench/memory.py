@@ -72,16 +72,7 @@ def sd15_model():
     from noisecraft.pipelines.latent import LatentDiffusion
 
     torch.manual_seed(0)
-    unet = UNetConfig(  # tests/test_unet.py::test_stable_diffusion_layout_matches_diffusers
-        in_channels=4,
-        out_channels=4,
-        model_channels=320,
-        channel_mult=(1, 2, 4, 4),
-        num_res_blocks=2,
-        attention_levels=(0, 1, 2),
-        num_heads=8,
-        context_dim=768,
-    )
+    unet = UNetConfig.sd15()
     return LatentDiffusion(
         unet=UNet(unet).eval().requires_grad_(False),
         vae=AutoencoderKL(VAEConfig.sd()).eval().requires_grad_(False),

@@ -638,20 +638,8 @@ def test_split_is_the_inverse_of_the_layout(files):
 
 # ---------------------------------------------------------------------------- real sizes
 
-SD15_UNET = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=320,
-    channel_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    attention_levels=(0, 1, 2),
-    num_heads=8,
-    norm_groups=32,
-    context_dim=768,
-)
-SD21_UNET = dataclasses.replace(
-    SD15_UNET, num_heads=-1, head_channels=64, context_dim=1024, use_linear_projection=True
-)
+SD15_UNET = UNetConfig.sd15()
+SD21_UNET = UNetConfig.sd2()
 
 
 def _meta_ldm(unet: UNetConfig, text: TextEncoderConfig, open_clip: bool) -> dict:

@@ -318,29 +318,10 @@ def test_cross_attention_unet_parity_with_diffusers(use_linear):
 def test_stable_diffusion_layout_matches_diffusers(version):
     """Full-size SD 1.5 / 2.x U-Nets on the meta device: same keys, shapes, heads."""
     if version == "sd15":
-        cfg = UNetConfig(
-            in_channels=4,
-            out_channels=4,
-            model_channels=320,
-            channel_mult=(1, 2, 4, 4),
-            num_res_blocks=2,
-            attention_levels=(0, 1, 2),
-            num_heads=8,
-            context_dim=768,
-        )
+        cfg = UNetConfig.sd15()
         ref_kw = {"cross_attention_dim": 768, "attention_head_dim": 8}
     else:
-        cfg = UNetConfig(
-            in_channels=4,
-            out_channels=4,
-            model_channels=320,
-            channel_mult=(1, 2, 4, 4),
-            num_res_blocks=2,
-            attention_levels=(0, 1, 2),
-            head_channels=64,
-            context_dim=1024,
-            use_linear_projection=True,
-        )
+        cfg = UNetConfig.sd2()
         ref_kw = {
             "cross_attention_dim": 1024,
             "attention_head_dim": (5, 10, 20, 20),

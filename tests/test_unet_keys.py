@@ -26,19 +26,8 @@ from noisecraft.io.formats.unet_keys import (
 )
 from noisecraft.models.unet import UNet, UNetConfig
 
-SD15 = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=320,
-    channel_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    attention_levels=(0, 1, 2),
-    num_heads=8,
-    context_dim=768,
-)
-SD2 = dataclasses.replace(
-    SD15, num_heads=-1, head_channels=64, context_dim=1024, use_linear_projection=True
-)
+SD15 = UNetConfig.sd15()
+SD2 = UNetConfig.sd2()
 TINY = UNetConfig(
     in_channels=4,
     out_channels=4,

@@ -12,6 +12,7 @@ per head); otherwise it is a pixel :class:`AttentionBlock`.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -122,6 +123,33 @@ class UNetConfig:
     def output_channels(self) -> int:
         """Channels of the network output: ``out_channels``, doubled with ``learn_sigma``."""
         return self.out_channels * (2 if self.learn_sigma else 1)
+
+    @classmethod
+    def sd15(cls, **overrides: Any) -> UNetConfig:
+        """Stable Diffusion 1.x's U-Net (859.5 M parameters): 320 channels x (1, 2, 4, 4), two
+        ResBlocks per level, cross-attention to 768-wide CLIP-L features at the first three
+        levels, 8 heads per layer. ``in_channels=9`` for the inpainting model."""
+        base = cls(
+            in_channels=4,
+            out_channels=4,
+            model_channels=320,
+            channel_mult=(1, 2, 4, 4),
+            num_res_blocks=2,
+            attention_levels=(0, 1, 2),
+            num_heads=8,
+            norm_groups=32,
+            context_dim=768,
+        )
+        return dataclasses.replace(base, **overrides)
+
+    @classmethod
+    def sd2(cls, **overrides: Any) -> UNetConfig:
+        """Stable Diffusion 2.x's U-Net (865.9 M): SD 1.x's layout with 1024-wide OpenCLIP-H
+        context, 64-channel heads and linear ``proj_in`` / ``proj_out``."""
+        base = cls.sd15(
+            num_heads=-1, head_channels=64, context_dim=1024, use_linear_projection=True
+        )
+        return dataclasses.replace(base, **overrides)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict (tuples become lists)."""
