@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from noisecraft.cli.options import ArchOption, PredictionOption, VaeOption
+
 
 def convert_command(
     src: Annotated[Path, typer.Argument(help="a .safetensors / .ckpt file or a diffusers folder")],
@@ -14,15 +16,9 @@ def convert_command(
     to: Annotated[
         str, typer.Option("--to", help="single-file | diffusers | noisecraft")
     ] = "noisecraft",
-    vae: Annotated[
-        Path | None, typer.Option("--vae", help="a separate VAE file to put in instead")
-    ] = None,
-    prediction: Annotated[
-        str | None, typer.Option(help="override the detected prediction type: eps | v")
-    ] = None,
-    arch: Annotated[
-        str | None, typer.Option(help="override the detected SD family of a single file: sd1 | sd2")
-    ] = None,
+    vae: VaeOption = None,
+    prediction: PredictionOption = None,
+    arch: ArchOption = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
     """Convert a Stable Diffusion-type model between formats (any direction)."""

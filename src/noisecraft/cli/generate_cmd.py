@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 
+from noisecraft.cli.options import ArchOption, PredictionOption, VaeOption
 from noisecraft.errors import ConfigError, unknown_name
 
 DEFAULTS: dict[str, Any] = {"steps": 20, "sampler": "dpmpp_2m", "seed": 0}
@@ -145,15 +146,9 @@ def generate_command(
         Path | None, typer.Option("--from-png", help="re-create the image described in this PNG")
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
-    vae: Annotated[
-        Path | None, typer.Option("--vae", help="a separate VAE file replacing the model's")
-    ] = None,
-    prediction: Annotated[
-        str | None, typer.Option(help="override the detected prediction type: eps | v")
-    ] = None,
-    arch: Annotated[
-        str | None, typer.Option(help="override the detected SD family of a single file: sd1 | sd2")
-    ] = None,
+    vae: VaeOption = None,
+    prediction: PredictionOption = None,
+    arch: ArchOption = None,
     dtype: Annotated[
         str,
         typer.Option(help="fp32 | fp16 | bf16 weights (half precision: CUDA; VAE fp32 for fp16)"),
