@@ -19,6 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import jitter
 from noisecraft.diffusion import NoiseSchedule
 from noisecraft.errors import CheckpointError, NoisecraftError, OutputExistsError
 from noisecraft.io.formats.diffusers_folder import (
@@ -37,15 +38,6 @@ transformers = pytest.importorskip("transformers")
 H, W = 48, 64  # latents 6x8: the deepest U-Net level stays 3x4 (notes/diffusers-parity.md)
 WIDTH = 32
 STYLES = ("sd1", "sd2", "inpaint")
-
-
-def _jitter(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Perturb every weight: zero biases would hide swapped names."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module.eval().requires_grad_(False)
 
 
 def _build_pipeline(style: str, tmp):
@@ -109,9 +101,9 @@ def _build_pipeline(style: str, tmp):
         else diffusers.StableDiffusionPipeline
     )
     return cls(
-        unet=_jitter(unet, 1),
-        vae=_jitter(vae, 2, std=0.02),
-        text_encoder=_jitter(text_encoder, 3),
+        unet=jitter(unet, 1),
+        vae=jitter(vae, 2, std=0.02),
+        text_encoder=jitter(text_encoder, 3),
         tokenizer=tokenizer,
         scheduler=scheduler,
         safety_checker=None,

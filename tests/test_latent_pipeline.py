@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import jitter
 from noisecraft.diffusion import CFGDenoiser, NoiseSchedule, make_sigmas, rescale_guidance
 from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
@@ -50,15 +51,6 @@ def small_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer({t: i for i, t in enumerate(tokens)}, MERGES, cleanup="transformers")
 
 
-def _jitter(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Perturb every weight: zero-initialised output layers would hide wiring bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module.eval().requires_grad_(False)
-
-
 def tiny_model(unet: UNetConfig = UNET, vae: VAEConfig = VAE, **kw) -> LatentDiffusion:
     tok = small_tokenizer()
     torch.manual_seed(0)
@@ -68,11 +60,11 @@ def tiny_model(unet: UNetConfig = UNET, vae: VAEConfig = VAE, **kw) -> LatentDif
         )
     )
     return LatentDiffusion(
-        unet=_jitter(UNet(unet), 1),
-        vae=_jitter(AutoencoderKL(vae), 2, std=0.02),
+        unet=jitter(UNet(unet), 1),
+        vae=jitter(AutoencoderKL(vae), 2, std=0.02),
         # jittered: a zero final-LayerNorm bias makes every chunk's mean ~0, and A1111's
         # emphasis (which divides by the chunk mean) then divides 0 by 0
-        text_encoder=_jitter(te, 3),
+        text_encoder=jitter(te, 3),
         tokenizer=tok,
         schedule=NoiseSchedule.scaled_linear(),
         image_size=64,

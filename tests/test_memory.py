@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import jitter
 from noisecraft.errors import ConfigError
 from noisecraft.io.build import build_module
 from noisecraft.models import vae_tiling
@@ -35,7 +36,7 @@ from noisecraft.pipelines.offload import (
     offload_latent_diffusion,
     sequential_offload,
 )
-from test_latent_pipeline import UNET, _jitter, _req, tiny_model
+from test_latent_pipeline import UNET, _req, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,9 +141,9 @@ def test_slicing_switch_and_context_manager():
 
 def test_sliced_blocks_equal_unsliced():
     torch.manual_seed(0)
-    st = _jitter(SpatialTransformer(16, 2, 8, context_dim=12, norm_groups=4), 1)
-    block = _jitter(AttentionBlock(16, num_heads=2, norm_groups=4), 2)
-    vae_block = _jitter(VAEAttnBlock(16, groups=4), 3)
+    st = jitter(SpatialTransformer(16, 2, 8, context_dim=12, norm_groups=4), 1)
+    block = jitter(AttentionBlock(16, num_heads=2, norm_groups=4), 2)
+    vae_block = jitter(VAEAttnBlock(16, groups=4), 3)
     x = torch.randn(2, 16, 5, 7)  # 35 tokens
     ctx = torch.randn(2, 9, 12)
     whole = st(x, ctx), block(x), vae_block(x)
@@ -154,7 +155,7 @@ def test_sliced_blocks_equal_unsliced():
 
 def test_feed_forward_in_chunks_equals_whole(monkeypatch):
     torch.manual_seed(0)
-    ff = _jitter(attn.FeedForward(8), 1)  # GEGLU projection: 64 floats = 256 bytes per token
+    ff = jitter(attn.FeedForward(8), 1)  # GEGLU projection: 64 floats = 256 bytes per token
     x = torch.randn(2, 37, 8)
     with torch.enable_grad():
         whole = ff(x).detach()  # autograd: never chunked
@@ -252,7 +253,7 @@ def test_offload_on_cpu_is_a_no_op():
 def test_offload_moves_one_module_at_a_time():
     """Fake device: the weights stay float32 on the CPU; each module runs on float64 copies
     of its own weights only, made just for its forward."""
-    unet = _jitter(UNet(UNET), 1)
+    unet = jitter(UNet(UNET), 1)
     ref = copy.deepcopy(unet).double()
     before = {n: (p.data_ptr(), p.dtype) for n, p in unet.named_parameters()}
     handle = sequential_offload(unet, "cpu", dtype=torch.float64)

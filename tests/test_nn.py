@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from diffusers.models.embeddings import get_timestep_embedding
 
+from helpers import jitter
 from noisecraft.errors import ConfigError
 from noisecraft.nn import (
     AttentionBlock,
@@ -30,15 +31,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _jitter(module: torch.nn.Module, std: float = 0.1, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter, so zero-initialised output layers take part too."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 # ---------------------------------------------------------------- timestep embedding
@@ -132,7 +124,9 @@ def _naive_resblock(block: ResBlock, x, emb, groups):
 @pytest.mark.parametrize("scale_shift", [False, True])
 def test_resblock_matches_naive(scale_shift):
     torch.manual_seed(0)
-    block = _jitter(ResBlock(8, 12, 16, norm_groups=4, use_scale_shift_norm=scale_shift))
+    block = jitter(
+        ResBlock(8, 12, 16, norm_groups=4, use_scale_shift_norm=scale_shift), std=0.1, freeze=False
+    )
     x, emb = torch.randn(2, 8, 6, 5), torch.randn(2, 12)
     torch.testing.assert_close(block(x, emb), _naive_resblock(block, x, emb, 4))
 
@@ -171,7 +165,7 @@ def _naive_attention(q, k, v):
 def test_attention_block_matches_naive(heads, head_channels):
     torch.manual_seed(0)
     c = 16
-    block = _jitter(AttentionBlock(c, heads, head_channels, norm_groups=4))
+    block = jitter(AttentionBlock(c, heads, head_channels, norm_groups=4), std=0.1, freeze=False)
     x = torch.randn(2, c, 5, 3)
     w = dict(block.named_parameters())
     flat = x.reshape(2, c, 15)
@@ -227,7 +221,7 @@ def test_spatial_transformer_matches_naive(use_linear):
     st = SpatialTransformer(
         c, heads, c // heads, depth=2, context_dim=ctx_dim, use_linear=use_linear, norm_groups=4
     )
-    _jitter(st)
+    jitter(st, std=0.1, freeze=False)
     x, context = torch.randn(2, c, 4, 3), torch.randn(2, 7, ctx_dim)
     expected = _naive_spatial_transformer(st, x, context, heads, 4)
     torch.testing.assert_close(st(x, context), expected, atol=1e-5, rtol=1e-5)
@@ -333,7 +327,7 @@ def test_fast_kernels_fall_back_for_autograd_and_keep_names():
 def test_resblock_in_place_ops_keep_gradients():
     """The in-place SiLUs and skip addition give the out-of-place block's values and grads."""
     torch.manual_seed(0)
-    block = _jitter(ResBlock(8, 12, 16, norm_groups=4, dropout=0.1))
+    block = jitter(ResBlock(8, 12, 16, norm_groups=4, dropout=0.1), std=0.1, freeze=False)
     x, emb = torch.randn(2, 8, 6, 5, requires_grad=True), torch.randn(2, 12)
     torch.manual_seed(1)
     block(x, emb).square().sum().backward()

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from helpers import jitter
 from noisecraft.diffusion import NoiseSchedule
 from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError, UnknownNameError
 from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
@@ -70,22 +71,13 @@ VAE = VAEConfig(base_channels=32, channel_mult=(1, 2), num_res_blocks=1)
 H, W = 32, 48  # latents 16 x 24 (VAE f = 2); the deepest U-Net level stays 4 x 6
 
 
-def _jitter(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
-    """Perturb every weight: zero-initialised layers would hide wiring bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module.eval().requires_grad_(False)
-
-
 def tiny(family: str, *, unet: UNetConfig | None = None, seed: int = 0, **kw) -> LatentDiffusion:
     sd2 = family == "sd2"
     unet = unet or (SD2_UNET if sd2 else SD1_UNET)
     return LatentDiffusion(
-        unet=_jitter(UNet(unet), seed + 1),
-        vae=_jitter(AutoencoderKL(VAE), seed + 2, std=0.02),
-        text_encoder=_jitter(CLIPTextEncoder(SD2_TEXT if sd2 else SD1_TEXT), seed + 3),
+        unet=jitter(UNet(unet), seed + 1),
+        vae=jitter(AutoencoderKL(VAE), seed + 2, std=0.02),
+        text_encoder=jitter(CLIPTextEncoder(SD2_TEXT if sd2 else SD1_TEXT), seed + 3),
         tokenizer=CLIPTokenizer.default(pad_token_id=0 if sd2 else None),
         schedule=NoiseSchedule.scaled_linear(),
         prediction=kw.pop("prediction", "v" if sd2 else "eps"),
@@ -383,7 +375,7 @@ def test_diffusers_from_single_file_reads_our_file(family, files, tmp_path):
 
 def test_ema_weights_are_used_when_present(models, files, tmp_path):
     tensors, _ = read_checkpoint(files["sd1"])
-    ema_unet = _jitter(UNet(SD1_UNET), 99)
+    ema_unet = jitter(UNet(SD1_UNET), 99)
     ema = {ema_key(k): v for k, v in ema_unet.state_dict().items()}
     assert ema_key("input_blocks.1.0.in_layers.0.weight") == (
         "model_ema.diffusion_modelinput_blocks10in_layers0weight"
@@ -504,7 +496,7 @@ def test_inpainting_unet_is_detected(tmp_path):
 
 
 def test_vae_file_replaces_the_checkpoints(files, tmp_path):
-    other = _jitter(AutoencoderKL(VAE), 42, std=0.02)
+    other = jitter(AutoencoderKL(VAE), 42, std=0.02)
     ldm = tmp_path / "vae-ft.safetensors"  # bare LDM names, as A1111's VAE files
     save_file({**other.state_dict(), "model_ema.decay": torch.tensor(1.0)}, str(ldm))
     diffusers_named = tmp_path / "vae.ckpt"
@@ -529,7 +521,7 @@ def test_vae_file_replaces_the_checkpoints(files, tmp_path):
 def test_vae_file_in_noisecraft_formats_keeps_its_config(tmp_path):
     """A native VAE (4 GroupNorm groups: off SD's conventions) or the VAE inside a native
     latent_diffusion file comes with its stored config, not an inferred one."""
-    vae = _jitter(AutoencoderKL(MINI_VAE), 5)
+    vae = jitter(AutoencoderKL(MINI_VAE), 5)
     native = tmp_path / "vae.safetensors"
     save_checkpoint(native, vae.state_dict(), CheckpointInfo(kind="vae", config=MINI_VAE.to_dict()))
     whole = tmp_path / "mini.safetensors"
@@ -577,7 +569,7 @@ def _train_high_noise(prediction: str, seed: int = 0, steps: int = 20) -> UNet:
     """A U-Net trained for ``steps`` Adam steps on t in [900, 999] with eps or v targets on
     data N(0.8, 0.5^2): enough for it to learn what it outputs at high noise."""
     torch.manual_seed(seed)
-    unet = _jitter(UNet(PROBE_UNET), seed).train().requires_grad_(True)
+    unet = jitter(UNet(PROBE_UNET), seed).train().requires_grad_(True)
     abar = NoiseSchedule.scaled_linear().alphas_cumprod.float()
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(unet.parameters(), lr=5e-3)

@@ -16,6 +16,7 @@ import torch
 from diffusers import UNet2DConditionModel, UNet2DModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from helpers import jitter
 from noisecraft.errors import ConfigError
 from noisecraft.models import UNet, UNetConfig
 from noisecraft.nn import SpatialTransformer
@@ -39,15 +40,6 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def _jitter(model: torch.nn.Module, std: float = 0.05, seed: int = 0) -> torch.nn.Module:
-    """Add noise to every parameter: zero-initialised output convs would hide wiring bugs."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def _n_params(model: torch.nn.Module) -> int:
@@ -84,7 +76,7 @@ def test_odd_sizes_raise_config_error():
 
 def test_timesteps_broadcast_fractional_and_channels_last():
     torch.manual_seed(0)
-    model = _jitter(UNet(TINY))
+    model = jitter(UNet(TINY), freeze=False)
     x = torch.randn(2, 2, 8, 12)
     t = torch.tensor(7.0)
     out = model(x, t)
@@ -105,7 +97,7 @@ def test_timesteps_broadcast_fractional_and_channels_last():
 
 def test_class_embedding_null_class():
     torch.manual_seed(0)
-    model = _jitter(UNet(dataclasses.replace(TINY, num_classes=5)))
+    model = jitter(UNet(dataclasses.replace(TINY, num_classes=5)), freeze=False)
     assert model.null_class == 5
     assert model.label_emb.weight.shape == (6, 4 * TINY.model_channels)  # last row: null class
     x, t = torch.randn(2, 2, 8, 8), torch.tensor([3, 400])
@@ -133,7 +125,7 @@ def test_class_embedding_null_class():
 def test_gradients_reach_every_parameter(overrides):
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY, attention_levels=(0, 1), **overrides)
-    model = _jitter(UNet(cfg))
+    model = jitter(UNet(cfg), freeze=False)
     x, t = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 250.5])
     kw = {}
     if cfg.num_classes:
@@ -240,7 +232,7 @@ def _pixel_to_diffusers(model: UNet) -> dict[str, torch.Tensor]:
 
 def test_pixel_unet_parity_with_diffusers_unet2dmodel():
     torch.manual_seed(0)
-    ours = _jitter(UNet(PIXEL))
+    ours = jitter(UNet(PIXEL), freeze=False)
     ref = _diffusers_pixel().eval()
     assert _n_params(ours) == _n_params(ref)
     ref.load_state_dict(_pixel_to_diffusers(ours), strict=True)
@@ -285,7 +277,7 @@ def _sd_tiny(use_linear: bool) -> tuple[UNetConfig, UNet2DConditionModel]:
 def test_cross_attention_unet_parity_with_diffusers(use_linear):
     torch.manual_seed(0)
     cfg, ref = _sd_tiny(use_linear)
-    ours = _jitter(UNet(cfg))
+    ours = jitter(UNet(cfg), freeze=False)
     assert _n_params(ours) == _n_params(ref)
     ref.load_state_dict(_to_diffusers(ours, 2), strict=True)
     # 16x12 keeps the deepest level at 8x6 (see notes/diffusers-parity.md)

@@ -15,6 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 
+from helpers import jitter
 from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.io.build import build_module
 from noisecraft.io.formats.unet_keys import (
@@ -123,15 +124,6 @@ SDXL_JSON = {
 }
 
 
-def _jitter(module: torch.nn.Module, seed: int = 0, std: float = 0.05) -> torch.nn.Module:
-    """Perturb every weight: zero biases / zero-initialised outputs would hide swapped names."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * std)
-    return module.eval().requires_grad_(False)
-
-
 def _diffusers_kwargs(config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
@@ -163,7 +155,7 @@ def test_keys_agree_with_diffusers_converter_and_model(name):
 @pytest.mark.parametrize("name", ["tiny", "three-levels-r3", "head-channels"])
 def test_round_trip_is_bit_exact(name):
     cfg = CONFIGS[name]
-    sd = _jitter(UNet(cfg)).state_dict()
+    sd = jitter(UNet(cfg)).state_dict()
     there = unet_to_diffusers(sd, cfg)
     back = unet_from_diffusers(there, cfg)
     assert list(back) == list(sd)
@@ -232,7 +224,7 @@ def test_diffusers_unet_outputs(kw):
             **kw,
         }
     )
-    _jitter(ref)
+    jitter(ref)
     ours = _from_diffusers(ref)
     if kw.get("attention_head_dim") == [1, 2]:
         assert ours.config.head_channels == 16
