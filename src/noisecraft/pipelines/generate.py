@@ -42,6 +42,7 @@ keep noisecraft's original rule: one generator seeded with ``seed`` draws the no
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -59,6 +60,8 @@ from noisecraft.diffusion import (
 )
 from noisecraft.diffusion.parametrization import c_skip_for
 from noisecraft.errors import ConfigError
+from noisecraft.pipelines.deepcache import deepcache
+from noisecraft.pipelines.fast import FastMode, as_fast_mode
 from noisecraft.pipelines.inpaint import InpaintDenoiser
 from noisecraft.pipelines.pixel import PixelDiffusion
 from noisecraft.samplers import SAMPLER_INFO, get_sampler, parse_sampler_name
@@ -83,7 +86,7 @@ SD_LATENT_RGB = (
     (-0.184, -0.271, -0.473),
 )
 
-PREVIEWS = ("cheap", "vae")
+PREVIEWS = ("cheap", "vae", "tiny")
 
 
 # ---------------------------------------------------------------------------- request
@@ -116,6 +119,13 @@ class GenerateRequest:
     * ``vae_tiling``: decode latents in overlapping tiles (True), whole (False), or tiled
       only for images above 1024x1024 pixels (None; :mod:`noisecraft.models.vae_tiling`).
       Pixel models have nothing to tile and ignore it.
+    * ``fast_decode``: decode the final latents with the model's TAESD-like tiny decoder
+      (``LatentDiffusion.tiny_decoder``, :mod:`noisecraft.models.tiny_decoder`) instead of
+      the VAE; its quality cost is in docs/performance.md ("Tiny decoder").
+    * ``fast``: fast mode (:mod:`noisecraft.pipelines.fast`): True = ``FAST`` (DeepCache
+      interval 2, branch 1), or a :class:`~noisecraft.pipelines.fast.FastMode`; the U-Net
+      then reuses its deep features on alternate calls. It does not change ``sampler`` /
+      ``steps``: ``FAST.request(...)`` also picks the fast sampler and steps.
     """
 
     n: int = 16
@@ -138,6 +148,8 @@ class GenerateRequest:
     mask: Tensor | None = None
     scheduler_config: Mapping[str, Any] | None = None
     vae_tiling: bool | None = None
+    fast_decode: bool = False
+    fast: FastMode | bool | None = None
 
     # ------------------------------------------------------------------ derived values
     def image_seeds(self) -> list[int]:
@@ -221,7 +233,14 @@ class GenerateRequest:
                 raise ConfigError("--strength needs an init image (--init IMAGE)")
         if self.mask is not None and self.init_image is None:
             raise ConfigError("--mask needs an init image (--init IMAGE) to inpaint")
+        as_fast_mode(self.fast)
         m.check_request(self)
+        if self.fast_decode and getattr(m, "tiny_decoder", None) is None:
+            raise ConfigError(
+                "fast_decode needs a model with a tiny decoder; load one "
+                "(noisecraft.models.tiny_decoder.load_tiny_decoder) and set "
+                "model.tiny_decoder, or leave fast decode off"
+            )
         height, width = image_size(m, self)
         _check_size(m, height, width)
         if self.init_image is not None:
@@ -528,7 +547,8 @@ def generate(
     ``preview_every = K > 0`` every K-th step (and the last) also carries ``preview``, an
     RGB picture (B, 3, h, w) in [-1, 1] of the current x0 estimate: ``preview="cheap"`` maps
     latents linearly to RGB at latent resolution (AUTOMATIC1111's "Approx cheap"; costs
-    nothing), ``"vae"`` decodes them with the VAE (exact, costs a decode). Pixel models
+    nothing), ``"vae"`` decodes them with the VAE (exact, costs a decode), ``"tiny"`` with
+    the model's tiny decoder (:mod:`noisecraft.models.tiny_decoder`). Pixel models
     preview the x0 estimate itself. ``decode=False`` returns the final latents instead of
     images (for latent models; the same tensor for pixel models, not clamped).
 
@@ -586,15 +606,30 @@ def generate(
         if callback is not None:
             cb = _make_callback(callback, m, b, start, stop, preview_every, preview, steps_run)
         if steps_run > 0:
-            x = sampler(
-                fn, x, sigmas, generator=run.generator, callback=cb, extra_args=cond, **options
-            )
+            with _fast_unet(m, request):
+                x = sampler(
+                    fn, x, sigmas, generator=run.generator, callback=cb, extra_args=cond, **options
+                )
         if inputs.blend:  # the known region is the clean init latents at the end
             x = (1.0 - run.mask) * run.known + run.mask * x
-        if decode:
+        if decode and request.fast_decode:
+            x = m.tiny_decode(x)  # validate() checked that the model has a tiny decoder
+        elif decode:
             x = m.decode(x) if request.vae_tiling is None else m.decode(x, request.vae_tiling)
         out.append(x.float().clamp(-1, 1).cpu() if decode else x.float().cpu())
     return torch.cat(out)
+
+
+def _fast_unet(m: DiffusionModel, request: GenerateRequest) -> Any:
+    """A context in which the model's U-Net runs in the request's fast mode (DeepCache with a
+    fresh cache per sampling run), or a no-op."""
+    fast = as_fast_mode(request.fast)
+    if fast is None or fast.deepcache is None or fast.deepcache.interval == 1:
+        return contextlib.nullcontext()
+    unet = getattr(m, "unet", None) or getattr(getattr(m, "model", None), "unet", None)
+    if unet is None:
+        raise ConfigError(f"fast mode needs a U-Net model; {type(m).__name__} has none")
+    return deepcache(unet, fast.deepcache)
 
 
 def _quantized(denoiser: Denoiser) -> Denoiser:

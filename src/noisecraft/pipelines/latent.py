@@ -103,6 +103,10 @@ class LatentDiffusion:
       weights are; set by sequential CPU offload
       (:func:`~noisecraft.pipelines.offload.offload_latent_diffusion`), with ``offload`` its
       hooks. None = the U-Net's device.
+    * ``tiny_decoder``: an optional TAESD-like
+      :class:`~noisecraft.models.tiny_decoder.TinyDecoder` trained for this VAE, for
+      ``preview="tiny"`` and ``GenerateRequest(fast_decode=True)`` (:meth:`tiny_decode`).
+      Not saved with the model: it is its own checkpoint (kind ``"tiny_decoder"``).
     """
 
     unet: UNet
@@ -119,9 +123,11 @@ class LatentDiffusion:
     x0_range: tuple[float, float] | None = None
     execution_device: torch.device | None = None
     offload: Any = None
+    tiny_decoder: Any = None
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
+        self._check_tiny_decoder()
         u, z = self.unet.config, self.vae.config.z_channels
         if u.context_dim is None:
             raise ConfigError(
@@ -231,9 +237,34 @@ class LatentDiffusion:
         """``concat`` = [mask (B, 1, h, w), masked-image latents (B, z, h, w)] for the U-Net."""
         return {"concat": torch.cat([mask.to(masked_latents.dtype), masked_latents], dim=1)}
 
+    def _check_tiny_decoder(self) -> None:
+        td = self.tiny_decoder
+        if td is None:
+            return
+        v, c = self.vae.config, td.config
+        if (c.latent_channels, c.upsample_factor, c.out_channels) != (
+            v.z_channels,
+            v.downsample_factor,
+            v.out_channels,
+        ):
+            raise ConfigError(
+                f"the tiny decoder ({c.latent_channels} latent channels, factor "
+                f"{c.upsample_factor}, {c.out_channels} image channels) does not fit this VAE "
+                f"({v.z_channels}, {v.downsample_factor}, {v.out_channels}); use one trained "
+                "for this model"
+            )
+
+    def tiny_decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents -> images in [-1, 1] with :attr:`tiny_decoder` (TAESD-like, fast)."""
+        if self.tiny_decoder is None:
+            raise ConfigError("this model has no tiny decoder; set tiny_decoder first")
+        return self.tiny_decoder.decode(latents)
+
     def preview(self, denoised: Tensor, mode: str) -> Tensor:
         if mode == "vae":
             return self.decode(denoised).clamp(-1, 1)
+        if mode == "tiny":
+            return self.tiny_decode(denoised)
         return latent_to_rgb(denoised)
 
     def c_skip(self, sigma: Tensor) -> Tensor:
@@ -395,10 +426,26 @@ class LatentDiffusion:
             (self.vae, None if dtype is None else vae_dtype_for(dtype)),
         ):
             module.to(device=device, dtype=d)
+        if self.tiny_decoder is not None:
+            self.tiny_decoder.to(
+                device=device, dtype=None if dtype is None else vae_dtype_for(dtype)
+            )
         return self
 
     def replace(self, **changes: Any) -> LatentDiffusion:
         return dataclasses.replace(self, **changes)
+
+    def int8(self, *, convs: bool = False, text_encoder: bool = True) -> LatentDiffusion:
+        """A copy whose U-Net (and text encoder) Linear layers -- and with ``convs`` the
+        U-Net's Conv2d layers -- are dynamically quantised to int8 for CPU inference
+        (:func:`noisecraft.pipelines.fast.quantize_int8`); the VAE stays float32. Fast mode's
+        ``int8`` option; docs/performance.md gives its speed and quality cost."""
+        from noisecraft.pipelines.fast import quantize_int8
+
+        changes: dict[str, Any] = {"unet": quantize_int8(self.unet, convs=convs)}
+        if text_encoder:
+            changes["text_encoder"] = quantize_int8(self.text_encoder, skip=())
+        return self.replace(**changes)
 
 
 def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
