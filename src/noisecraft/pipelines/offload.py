@@ -18,11 +18,18 @@ calling the child (e.g. ``layer.weight.dtype``) sees the CPU tensor.
 On a machine without CUDA the same logic runs with a "fake device": ``device="cpu"`` and
 ``dtype=torch.float64`` turns every module's weights into float64 copies for its forward only
 (that is how the tests check it). ``device="cpu"`` without a dtype is a no-op (nothing hooked).
+
+The same hooks are the low-memory mode's "store in one dtype, compute in another"
+(:mod:`noisecraft.pipelines.lowmem`): ``device="cpu"``, ``dtype=torch.float32`` and weights
+stored as float16 buffers, or as int8 buffers ``NAME`` with a per-output-channel float32
+``NAME_scale`` buffer beside them (:func:`dequantize`: ``q * scale``), which the pre-hook widens
+to the execution dtype for the module's forward only. ``select`` limits the hooks to some
+modules (those holding stored weights).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,6 +37,15 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from noisecraft.errors import ConfigError
+
+#: suffix of the buffer holding the per-output-channel scales of an int8 buffer ``NAME``
+SCALE_SUFFIX = "_scale"
+
+
+def dequantize(q: Tensor, scale: Tensor) -> Tensor:
+    """``q * scale``: int8 weights times their per-output-channel scales (shaped to broadcast,
+    e.g. (out, 1) for a Linear), in ``scale``'s dtype; one pass, no int8 -> float copy first."""
+    return torch.mul(q, scale)
 
 
 def _owns_tensors(module: nn.Module) -> bool:
@@ -42,7 +58,8 @@ class SequentialOffload:
     """The hooks of :func:`sequential_offload` on one or more modules; :meth:`remove` undoes them.
 
     ``device``: where each module runs; ``dtype``: the floating-point dtype it runs in (None =
-    the weights' own dtype).
+    the weights' own dtype); ``select``: hook only the modules (owning tensors) for which it
+    is true (None = all).
     """
 
     def __init__(
@@ -50,6 +67,7 @@ class SequentialOffload:
         modules: nn.Module | Iterable[nn.Module],
         device: str | torch.device,
         dtype: torch.dtype | None = None,
+        select: Callable[[nn.Module], bool] | None = None,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
@@ -58,7 +76,7 @@ class SequentialOffload:
         self.hooked: list[nn.Module] = []
         for root in roots:
             for module in root.modules():
-                if _owns_tensors(module):
+                if _owns_tensors(module) and (select is None or select(module)):
                     self._hook(module)
 
     # ------------------------------------------------------------------ moving
@@ -88,10 +106,16 @@ class SequentialOffload:
                     mod._parameters[name] = nn.Parameter(
                         self._move(p.detach()), requires_grad=p.requires_grad
                     )
-            for name, b in mod._buffers.items():
-                if b is not None:
-                    home["b." + name] = b
-                    mod._buffers[name] = self._move(b)
+            buffers = mod._buffers
+            for name, b in list(buffers.items()):
+                if b is None or name.endswith(SCALE_SUFFIX):
+                    continue  # a scale is read with its int8 tensor
+                home["b." + name] = b
+                scale = buffers.get(name + SCALE_SUFFIX)
+                if b.dtype == torch.int8 and scale is not None:  # int8 storage: dequantize
+                    buffers[name] = dequantize(self._move(b), self._move(scale))
+                else:
+                    buffers[name] = self._move(b)
             return self._move_inputs(args), self._move_inputs(kwargs)
 
         def post(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -152,4 +176,10 @@ def offload_latent_diffusion(
     return model.replace(execution_device=torch.device(device), offload=handle)
 
 
-__all__ = ["SequentialOffload", "offload_latent_diffusion", "sequential_offload"]
+__all__ = [
+    "SCALE_SUFFIX",
+    "SequentialOffload",
+    "dequantize",
+    "offload_latent_diffusion",
+    "sequential_offload",
+]

@@ -1,0 +1,279 @@
+"""Low-memory mode: weights stored in float16 or int8, widened to float32 layer by layer.
+
+What stable-diffusion.cpp does with f16 / q8_0 weights, on PyTorch's CPU kernels: the large
+weights of the U-Net and the text encoder (and the VAE, in float16 by default) are *stored* in
+a narrow format and each layer gets a float32 copy of its own weight only for its forward
+(the hooks of :mod:`noisecraft.pipelines.offload` with ``device="cpu"``,
+``dtype=torch.float32``), dropped right after it. All arithmetic stays float32, so:
+
+* ``"fp16"``: each weight is rounded to float16 once (relative error <= 2^-11); activations
+  are not rounded. SD 1.5's 3.97 GiB of float32 weights take 2.0 GiB.
+* ``"int8"``: symmetric per-output-channel quantisation (as q8_0 / LLM.int8's vector-wise
+  scales, here one scale per output channel): ``scale = max|w_row| / 127``,
+  ``q = round(w / scale)``, widened as ``q * scale`` (:func:`~noisecraft.pipelines.offload.
+  dequantize`). Weights take ~1.0 GiB; the rounding error is up to ``scale / 2`` per weight.
+
+Biases, norms and weights with fewer than ``min_elements`` elements stay float32 parameters
+(a few MB), and so do the U-Net's timestep-embedding layers and the VAE decoder's last conv,
+whose ``weight.dtype`` the models read to cast their inputs. The stored weights become
+*buffers* of the same name (``layer.weight`` still works; ``model.parameters()`` then yields
+float32 tensors only, so the pipeline keeps float32 inputs); an int8 ``weight`` has a
+``weight_scale`` buffer beside it.
+
+The conversion runs tensor by tensor. A weight that is a view of a memory-mapped file (a
+``.safetensors`` loaded with no copy, :func:`~noisecraft.io.build.build_module`) has its
+file pages dropped from the process (``madvise(MADV_DONTNEED)`` on the pages lying wholly
+inside that tensor, in a private file mapping) as soon as it is converted, so loading an
+fp32 file peaks near the stored size instead of the file's size. A float16 file loaded with
+``dtype=None`` (:func:`load_low_memory`) is already the fp16 storage: no float32 copy is
+ever made.
+
+Cost: widening reads every stored weight once per U-Net call (SD 1.5: 860 M weights per
+pass); docs/performance.md gives the measured time and peak memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.pipelines.offload import SCALE_SUFFIX, SequentialOffload
+
+#: stored weight formats
+WEIGHT_FORMATS = ("fp16", "int8")
+#: layers kept in float32 whatever their size: their ``weight.dtype`` is read by the models
+#: (UNet.forward casts the timestep embedding to it; AutoencoderKL.last_layer)
+KEEP_FP32 = ("time_embed.", "decoder.conv_out")
+#: the layer types whose ``weight`` is stored narrow (their forwards only use it as a tensor)
+STORED_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
+
+
+def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Symmetric int8 quantisation with one float32 scale per output channel (dim 0).
+
+    ``scale = max|w[i]| / 127`` (1 for an all-zero row), ``q = clamp(round(w / scale), -127,
+    127)``; returns ``(q, scale)`` with ``scale`` shaped (out, 1, ...) to broadcast against
+    ``q``, so ``q * scale`` approximates ``w`` within ``scale / 2``.
+    """
+    flat = w.detach().reshape(w.shape[0], -1)
+    amax = flat.abs().amax(dim=1).float()
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(flat.float() / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.reshape(w.shape), scale.reshape((-1,) + (1,) * (w.ndim - 1))
+
+
+# ---------------------------------------------------------------------------- file pages
+
+_MADV_DONTNEED = 4
+
+
+def _file_mappings() -> list[tuple[int, int]]:
+    """(start, end) of this process's private file-backed mappings (``/proc/self/maps``; how
+    safetensors maps a file)."""
+    ranges = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                parts = line.split(maxsplit=5)
+                if len(parts) < 6 or not parts[5].startswith("/") or not parts[1].endswith("p"):
+                    continue
+                start, end = (int(v, 16) for v in parts[0].split("-"))
+                ranges.append((start, end))
+    except OSError:
+        return []
+    return ranges
+
+
+class _PageReleaser:
+    """Drops the resident pages of a tensor that lives in a private file mapping, once it has
+    been converted: ``madvise(MADV_DONTNEED)`` on the pages wholly inside the tensor. Pages
+    never written are read back from the file if they are touched again (a page changed in
+    place would revert to the file's content: only tensors being replaced are released)."""
+
+    def __init__(self) -> None:
+        self.ranges = _file_mappings()
+        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+        name = ctypes.util.find_library("c")
+        self.libc = ctypes.CDLL(name, use_errno=True) if name and self.ranges else None
+        self.released = 0
+
+    def __call__(self, t: Tensor) -> None:
+        if self.libc is None or t.device.type != "cpu" or not t.is_contiguous():
+            return
+        start = t.data_ptr()
+        end = start + t.numel() * t.element_size()
+        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
+            return  # anonymous memory: freed when its last reference goes
+        first = -(-start // self.page) * self.page  # pages wholly inside the tensor only
+        last = end // self.page * self.page
+        if last <= first:
+            return
+        size = ctypes.c_size_t(last - first)
+        if self.libc.madvise(ctypes.c_void_p(first), size, _MADV_DONTNEED) == 0:
+            self.released += last - first
+
+
+# ---------------------------------------------------------------------------- conversion
+
+
+def _stored_layers(
+    root: nn.Module, min_elements: int, keep: Iterable[str]
+) -> list[tuple[str, nn.Module]]:
+    keep = tuple(keep)
+    out = []
+    for name, m in root.named_modules():
+        w = m._parameters.get("weight") if isinstance(m, STORED_TYPES) else None
+        if w is None or not w.is_floating_point() or w.ndim < 2 or w.numel() < min_elements:
+            continue
+        if any(("." + k) in ("." + name) for k in keep):
+            continue
+        out.append((name, m))
+    return out
+
+
+def store_weights(
+    root: nn.Module,
+    weights: str,
+    *,
+    min_elements: int = 4096,
+    keep: Iterable[str] = KEEP_FP32,
+    release: _PageReleaser | None = None,
+) -> list[nn.Module]:
+    """Store the ``weight`` of ``root``'s Linear / Conv2d / Embedding layers in ``weights``
+    format (in place); every other floating-point tensor becomes float32. Returns the layers
+    whose weight is stored (those that need the widening hooks)."""
+    if weights not in WEIGHT_FORMATS:
+        raise unknown_name("weights format", weights, WEIGHT_FORMATS)
+    release = release or _PageReleaser()
+    layers = _stored_layers(root, min_elements, keep)
+    for _, m in layers:
+        w = m._parameters.pop("weight").detach()
+        if weights == "fp16":
+            stored = w.to(torch.float16)
+        else:
+            stored, scale = quantize_per_channel(w)
+            m.register_buffer("weight" + SCALE_SUFFIX, scale)
+        m.register_buffer("weight", stored)
+        if stored.data_ptr() != w.data_ptr():
+            release(w)
+        del w
+    store_fp32(root, release, skip={id(m) for _, m in layers})  # biases, norms, small ones
+    return [m for _, m in layers]
+
+
+def low_memory(
+    model: Any,
+    weights: str = "fp16",
+    *,
+    vae: str | None = "fp16",
+    min_elements: int = 4096,
+) -> Any:
+    """The :class:`~noisecraft.pipelines.latent.LatentDiffusion` ``model`` with its U-Net and
+    text-encoder weights stored in ``weights`` ("fp16" or "int8") and its VAE's in ``vae``
+    ("fp16", "int8", or None = float32), each layer widened to float32 for its forward only
+    (see the module docstring).
+
+    The modules are converted in place (the returned model shares them with ``model``, which
+    must not be used without the hooks); ``returned.offload.remove()`` removes the hooks.
+    CPU only. Layers with fewer than ``min_elements`` weights stay float32.
+    """
+    from noisecraft.pipelines.latent import LatentDiffusion
+
+    if not isinstance(model, LatentDiffusion):
+        raise ConfigError(
+            "low-memory mode is for latent (Stable Diffusion-type) models; this is a "
+            f"{type(model).__name__}"
+        )
+    if weights not in WEIGHT_FORMATS:
+        raise unknown_name("--low-memory", weights, WEIGHT_FORMATS)
+    if vae is not None and vae not in WEIGHT_FORMATS:
+        raise unknown_name("VAE weights format", vae, WEIGHT_FORMATS)
+    if model.offload is not None:
+        raise ConfigError("low-memory mode and sequential offload cannot be combined")
+    for module in (model.unet, model.text_encoder, model.vae):
+        for t in [*module.parameters(), *module.buffers()]:
+            if t.device.type != "cpu":
+                raise ConfigError(
+                    f"low-memory mode runs on the CPU, but a weight is on {t.device}; "
+                    "load the model with device='cpu'"
+                )
+    release = _PageReleaser()
+    stored: list[nn.Module] = []
+    for module, fmt in ((model.unet, weights), (model.text_encoder, weights), (model.vae, vae)):
+        if fmt is None:
+            store_fp32(module, release)
+        else:
+            stored += store_weights(module, fmt, min_elements=min_elements, release=release)
+    ids = {id(m) for m in stored}
+    handle = SequentialOffload(
+        [model.unet, model.text_encoder, model.vae],
+        "cpu",
+        torch.float32,
+        select=lambda m: id(m) in ids,
+    )
+    return model.replace(offload=handle)
+
+
+def store_fp32(
+    root: nn.Module, release: _PageReleaser | None = None, skip: set[int] | None = None
+) -> None:
+    """Every floating-point parameter and buffer of ``root`` in float32 (in place), except
+    the buffers of the modules whose ``id`` is in ``skip`` (the stored weights)."""
+    release = release or _PageReleaser()
+    skip = skip or set()
+    for m in root.modules():
+        for name, p in list(m._parameters.items()):
+            if p is not None and p.is_floating_point() and p.dtype != torch.float32:
+                m._parameters[name] = nn.Parameter(p.detach().float(), requires_grad=False)
+                release(p)
+        if id(m) in skip:
+            continue
+        for name, b in list(m._buffers.items()):
+            if b is not None and b.is_floating_point() and b.dtype != torch.float32:
+                m._buffers[name] = b.float()
+                release(b)
+
+
+def load_low_memory(
+    path: str | os.PathLike,
+    weights: str = "fp16",
+    *,
+    vae: str | None = "fp16",
+    vae_path: str | os.PathLike | None = None,
+    prediction: str | None = None,
+    arch: str | None = None,
+    min_elements: int = 4096,
+) -> Any:
+    """Load a model file (any format :func:`~noisecraft.io.formats.auto.load_any` reads) for
+    low-memory mode without a float32 copy of a half-precision file: SD single files are read
+    with ``dtype=None`` (stored dtype, memory-mapped), other formats as they load (native
+    files map float32 weights with no copy); then :func:`low_memory`."""
+    from noisecraft.io.formats.auto import detect_format, load_any
+
+    if weights not in WEIGHT_FORMATS:
+        raise unknown_name("--low-memory", weights, WEIGHT_FORMATS)
+    if detect_format(path) == "single-file":
+        from noisecraft.io.formats.single_file import load_single_file
+
+        model = load_single_file(path, prediction=prediction, vae=vae_path, family=arch, dtype=None)
+    else:
+        model = load_any(path, vae=vae_path, prediction=prediction, arch=arch)
+    return low_memory(model, weights, vae=vae, min_elements=min_elements)
+
+
+__all__ = [
+    "KEEP_FP32",
+    "WEIGHT_FORMATS",
+    "load_low_memory",
+    "low_memory",
+    "quantize_per_channel",
+    "store_fp32",
+    "store_weights",
+]
