@@ -332,3 +332,28 @@ def test_half_precision_weights(tmp_path, capsys):
         ["generate", "a 3", "--dtype", "fp8", "--out", str(tmp_path / "x.png")], capsys
     )
     assert rc == 2 and "fp16" in err and len(err.strip().splitlines()) == 1
+
+
+def test_low_memory_weights(files, tmp_path, capsys):
+    """--low-memory fp16|int8: weights stored narrow, each layer widened to fp32 as it runs
+    (noisecraft.pipelines.lowmem); the tiny model's weights are below the default size
+    threshold except the largest, so compare with fp32 only loosely here (the tight bounds
+    are in tests/test_lowmem.py)."""
+    images = {}
+    for mode in (None, "fp16", "int8"):
+        out = tmp_path / f"{mode}.png"
+        args = ["generate", "a cat", "--model", str(files / "tiny.safetensors"), *COMMON]
+        args += ["--out", str(out)] + (["--low-memory", mode] if mode else [])
+        rc, _, err = _run(args, capsys)
+        assert rc == 0, err
+        images[mode] = _pixels(out).astype(np.float64)
+    for mode in ("fp16", "int8"):
+        assert np.abs(images[mode] - images[None]).mean() < 4
+    for extra, message in (
+        (["--low-memory", "int4"], "fp16"),
+        (["--low-memory", "int8", "--dtype", "fp16"], "--low-memory"),
+        (["--low-memory", "int8", "--model", str(files / "pixel.safetensors")], "latent"),
+    ):
+        args = ["generate", "a", *COMMON, "--out", str(tmp_path / "x.png"), *extra]
+        rc, _, err = _run(args, capsys)
+        assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err

@@ -156,6 +156,13 @@ def generate_command(
     offload: Annotated[
         bool, typer.Option(help="keep weights in CPU memory, move each layer to --device to run it")
     ] = False,
+    low_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--low-memory",
+            help="fp16 | int8: store the weights so, widen each layer to fp32 as it runs (CPU)",
+        ),
+    ] = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     paths = run_generate(
@@ -182,6 +189,7 @@ def generate_command(
         arch=arch,
         dtype=dtype,
         offload=offload,
+        low_memory=low_memory,
     )
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -232,6 +240,7 @@ def run_generate(
     arch: str | None = None,
     dtype: str = "fp32",
     offload: bool = False,
+    low_memory: str | None = None,
 ) -> list[Path]:
     """What ``noisecraft generate`` does; returns the paths written."""
     import torch
@@ -274,13 +283,26 @@ def run_generate(
 
     if dtype not in DTYPES:
         raise unknown_name("--dtype", dtype, DTYPES)
-    net = load_any(
-        resolve_model(model),
-        device="cpu" if offload else device,
-        vae=vae,
-        prediction=prediction,
-        arch=arch,
-    )
+    if low_memory is not None:  # weights stored fp16 / int8, each layer widened as it runs
+        from noisecraft.pipelines.lowmem import WEIGHT_FORMATS, load_low_memory
+
+        if low_memory not in WEIGHT_FORMATS:
+            raise unknown_name("--low-memory", low_memory, WEIGHT_FORMATS)
+        if dtype != "fp32" or offload or device != "cpu":
+            raise ConfigError(
+                "--low-memory runs on the CPU in fp32: drop --dtype/--offload/--device"
+            )
+        net = load_low_memory(
+            resolve_model(model), low_memory, vae_path=vae, prediction=prediction, arch=arch
+        )
+    else:
+        net = load_any(
+            resolve_model(model),
+            device="cpu" if offload else device,
+            vae=vae,
+            prediction=prediction,
+            arch=arch,
+        )
     latent = isinstance(net, LatentDiffusion)
     if (dtype != "fp32" or offload) and not latent:
         raise ConfigError("--dtype and --offload are for latent (Stable Diffusion-type) models")
