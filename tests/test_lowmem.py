@@ -143,3 +143,56 @@ def test_page_releaser_drops_file_pages_and_data_survives(tmp_path):
     before = release.released
     release(anon)
     assert release.released == before and torch.equal(anon, x)
+
+
+# ---------------------------------------------------------------------------- shipped model
+
+
+def _shipped(weights: str | None, **kw):
+    from noisecraft.cli.main import resolve_model
+    from noisecraft.pipelines import LatentDiffusion
+
+    model = LatentDiffusion.load(resolve_model("mnist-text"))
+    return model if weights is None else low_memory(model, weights, **kw)
+
+
+def _digits(model, per_digit: int, seed: int) -> tuple[torch.Tensor, float]:
+    """Images of "a handwritten <word>" and the fraction the MNIST classifier reads as the
+    digit asked for (as tests/test_shipped_text_model.py: DPM++ 2M, 20 steps, CFG 5)."""
+    from noisecraft.metrics.features import mnist_extractor
+    from noisecraft.pipelines import GenerateRequest
+    from noisecraft.training.captions import DIGIT_WORDS
+
+    digits = [d for d in range(10) for _ in range(per_digit)]
+    prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]
+    req = GenerateRequest(
+        n=len(prompts), prompts=prompts, sampler="dpmpp_2m", steps=20, cfg=5.0, seed=seed
+    )
+    images = generate(model, req)
+    predicted = mnist_extractor().logits(images[..., 2:30, 2:30]).argmax(1)
+    return images, (predicted == torch.tensor(digits)).float().mean().item()
+
+
+def test_shipped_model_quality_20_prompts():
+    """Shipped mini SD, 20 prompts: fp16 storage max pixel change <= 2e-2 ([-1, 1] range),
+    int8 accuracy >= 0.9. Measured over 100 prompts (the slow test): fp16 max 0.0075,
+    int8 mean 0.0011 / max 0.18, both 100/100 digits."""
+    ref, acc32 = _digits(_shipped(None), 2, seed=0)
+    fp16, acc16 = _digits(_shipped("fp16"), 2, seed=0)
+    int8, acc8 = _digits(_shipped("int8"), 2, seed=0)
+    assert (fp16 - ref).abs().max() <= 2e-2
+    assert (int8 - ref).abs().mean() <= 5e-3
+    assert acc16 >= acc32 - 0.05 and acc8 >= 0.9
+
+
+@pytest.mark.slow
+def test_shipped_model_quality_100_prompts():
+    """The README's 100 prompts (ten per digit) with every weight stored (min_elements=0),
+    VAE included: measured fp16 100/100, max change 0.011; int8 (VAE int8 too) 100/100,
+    mean change 0.0020, max 0.34."""
+    ref, _ = _digits(_shipped(None), 10, seed=0)
+    fp16, acc16 = _digits(_shipped("fp16", min_elements=0), 10, seed=0)
+    int8, acc8 = _digits(_shipped("int8", vae="int8", min_elements=0), 10, seed=0)
+    assert acc16 >= 0.95 and acc8 >= 0.95
+    assert (fp16 - ref).abs().max() <= 2e-2
+    assert (int8 - ref).abs().mean() <= 5e-3
