@@ -20,6 +20,9 @@ DEFAULTS: dict[str, Any] = {"steps": 20, "sampler": "dpmpp_2m", "seed": 0}
 DEFAULT_CFG = {"latent": 7.0, "pixel": 2.0}
 #: ``--dtype`` names -> torch dtype names
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+#: The tiny decoder ``--fast-decode`` uses for a shipped model when no --tiny-decoder is given
+#: (configs/mnist_tiny_decoder.toml).
+SHIPPED_TINY_DECODERS = {"mnist-text": "mnist_text_tiny_decoder.safetensors"}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -156,6 +159,14 @@ def generate_command(
     offload: Annotated[
         bool, typer.Option(help="keep weights in CPU memory, move each layer to --device to run it")
     ] = False,
+    fast_decode: Annotated[
+        bool,
+        typer.Option(help="decode with a tiny TAESD-like decoder (fast, small quality cost)"),
+    ] = False,
+    tiny_decoder: Annotated[
+        Path | None,
+        typer.Option(help="tiny decoder .safetensors for --fast-decode (shipped for mnist-text)"),
+    ] = None,
     low_memory: Annotated[
         str | None,
         typer.Option(
@@ -189,6 +200,8 @@ def generate_command(
         arch=arch,
         dtype=dtype,
         offload=offload,
+        fast_decode=fast_decode,
+        tiny_decoder=tiny_decoder,
         low_memory=low_memory,
     )
     for p in paths:
@@ -213,6 +226,24 @@ def diffusers_scheduler_config(net: Any, sampler: str) -> dict[str, Any] | None:
     if isinstance(info, SingleFileInfo):
         return dict(SD15_SCHEDULER_CONFIG)
     return None
+
+
+def _with_tiny_decoder(net: Any, model: str, path: Path | None, latent: bool, device: str) -> Any:
+    """``net`` with the tiny decoder of --tiny-decoder (or the shipped one of a shipped model)."""
+    if not latent:
+        raise ConfigError("--fast-decode / --tiny-decoder are for latent models (they have a VAE)")
+    from noisecraft.cli.main import ASSETS
+    from noisecraft.models.tiny_decoder import load_tiny_decoder
+
+    if path is None:
+        if model not in SHIPPED_TINY_DECODERS or Path(model).exists():
+            raise ConfigError(
+                f"--fast-decode needs --tiny-decoder FILE for {model} (train one: noisecraft "
+                "train configs/mnist_tiny_decoder.toml with latent.vae set to this model)"
+            )
+        path = ASSETS / SHIPPED_TINY_DECODERS[model]
+    decoder = load_tiny_decoder(path, device=device)
+    return net.replace(tiny_decoder=decoder)
 
 
 def run_generate(
@@ -240,6 +271,8 @@ def run_generate(
     arch: str | None = None,
     dtype: str = "fp32",
     offload: bool = False,
+    fast_decode: bool = False,
+    tiny_decoder: Path | None = None,
     low_memory: str | None = None,
 ) -> list[Path]:
     """What ``noisecraft generate`` does; returns the paths written."""
@@ -312,6 +345,8 @@ def run_generate(
         from noisecraft.pipelines.offload import offload_latent_diffusion
 
         net = offload_latent_diffusion(net, device)
+    if fast_decode or tiny_decoder is not None:
+        net = _with_tiny_decoder(net, model, tiny_decoder, latent, device)
     if latent and png.get("clip_skip") is not None:
         net = net.replace(clip_skip=int(png["clip_skip"]))
     if sampler is not None:
@@ -366,6 +401,7 @@ def run_generate(
         init_image=init_image,
         strength=strength,
         mask=mask_image,
+        fast_decode=fast_decode,
     )
     req.validate(net)
     total = count_steps(net, req)

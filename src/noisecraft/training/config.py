@@ -18,6 +18,10 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
 * ``"text_latent"``: the second stage, a text-conditioned U-Net on the latents of a trained
   VAE -- ``[latent]`` (:class:`LatentConfig`) and ``[text_encoder]``
   (:class:`~noisecraft.models.text_encoder.TextEncoderConfig`) on top of the pixel sections.
+* ``"tiny_decoder"``: a TAESD-like decoder distilled from a trained VAE's decoder --
+  ``[latent]`` (the teacher), ``[tiny_decoder]``
+  (:class:`~noisecraft.models.tiny_decoder.TinyDecoderConfig`) and ``[distill]``
+  (:class:`DistillConfig`) with ``[data]``, ``[train]``, ``[run]``.
 
 A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
 silently train the wrong thing).
@@ -33,6 +37,7 @@ from typing import Any
 
 from noisecraft.errors import ConfigError, unknown_name
 from noisecraft.models.text_encoder import TextEncoderConfig
+from noisecraft.models.tiny_decoder import TinyDecoderConfig
 from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
 from noisecraft.training.vae_loss import VAELossConfig
@@ -42,6 +47,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "pixel": ("data", "model", "diffusion", "train", "run"),
     "vae": ("data", "vae", "vae_loss", "train", "run"),
     "text_latent": ("data", "latent", "text_encoder", "model", "diffusion", "train", "run"),
+    "tiny_decoder": ("data", "latent", "tiny_decoder", "distill", "train", "run"),
 }
 
 
@@ -133,8 +139,30 @@ class LatentConfig:
     encode_batch_size: int = 256
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """What the ``tiny_decoder`` task fits (:mod:`noisecraft.training.tasks.tiny_decoder`).
+
+    * ``target``: ``"vae"`` -- the teacher VAE decoder's own output on each latent
+      (distillation), or ``"images"`` -- the dataset's images.
+    * ``gradient_weight``: weight of an L1 loss on the images' horizontal and vertical finite
+      differences (sharp edges), added to the pixel L1; 0 = off.
+    * ``latent_noise``: std of Gaussian noise added to the (scaled) input latents at each step,
+      so the decoder also sees latents a little off the encoder's (as sampled ones are).
+    """
+
+    target: str = "vae"  # vae | images
+    gradient_weight: float = 0.0
+    latent_noise: float = 0.0
+
+
 #: Sections built by a model config's own ``from_dict`` (unknown keys name the closest).
-_MODEL_SECTIONS = {"model": UNetConfig, "vae": VAEConfig, "text_encoder": TextEncoderConfig}
+_MODEL_SECTIONS = {
+    "model": UNetConfig,
+    "vae": VAEConfig,
+    "text_encoder": TextEncoderConfig,
+    "tiny_decoder": TinyDecoderConfig,
+}
 
 
 @dataclass(frozen=True)
@@ -149,6 +177,8 @@ class ExperimentConfig:
     vae_loss: VAELossConfig = field(default_factory=VAELossConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
+    tiny_decoder: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -199,6 +229,7 @@ _SECTION_TYPES: dict[str, type] = {
     "run": RunConfig,
     "vae_loss": VAELossConfig,
     "latent": LatentConfig,
+    "distill": DistillConfig,
 }
 
 

@@ -4,6 +4,8 @@
 * ``vae`` -- :class:`VAETask`: the KL autoencoder of latent diffusion (first stage).
 * ``text_latent`` -- :class:`TextLatentTask`: a text-conditioned U-Net trained with a small
   CLIP text encoder on the cached latents of a trained VAE (second stage).
+* ``tiny_decoder`` -- :class:`TinyDecoderTask`: a TAESD-like decoder distilled from a trained
+  VAE's decoder (fast previews and decodes).
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -18,9 +20,15 @@ from noisecraft.training.data import ImageDataset
 from noisecraft.training.tasks.base import Task, TaskLoss
 from noisecraft.training.tasks.pixel import PixelTask
 from noisecraft.training.tasks.text_latent import TextLatentTask
+from noisecraft.training.tasks.tiny_decoder import TinyDecoderTask
 from noisecraft.training.tasks.vae import VAETask
 
-TASKS: dict[str, type] = {"pixel": PixelTask, "vae": VAETask, "text_latent": TextLatentTask}
+TASKS: dict[str, type] = {
+    "pixel": PixelTask,
+    "vae": VAETask,
+    "text_latent": TextLatentTask,
+    "tiny_decoder": TinyDecoderTask,
+}
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
 
@@ -32,4 +40,13 @@ def build_task(cfg: ExperimentConfig, dataset: ImageDataset, device: torch.devic
     return TASKS[name](cfg, dataset, device)
 
 
-__all__ = ["TASKS", "PixelTask", "Task", "TaskLoss", "TextLatentTask", "VAETask", "build_task"]
+__all__ = [
+    "TASKS",
+    "PixelTask",
+    "Task",
+    "TaskLoss",
+    "TextLatentTask",
+    "TinyDecoderTask",
+    "VAETask",
+    "build_task",
+]

@@ -1,0 +1,200 @@
+"""A tiny latent decoder in the design of TAESD (Ollin Boer Bohan, madebyollin/taesd, 2023).
+
+TAESD's decoder is a plain convolutional stack -- no attention, no normalisation -- that maps
+the latents a diffusion model samples to images at a small fraction of the KL VAE decoder's
+cost (taesd.py, ``Decoder``)::
+
+    Clamp (tanh(x / 3) * 3), conv(z -> width), ReLU,
+    [Block] * blocks_per_level, Upsample(x2), conv(width -> width, no bias)   # per upsampling
+    Block, conv(width -> out_channels)
+
+with ``Block(x) = ReLU(conv(ReLU(conv(ReLU(conv(x))))) + skip(x))`` (3x3 convs; ``skip`` is
+the identity, or a 1x1 conv when the channel counts differ). With ``width = 64``,
+``blocks_per_level = 3``, three upsamplings and 4 latent channels this is TAESD's SD decoder;
+the module is an ``nn.Sequential`` laid out in the same order, so its state-dict keys are
+TAESD's decoder keys ("1.weight", "3.conv.0.weight", ...).
+
+Unlike TAESD (outputs in [0, 1]) :class:`TinyDecoder` is trained here to give images in
+[-1, 1] (the project's convention) and :meth:`TinyDecoder.decode` takes the SCALED latents
+the diffusion model works with -- the same input as
+:meth:`~noisecraft.pipelines.latent.LatentDiffusion.decode`. It is trained by distilling a
+VAE decoder (:mod:`noisecraft.training.tasks.tiny_decoder`) and saved as a native checkpoint
+of kind ``"tiny_decoder"`` (:func:`save_tiny_decoder` / :func:`load_tiny_decoder`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from noisecraft.config_dict import config_from_dict, config_to_dict
+from noisecraft.errors import ConfigError
+from noisecraft.io.build import build_module
+from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from noisecraft.nn.kernels import Conv2d
+
+KIND = "tiny_decoder"
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+@dataclass(frozen=True)
+class TinyDecoderConfig:
+    """Size of a :class:`TinyDecoder`; JSON-able through ``to_dict`` / ``from_dict``.
+
+    * ``latent_channels``: channels of the latents (4 for SD and the mini SD).
+    * ``width``: channels of every hidden layer (TAESD: 64).
+    * ``upsamplings``: number of x2 upsamplings = ``log2`` of the VAE's factor (3 for f=8).
+    * ``blocks_per_level``: residual blocks before each upsampling (TAESD: 3).
+    * ``out_channels``: image channels (3 RGB, 1 for MNIST).
+    """
+
+    latent_channels: int = 4
+    width: int = 64
+    upsamplings: int = 3
+    blocks_per_level: int = 3
+    out_channels: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("latent_channels", "width", "out_channels"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 1:
+                raise ConfigError(f"TinyDecoderConfig.{name} must be a positive integer, got {v!r}")
+        for name in ("upsamplings", "blocks_per_level"):
+            v = getattr(self, name)
+            if not _is_int(v) or v < 0:
+                raise ConfigError(f"TinyDecoderConfig.{name} must be an integer >= 0, got {v!r}")
+
+    @classmethod
+    def taesd(cls) -> TinyDecoderConfig:
+        """TAESD's Stable Diffusion decoder: 4 latent channels, f=8, width 64, RGB."""
+        return cls(latent_channels=4, width=64, upsamplings=3, blocks_per_level=3, out_channels=3)
+
+    @classmethod
+    def for_factor(cls, factor: int, **kwargs: Any) -> TinyDecoderConfig:
+        """A config whose upsamplings match a VAE downsampling ``factor`` (a power of two)."""
+        n = int(round(math.log2(factor))) if factor >= 1 else -1
+        if n < 0 or 2**n != factor:
+            raise ConfigError(f"a tiny decoder needs a power-of-two VAE factor, got {factor}")
+        return cls(upsamplings=n, **kwargs)
+
+    @property
+    def upsample_factor(self) -> int:
+        """``f``: images are ``f`` times the latent size."""
+        return 2**self.upsamplings
+
+    def to_dict(self) -> dict[str, Any]:
+        return config_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> TinyDecoderConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise :class:`ConfigError` naming them."""
+        return config_from_dict(cls, d, "tiny decoder")
+
+
+def _conv(n_in: int, n_out: int, bias: bool = True) -> Conv2d:
+    return Conv2d(n_in, n_out, 3, padding=1, bias=bias)
+
+
+class Clamp(nn.Module):
+    """TAESD's soft clamp of the input latents: ``tanh(x / 3) * 3``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class Block(nn.Module):
+    """TAESD's residual block: ``ReLU(conv3(ReLU(conv3(ReLU(conv3(x))))) + skip(x))``."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.conv = nn.Sequential(
+            _conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out)
+        )
+        self.skip = Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
+        self.fuse = nn.ReLU()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fuse(self.conv(x) + self.skip(x))
+
+
+class TinyDecoder(nn.Sequential):
+    """TAESD-style decoder (see the module docstring); ``forward`` maps raw network input
+    (scaled latents) to images in about [-1, 1]; :meth:`decode` also clamps."""
+
+    def __init__(self, config: TinyDecoderConfig):
+        c, w = config, config.width
+        layers: list[nn.Module] = [Clamp(), _conv(c.latent_channels, w), nn.ReLU()]
+        for _ in range(c.upsamplings):
+            layers += [Block(w, w) for _ in range(c.blocks_per_level)]
+            layers += [nn.Upsample(scale_factor=2), _conv(w, w, bias=False)]
+        layers += [Block(w, w), _conv(w, c.out_channels)]
+        super().__init__(*layers)
+        self.config = config
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, z, h, w) -> images (B, C, f*h, f*w) clamped to [-1, 1]."""
+        c = self.config
+        if latents.ndim != 4 or latents.shape[1] != c.latent_channels:
+            raise ConfigError(
+                f"the tiny decoder takes latents (batch, {c.latent_channels}, h, w), "
+                f"got {tuple(latents.shape)}"
+            )
+        weight = self[1].weight
+        out = self(latents.to(device=weight.device, dtype=weight.dtype))
+        return out.clamp(-1, 1)
+
+
+def save_tiny_decoder(
+    decoder: TinyDecoder,
+    path: str | os.PathLike,
+    *,
+    training: dict[str, Any] | None = None,
+    overwrite: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write ``decoder`` as one native checkpoint of kind "tiny_decoder" (``dtype``: store
+    the floating-point weights in that dtype, e.g. float16 to halve the file)."""
+    info = CheckpointInfo(kind=KIND, config=decoder.config.to_dict(), training=training or {})
+    sd = decoder.state_dict()
+    if dtype is not None:
+        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
+    return save_checkpoint(path, sd, info, overwrite=overwrite)
+
+
+def load_tiny_decoder(
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> TinyDecoder:
+    """Rebuild a :class:`TinyDecoder` from a native "tiny_decoder" checkpoint (eval, frozen)."""
+    tensors, info = load_checkpoint(path, expect_kind=KIND)
+    config = TinyDecoderConfig.from_dict(info.config)
+    return build_module(
+        lambda: TinyDecoder(config),
+        tensors,
+        what="tiny decoder",
+        source=path,
+        device=device,
+        dtype=dtype,
+    )
+
+
+__all__ = [
+    "KIND",
+    "Block",
+    "Clamp",
+    "TinyDecoder",
+    "TinyDecoderConfig",
+    "load_tiny_decoder",
+    "save_tiny_decoder",
+]
