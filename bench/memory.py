@@ -20,13 +20,24 @@ runs in a FRESH child process, so peaks do not mix:
 Modes (``--modes``): ``default``; ``slicing`` (``set_attention_slicing(128 MiB)``: the
 first U-Net level's 1 GiB attention matrix in 8 query chunks); ``tiling`` (the VAE decodes
 in tiles of half the image side, overlap 1/8 of it, i.e. 4 tiles, via
-``vae_tiling.tiled_decode``; ``generate()``'s own switch only tiles above 1024x1024).
+``vae_tiling.tiled_decode``; ``generate()``'s own switch only tiles above 1024x1024);
+``lowmem-fp16`` / ``lowmem-int8`` (low-memory mode, :mod:`noisecraft.pipelines.lowmem`: U-Net
+and text-encoder weights stored fp16 / int8, VAE fp16, each layer widened to fp32 for its
+forward; loaded by ``load_low_memory``, so ``weights`` is the stored bytes).
+``--file-dtype fp16`` saves the random model's single file in float16 (what most published
+SD files are); low-memory fp16 then maps the file's tensors with no copy.
 
 ``--sdpa`` instead measures one attention call the size of SD 1.5's first U-Net level at
 512x512 (q, k, v of shape (2, 8, 4096, 40): batch 2 with CFG, 8 heads, 64x64 tokens; the full
 attention matrix is 1 GiB in float32), each case in its own child: SDPA as it runs by default
 on the CPU (a fused kernel), SDPA forced to its unfused math kernel, and the math kernel sliced
 by ``set_attention_slicing(128 MiB)``. It prints the peak RSS above the inputs.
+
+``--speed`` instead times one U-Net pass (batch 2, one CFG step) at ``--size`` (256 by
+default there) in ONE child process, the calls alternating ours fp32, lowmem-fp16,
+lowmem-int8, diffusers (after one untimed warm-up each; median of ``--repeats``), diffusers'
+``UNet2DConditionModel`` sharing our fp32 weights (``bench/_sd15.py``): the price of widening
+every weight once per pass.
 
 Run: ``python bench/memory.py --size 512 --steps 1`` (about 4 minutes on 2 shared cores:
 building and saving the model 30-50 s, then per mode ~25 s of prompt encoding and one step
@@ -46,7 +57,9 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("default", "slicing", "tiling")
+MODES = ("default", "slicing", "tiling", "lowmem-fp16", "lowmem-int8")
+#: bench modes -> the ``weights`` of :func:`noisecraft.pipelines.lowmem.load_low_memory`
+LOWMEM = {"lowmem-fp16": "fp16", "lowmem-int8": "int8"}
 SLICING_BUDGET = 128 * 2**20
 PROMPT = "a photograph of an astronaut riding a horse"
 
@@ -83,15 +96,18 @@ def sd15_model():
     )
 
 
-def _build(path: str) -> None:
-    """Save the random SD 1.5 as an original single file (what users have) or native."""
+def _build(path: str, half: bool = False) -> None:
+    """Save the random SD 1.5 as an original single file (what users have; ``half``: float16
+    tensors) or native."""
+    import torch
+
     model = sd15_model()
     if path.endswith(".native.safetensors"):
         model.save(path)
     else:
         from noisecraft.io.formats.single_file import save_single_file
 
-        save_single_file(model, path)
+        save_single_file(model, path, dtype=torch.float16 if half else None)
 
 
 def _load(path: str):
@@ -110,10 +126,19 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
 
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    model = _load(path)
+    if mode in LOWMEM:
+        from noisecraft.pipelines.lowmem import load_low_memory
+
+        model = load_low_memory(path, LOWMEM[mode])
+    else:
+        model = _load(path)
     load_s = time.perf_counter() - t0
     load_peak = _status("VmHWM")
-    params = [p for m in (model.unet, model.vae, model.text_encoder) for p in m.parameters()]
+    params = [
+        t
+        for m in (model.unet, model.vae, model.text_encoder)
+        for t in (*m.parameters(), *m.buffers())
+    ]
     weights = sum(p.numel() * p.element_size() for p in params)
     with torch.no_grad():
         for p in params:  # page in every weight once
@@ -167,6 +192,53 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
     }
 
 
+SPEED_CASES = ("ours-fp32", "lowmem-fp16", "lowmem-int8", "diffusers")
+
+
+def _measure_speed(size: int, repeats: int) -> dict:
+    """Median seconds of one SD 1.5 U-Net pass (batch 2) per case, calls alternating."""
+    import copy
+    import statistics
+
+    import _sd15
+    import torch
+
+    from noisecraft.pipelines.lowmem import low_memory_module
+
+    torch.set_grad_enabled(False)
+    ours = _sd15.build_unet(_sd15.SD15_UNET)
+    theirs = _sd15.diffusers_unet(ours)  # shares ours' fp32 tensors
+    fp16, int8 = copy.deepcopy(ours), copy.deepcopy(ours)
+    low_memory_module(fp16, "fp16")
+    low_memory_module(int8, "int8")
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, size // 8, size // 8, generator=g)
+    t = torch.full((2,), 500)
+    ctx = torch.randn(2, 77, 768, generator=g)
+    calls = {
+        "ours-fp32": lambda: ours(x, t, context=ctx),
+        "lowmem-fp16": lambda: fp16(x, t, context=ctx),
+        "lowmem-int8": lambda: int8(x, t, context=ctx),
+        "diffusers": lambda: theirs(x, t, encoder_hidden_states=ctx).sample,
+    }
+    outs = {name: f() for name, f in calls.items()}  # warm-up, and the outputs compared
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    ref = outs["ours-fp32"]
+    return {
+        "size": size,
+        "threads": torch.get_num_threads(),
+        "median_s": {k: statistics.median(v) for k, v in times.items()},
+        "max_rel_diff": {
+            k: float((o - ref).abs().max() / ref.abs().max()) for k, o in outs.items()
+        },
+    }
+
+
 SDPA_CASES = ("sdpa", "math", "math+slicing")
 
 
@@ -217,7 +289,7 @@ def _gib(n: int) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--size", type=int, help="image side (default 512; 256 with --speed)")
     ap.add_argument("--steps", type=int, default=1)
     ap.add_argument("--file", help="an existing model file instead of a new random SD 1.5")
     ap.add_argument(
@@ -226,18 +298,47 @@ def main() -> None:
         default="single-file",
         help="how the random SD 1.5 is saved before it is loaded (default: an SD single file)",
     )
+    ap.add_argument(
+        "--file-dtype",
+        choices=("fp32", "fp16"),
+        default="fp32",
+        help="dtype of the random SD single file (default fp32)",
+    )
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated: " + ", ".join(MODES))
     ap.add_argument("--workdir", help="where the random model is written (default: a temp dir)")
     ap.add_argument("--json", action="store_true", help="print one JSON line, not a table")
     ap.add_argument("--sdpa", action="store_true", help="measure one SD 1.5 attention call")
+    ap.add_argument("--speed", action="store_true", help="time one U-Net pass per mode")
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (--speed)")
+    ap.add_argument("--_speed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--_build", help=argparse.SUPPRESS)
     ap.add_argument("--_measure", help=argparse.SUPPRESS)
     ap.add_argument("--_mode", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.size is None:
+        args.size = 256 if args.speed else 512
 
     if args._build:
-        _build(args._build)
+        _build(args._build, half=args.file_dtype == "fp16")
+        return
+    if args._speed:
+        print(json.dumps(_measure_speed(args.size, args.repeats)))
+        return
+    if args.speed:
+        out = _child("--_speed", "--size", str(args.size), "--repeats", str(args.repeats))
+        r = json.loads(out.strip().splitlines()[-1])
+        if args.json:
+            print(json.dumps(r))
+            return
+        base = r["median_s"]["diffusers"]
+        print(
+            f"one SD 1.5 U-Net pass, batch 2, {r['size']}x{r['size']}, {r['threads']} threads, "
+            f"median of {args.repeats}, alternating"
+        )
+        print("case          seconds  diffusers/case  max rel diff vs ours-fp32")
+        for name, s in r["median_s"].items():
+            print(f"{name:<13} {s:7.2f}  {base / s:14.2f}  {r['max_rel_diff'][name]:.1e}")
         return
     if args._sdpa:
         print(json.dumps(_measure_sdpa(args._sdpa)))
@@ -270,7 +371,7 @@ def main() -> None:
             suffix = ".native.safetensors" if args.format == "native" else ".safetensors"
             path = str(Path(tmp) / f"sd15-random{suffix}")
             t0 = time.perf_counter()
-            _child("--_build", path)
+            _child("--_build", path, "--file-dtype", args.file_dtype)
             build_s = time.perf_counter() - t0
         rows = {}
         for mode in modes:
@@ -291,12 +392,13 @@ def main() -> None:
     )
     print(f"one {args.size}x{args.size} image, {args.steps} Euler step(s), CFG 7.5 (U-Net batch 2)")
     print(
-        "mode      base GiB  load GiB  touched GiB  sampling GiB  peak GiB  peak/weights  "
-        "sample s  decode s  finite"
+        "mode         weights GiB  base GiB  load GiB  touched GiB  sampling GiB  peak GiB  "
+        "peak/weights  sample s  decode s  finite"
     )
     for mode, r in rows.items():
         print(
-            f"{mode:<9} {_gib(r['base_rss'])}    {_gib(r['load_peak'])}    "
+            f"{mode:<12} {_gib(r['weights_bytes'])}       {_gib(r['base_rss'])}    "
+            f"{_gib(r['load_peak'])}    "
             f"{_gib(r['touched_rss'])}       {_gib(r['sample_peak_rss'])}        "
             f"{_gib(r['peak_rss'])}    "
             f"{r['peak_rss'] / r['weights_bytes']:8.2f}      {r['sample_s']:7.1f}   "

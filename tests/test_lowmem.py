@@ -83,6 +83,17 @@ def test_fp16_storage_changes_images_by_rounding_only(reference):
     assert (int8 - reference).abs().max() <= 0.1
 
 
+def test_workspace_widening_is_exact():
+    """Widening into the reused workspace gives bit-identical images to fresh allocations."""
+    for fmt in ("fp16", "int8"):
+        model = low_memory(tiny_model(), fmt, vae=fmt, min_elements=0)
+        assert model.offload.workspace > 0
+        with_workspace = generate(model, _req(height=H, width=W, steps=2))
+        assert model.offload._buffer is not None and not model.offload._busy
+        model.offload.workspace = 0
+        assert torch.equal(generate(model, _req(height=H, width=W, steps=2)), with_workspace)
+
+
 def test_vae_none_keeps_it_float32(reference):
     model = low_memory(tiny_model(), "fp16", vae=None, min_elements=0)
     assert not any(k.startswith("vae.") for k in _stored(model))

@@ -29,7 +29,9 @@ fp32 file peaks near the stored size instead of the file's size. A float16 file 
 ever made.
 
 Cost: widening reads every stored weight once per U-Net call (SD 1.5: 860 M weights per
-pass); docs/performance.md gives the measured time and peak memory.
+pass), into one reused 64 MiB float32 workspace (a fresh allocation per layer would add the
+page faults of a new memory map each time); docs/performance.md gives the measured time and
+peak memory.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ WEIGHT_FORMATS = ("fp16", "int8")
 #: layers kept in float32 whatever their size: their ``weight.dtype`` is read by the models
 #: (UNet.forward casts the timestep embedding to it; AutoencoderKL.last_layer)
 KEEP_FP32 = ("time_embed.", "decoder.conv_out")
+#: weights of up to this many elements are widened into one reused float32 buffer (64 MiB:
+#: SD 1.5's largest U-Net weight is 14.7 M; the 38 M-element token embedding is allocated)
+WORKSPACE = 2**24
 #: the layer types whose ``weight`` is stored narrow (their forwards only use it as a tensor)
 STORED_TYPES = (nn.Linear, nn.Conv2d, nn.Embedding)
 
@@ -168,6 +173,19 @@ def store_weights(
     return [m for _, m in layers]
 
 
+def low_memory_module(
+    module: nn.Module, weights: str = "fp16", *, min_elements: int = 4096
+) -> SequentialOffload:
+    """One module (e.g. a bare U-Net) in low-memory mode, in place: its weights stored in
+    ``weights`` format, each stored layer widened to float32 for its forward; returns the
+    hooks (``.remove()`` removes them; the storage stays narrow)."""
+    stored = store_weights(module, weights, min_elements=min_elements)
+    ids = {id(m) for m in stored}
+    return SequentialOffload(
+        module, "cpu", torch.float32, select=lambda m: id(m) in ids, workspace=WORKSPACE
+    )
+
+
 def low_memory(
     model: Any,
     weights: str = "fp16",
@@ -217,6 +235,7 @@ def low_memory(
         "cpu",
         torch.float32,
         select=lambda m: id(m) in ids,
+        workspace=WORKSPACE,
     )
     return model.replace(offload=handle)
 
@@ -273,6 +292,7 @@ __all__ = [
     "WEIGHT_FORMATS",
     "load_low_memory",
     "low_memory",
+    "low_memory_module",
     "quantize_per_channel",
     "store_fp32",
     "store_weights",

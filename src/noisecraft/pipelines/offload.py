@@ -59,7 +59,12 @@ class SequentialOffload:
 
     ``device``: where each module runs; ``dtype``: the floating-point dtype it runs in (None =
     the weights' own dtype); ``select``: hook only the modules (owning tensors) for which it
-    is true (None = all).
+    is true (None = all); ``workspace``: on the CPU, widen stored weights (float16 / int8
+    buffers) of up to this many elements into ONE reused float32 buffer instead of a fresh
+    allocation per layer and call (0 = off). A fresh multi-MB tensor is a new memory map
+    whose pages the kernel faults in and zeroes on first touch; that costs about as much as
+    the widening itself. Only one hooked module's forward may use it at a time (the hooked
+    modules are leaves: Linear, Conv2d, Embedding); a nested use falls back to allocating.
     """
 
     def __init__(
@@ -68,9 +73,13 @@ class SequentialOffload:
         device: str | torch.device,
         dtype: torch.dtype | None = None,
         select: Callable[[nn.Module], bool] | None = None,
+        workspace: int = 0,
     ):
         self.device = torch.device(device)
         self.dtype = dtype
+        self.workspace = workspace if self.device.type == "cpu" and dtype is not None else 0
+        self._buffer: Tensor | None = None
+        self._busy = False
         roots = [modules] if isinstance(modules, nn.Module) else list(modules)
         self._handles: list[RemovableHandle] = []
         self.hooked: list[nn.Module] = []
@@ -85,6 +94,22 @@ class SequentialOffload:
             return t.to(device=self.device, dtype=self.dtype)
         return t.to(device=self.device)
 
+    def _widen(self, b: Tensor, scale: Tensor | None) -> tuple[Tensor, bool]:
+        """A stored buffer in the execution dtype (dequantized with ``scale`` when int8);
+        True when it is a view of the workspace (released after the forward)."""
+        if self._busy or not 0 < b.numel() <= self.workspace:
+            if scale is not None:
+                return dequantize(self._move(b), self._move(scale)), False
+            return self._move(b), False
+        if self._buffer is None:
+            self._buffer = torch.empty(self.workspace, dtype=self.dtype)
+        out = self._buffer[: b.numel()].view(b.shape)
+        out.copy_(b)
+        if scale is not None:
+            out.mul_(scale)
+        self._busy = True
+        return out, True
+
     def _move_inputs(self, value: Any) -> Any:
         if isinstance(value, Tensor):
             return self._move(value)
@@ -98,6 +123,7 @@ class SequentialOffload:
 
     def _hook(self, module: nn.Module) -> None:
         home: dict[str, Any] = {}
+        borrowed = [False]
 
         def pre(mod: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
             for name, p in mod._parameters.items():
@@ -113,9 +139,12 @@ class SequentialOffload:
                 home["b." + name] = b
                 scale = buffers.get(name + SCALE_SUFFIX)
                 if b.dtype == torch.int8 and scale is not None:  # int8 storage: dequantize
-                    buffers[name] = dequantize(self._move(b), self._move(scale))
+                    buffers[name], used = self._widen(b, scale)
+                elif self.workspace and b.is_floating_point() and b.dtype != self.dtype:
+                    buffers[name], used = self._widen(b, None)
                 else:
-                    buffers[name] = self._move(b)
+                    buffers[name], used = self._move(b), False
+                borrowed[0] = borrowed[0] or used
             return self._move_inputs(args), self._move_inputs(kwargs)
 
         def post(mod: nn.Module, args: tuple, output: Any) -> None:
@@ -123,6 +152,8 @@ class SequentialOffload:
                 kind, name = key.split(".", 1)
                 (mod._parameters if kind == "p" else mod._buffers)[name] = t
             home.clear()
+            if borrowed[0]:
+                self._busy = borrowed[0] = False
 
         self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
         self._handles.append(module.register_forward_hook(post, always_call=True))
