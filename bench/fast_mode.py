@@ -14,7 +14,7 @@ quality cost on the shipped mini models.
 
 Per-generation rows (U-Net time only, from the per-pass medians): diffusers DPM++ 2M 20 steps
 = 20 full passes, against fast mode 10 steps with DeepCache N = 2 / 3 (per N calls one full
-pass and N - 1 shallow ones).
+pass and N - 1 shallow ones; FAST is N = 2, branch 2).
 
 ``--quality``: digit accuracy of the shipped text model (100 prompts "a handwritten <word>",
 ten per digit, CFG 5, seed 0, read by the shipped MNIST classifier) and FID of the shipped
@@ -118,15 +118,16 @@ def speed(args: argparse.Namespace) -> None:
     print("|---|---:|---:|")
     for name, s in med.items():
         print(f"| {name} | {s:.3f} | {ref / s:.2f} |")
-    full, shallow = med["ours"], med["ours deepcache b=1 (shallow)"]
+    full, b1, b2 = (med[k] for k in ("ours", *(f"ours deepcache b={b} (shallow)" for b in (1, 2))))
     print("\n| generation (U-Net time only) | s | diffusers 20 steps / this |")
     print("|---|---:|---:|")
     rows = {
         "diffusers DPM++ 2M 20 steps": 20 * ref,
         "ours 20 steps": 20 * full,
         "ours 10 steps (DPM++ 2M Karras)": 10 * full,
-        "ours 10 steps + DeepCache N=2 b=1": 5 * full + 5 * shallow,
-        "ours 10 steps + DeepCache N=3 b=1": 4 * full + 6 * shallow,
+        "ours 10 steps + DeepCache N=2 b=2 (FAST)": 5 * full + 5 * b2,
+        "ours 10 steps + DeepCache N=2 b=1": 5 * full + 5 * b1,
+        "ours 10 steps + DeepCache N=3 b=2": 4 * full + 6 * b2,
     }
     for name, s in rows.items():
         print(f"| {name} | {s:.2f} | {20 * ref / s:.2f} |")
@@ -142,19 +143,23 @@ def quality(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     extractor = mnist_extractor()
-    dc2, dc3 = FastMode(DeepCacheConfig(2, 1)), FastMode(DeepCacheConfig(3, 1))
+    dc2, dc3, dc21 = (FastMode(DeepCacheConfig(*nb)) for nb in ((2, 2), (3, 2), (2, 1)))
     settings = {  # name: (request fields, int8)
         "DPM++ 2M 20 steps (reference)": (dict(sampler="dpmpp_2m", steps=20), False),
         "DPM++ 2M Karras 10 steps": (dict(sampler="dpmpp_2m", spacing="karras", steps=10), False),
-        "  + DeepCache N=2 b=1 (FAST)": (
+        "  + DeepCache N=2 b=2 (FAST)": (
             dict(sampler="dpmpp_2m", spacing="karras", steps=10, fast=dc2),
             False,
         ),
-        "  + DeepCache N=3 b=1": (
+        "  + DeepCache N=2 b=1": (
+            dict(sampler="dpmpp_2m", spacing="karras", steps=10, fast=dc21),
+            False,
+        ),
+        "  + DeepCache N=3 b=2": (
             dict(sampler="dpmpp_2m", spacing="karras", steps=10, fast=dc3),
             False,
         ),
-        "  + DeepCache N=2 b=1 + int8 linear": (
+        "  + DeepCache N=2 b=2 + int8 linear": (
             dict(sampler="dpmpp_2m", spacing="karras", steps=10, fast=dc2),
             "linear",
         ),

@@ -123,7 +123,7 @@ class GenerateRequest:
       (``LatentDiffusion.tiny_decoder``, :mod:`noisecraft.models.tiny_decoder`) instead of
       the VAE; its quality cost is in docs/performance.md ("Tiny decoder").
     * ``fast``: fast mode (:mod:`noisecraft.pipelines.fast`): True = ``FAST`` (DeepCache
-      interval 2, branch 1), or a :class:`~noisecraft.pipelines.fast.FastMode`; the U-Net
+      interval 2, branch 2), or a :class:`~noisecraft.pipelines.fast.FastMode`; the U-Net
       then reuses its deep features on alternate calls. It does not change ``sampler`` /
       ``steps``: ``FAST.request(...)`` also picks the fast sampler and steps.
     """
