@@ -350,3 +350,25 @@ def _naive_train_resblock(block: ResBlock, x, emb, groups):
     h = F.dropout(F.silu(h), 0.1, training=True)
     h = F.conv2d(h, w["out_layers.3.weight"], w["out_layers.3.bias"], padding=1)
     return F.conv2d(x, w["skip_connection.weight"], w["skip_connection.bias"]) + h
+
+
+@needs_onednn
+@pytest.mark.parametrize(("channels", "size", "channels_last"), [(8, 5, False), (6, 6, True)])
+def test_upsample_conv_phases_equal_upsample_then_conv(channels, size, channels_last):
+    """Nearest 2x upsampling + 3x3 conv == four interleaved 2x2 convs of the input."""
+    torch.manual_seed(0)
+    up = Upsample(channels, channels + 1)
+    x = torch.randn(2, channels, size, size + 3)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    assert kernels.upsample_path(x.shape, up.conv.weight.shape) == "subpixel"
+    with torch.no_grad():
+        direct = kernels.upsample_conv2d(x, up.conv.weight, up.conv.bias)
+        out = up(x)
+    for y in (direct, out):
+        assert y.shape == ref.shape
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    # few pixels, many channels: upsample, then the im2col conv path
+    assert kernels.upsample_path((1, 320, 2, 2), (320, 320, 3, 3)) == "upsample"

@@ -149,6 +149,79 @@ def conv2d(
     return F.conv2d(x, weight, bias, stride, padding)
 
 
+def _phase_taps(w: Tensor, dim: int) -> Tensor:
+    """Along kernel axis ``dim`` (size 3) of ``w``, the two 2-tap kernels of the two output
+    phases of "nearest 2x upsampling, then the 3-tap kernel": phase 0 reads input rows
+    ``(i-1, i)`` with taps ``(w0, w1 + w2)``, phase 1 rows ``(i, i+1)`` with ``(w0 + w1, w2)``.
+    Returns the phases stacked in a new leading axis (size 2), the taps in ``dim`` (size 2)."""
+    w0, w1, w2 = w.unbind(dim)
+    phase0 = torch.stack([w0, w1 + w2], dim)
+    phase1 = torch.stack([w0 + w1, w2], dim)
+    return torch.stack([phase0, phase1])
+
+
+def upsample_conv2d(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.conv2d(F.interpolate(x, scale_factor=2, mode="nearest"), weight, bias, padding=1)``
+    for a 3x3 ``weight``, computed without the upsampled input (the decoders' upsampling).
+
+    Output pixel ``(2i + a, 2j + b)`` sees only input pixels ``i - 1 + a .. i + a`` and
+    ``j - 1 + b .. j + b``: nearest upsampling repeats each input pixel twice, so of the 3x3
+    kernel's taps, those that land on the same input pixel add up (:func:`_phase_taps`). The
+    four output phases ``(a, b)`` are thus 2x2 convolutions of the input itself, computed as
+    one convolution with ``4 * out_channels`` outputs and interleaved: 16 multiply-adds per
+    output pixel and input channel instead of 36 (measured on the CPU, one thread, the SD
+    VAE's upsampling convolutions: 1.6-1.8x faster, e.g. 512 channels 64 -> 128 px 478 ms
+    instead of 784 ms). The same sums, grouped differently: equal up to float rounding.
+    """
+    b, _, h, w = x.shape
+    cout = weight.shape[0]
+    rows = _phase_taps(weight, 2)  # (2 [a], cout, cin, 2, 3)
+    taps = _phase_taps(rows, 4).transpose(0, 1)  # (2 [a], 2 [b], cout, cin, 2, 2)
+    phases = conv2d(
+        F.pad(x, (1, 1, 1, 1)),
+        taps.reshape(4 * cout, weight.shape[1], 2, 2),
+        None if bias is None else bias.repeat(4),
+    )  # (B, 4 * cout, h + 1, w + 1), phase (a, b) in channels (2a + b) * cout ...
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    out = torch.empty((b, cout, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    for a in (0, 1):
+        for c in (0, 1):
+            p = 2 * a + c
+            out[:, :, a::2, c::2] = phases[:, p * cout : (p + 1) * cout, a : a + h, c : c + w]
+    return out
+
+
+def upsample_path(x_shape: tuple[int, ...], weight_shape: tuple[int, ...]) -> str:
+    """How :class:`~noisecraft.nn.resnet.Upsample`'s conv runs on the CPU fast path:
+    ``"subpixel"`` (:func:`upsample_conv2d`) where the conv at the upsampled size would be
+    a direct convolution (:func:`conv_path` ``"reference"``), else ``"upsample"`` (upsample,
+    then :func:`conv2d`: the im2col path already handles few pixels well)."""
+    b, c, h, w = x_shape
+    up = (b, c, 2 * h, 2 * w)
+    if tuple(weight_shape[2:]) == (3, 3) and conv_path(up, weight_shape, 1, 1) == "reference":
+        return "subpixel"
+    return "upsample"
+
+
+def fast_upsample_conv(x: Tensor, conv: nn.Conv2d) -> Tensor | None:
+    """:func:`upsample_conv2d` with ``conv``'s weights where the fast path applies (see
+    :func:`upsample_path`), else None (the caller upsamples and convolves)."""
+    if (
+        x.ndim != 4
+        or conv.kernel_size != (3, 3)
+        or conv.stride != (1, 1)
+        or conv.padding != (1, 1)
+        or conv.dilation != (1, 1)
+        or conv.groups != 1
+        or conv.padding_mode != "zeros"
+        or not _fast(x, conv.weight, conv.bias)
+        or upsample_path(tuple(x.shape), tuple(conv.weight.shape)) != "subpixel"
+    ):
+        return None
+    return upsample_conv2d(x, conv.weight, conv.bias)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` whose forward is :func:`linear` (same parameters and names)."""
 

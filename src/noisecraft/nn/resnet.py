@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError
-from noisecraft.nn.kernels import Conv2d, Linear
+from noisecraft.nn.kernels import Conv2d, Linear, fast_upsample_conv
 
 
 def norm_groups_for(channels: int, groups: int) -> int:
@@ -56,7 +56,12 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
-    """Double height and width: nearest-neighbour upsampling, then a 3x3 conv (``conv``)."""
+    """Double height and width: nearest-neighbour upsampling, then a 3x3 conv (``conv``).
+
+    On the CPU fast path of :mod:`noisecraft.nn.kernels` (inference, float32) large
+    feature maps skip the upsampled copy: the conv runs as four 2x2 convs of the input
+    (:func:`~noisecraft.nn.kernels.upsample_conv2d`, the same sums grouped differently).
+    """
 
     def __init__(self, channels: int, out_channels: int | None = None, use_conv: bool = True):
         super().__init__()
@@ -68,6 +73,10 @@ class Upsample(nn.Module):
             raise ConfigError("Upsample without a conv cannot change the channel count")
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.use_conv:
+            out = fast_upsample_conv(x, self.conv)
+            if out is not None:
+                return out
         x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         return self.conv(x) if self.use_conv else x
 
