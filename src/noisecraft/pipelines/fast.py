@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from noisecraft.errors import ConfigError
+from noisecraft.nn.resnet import Upsample
 from noisecraft.pipelines.deepcache import DeepCacheConfig
 
 #: The fast-mode sampler and steps (see the module docstring for the source of the choice).
@@ -75,7 +76,7 @@ def _to_plain(module: nn.Module, skip: tuple[str, ...], convs: bool) -> nn.Modul
     """Turn noisecraft's kernel Linear / Conv2d subclasses (in a copy) into the plain torch
     classes that ``quantize_dynamic`` recognises, except in the children named ``skip``."""
     for name, child in list(module.named_children()):
-        if name in skip:
+        if name in skip or isinstance(child, Upsample):  # its conv runs a fused kernel
             continue
         for cls in (nn.Linear, nn.Conv2d) if convs else (nn.Linear,):
             if type(child) is not cls and isinstance(child, cls):
@@ -91,7 +92,8 @@ def quantize_int8(
 ) -> nn.Module:
     """A copy of ``module`` (float32, CPU) with dynamically quantised int8 Linear layers and,
     with ``convs``, Conv2d layers; the top-level children named in ``skip`` stay float (the
-    U-Net's time embedding: tiny, and its first weight's dtype is read by the forward).
+    U-Net's time embedding: tiny, and its first weight's dtype is read by the forward), as do
+    the convs of :class:`~noisecraft.nn.resnet.Upsample` (fused upsample + conv kernel).
 
     Only for CPU inference (no autograd through quantised layers); the original is unchanged.
     """
