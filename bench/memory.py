@@ -23,7 +23,8 @@ in tiles of half the image side, overlap 1/8 of it, i.e. 4 tiles, via
 ``vae_tiling.tiled_decode``; ``generate()``'s own switch only tiles above 1024x1024);
 ``lowmem-fp16`` / ``lowmem-int8`` (low-memory mode, :mod:`noisecraft.pipelines.lowmem`: U-Net
 and text-encoder weights stored fp16 / int8, VAE fp16, each layer widened to fp32 for its
-forward; loaded by ``load_low_memory``, so ``weights`` is the stored bytes).
+forward; loaded by ``load_low_memory``, so ``weights`` is the stored bytes). Modes combine
+with ``+``, e.g. ``lowmem-int8+tiling``.
 ``--file-dtype fp16`` saves the random model's single file in float16 (what most published
 SD files are); low-memory fp16 then maps the file's tensors with no copy.
 
@@ -126,10 +127,12 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
 
     base = _status("VmRSS")
     t0 = time.perf_counter()
-    if mode in LOWMEM:
+    parts = mode.split("+")  # e.g. "lowmem-int8+tiling"
+    lowmem = [LOWMEM[p] for p in parts if p in LOWMEM]
+    if lowmem:
         from noisecraft.pipelines.lowmem import load_low_memory
 
-        model = load_low_memory(path, LOWMEM[mode])
+        model = load_low_memory(path, lowmem[0])
     else:
         model = _load(path)
     load_s = time.perf_counter() - t0
@@ -146,7 +149,7 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
     touched = _status("VmRSS")
     touched_file = _status("RssFile")
 
-    if mode == "slicing":
+    if "slicing" in parts:
         set_attention_slicing(SLICING_BUDGET)
     request = GenerateRequest(
         n=1, prompts=[PROMPT], sampler="euler", steps=steps, cfg=7.5, width=size, height=size
@@ -157,7 +160,7 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
         marks.append((time.perf_counter(), _status("VmHWM"), _status("VmRSS")))
 
     t0 = time.perf_counter()
-    if mode == "tiling":
+    if "tiling" in parts:
         latents = generate(model, request, decode=False, callback=mark)
         t1 = time.perf_counter()
         tile = size // 16  # latent pixels: half the image side
@@ -361,7 +364,7 @@ def main() -> None:
         return
 
     modes = [m for m in args.modes.split(",") if m]
-    bad = [m for m in modes if m not in MODES]
+    bad = [m for m in modes if not set(m.split("+")) <= set(MODES)]
     if bad:
         ap.error(f"unknown mode {bad[0]}; choose from {', '.join(MODES)}")
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

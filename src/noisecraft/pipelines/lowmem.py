@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.models.vae_tiling import release_freed_heap
 from noisecraft.pipelines.offload import SCALE_SUFFIX, SequentialOffload
 
 #: stored weight formats
@@ -229,6 +230,7 @@ def low_memory(
             store_fp32(module, release)
         else:
             stored += store_weights(module, fmt, min_elements=min_elements, release=release)
+    release_freed_heap()  # the quantisation's temporaries: heap pages back to the OS
     ids = {id(m) for m in stored}
     handle = SequentialOffload(
         [model.unet, model.text_encoder, model.vae],
