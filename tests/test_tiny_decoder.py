@@ -274,7 +274,8 @@ def test_cli_fast_decode(tmp_path, capsys):
 def test_shipped_tiny_decoder_keeps_digit_accuracy():
     """tests/test_shipped_text_model.py's 100 prompts (DPM++ 2M, 20 steps, CFG 5), decoded
     by the shipped tiny decoder instead of the VAE: the MNIST classifier still reads the digit.
-    Measured (bench/tiny_decoder.py --quality): 100/100 with the VAE, 100/100 tiny."""
+    Measured (bench/tiny_decoder.py --quality, docs/performance.md "Tiny decoder"): 100/100
+    with the VAE and with the tiny decoder; PSNR of tiny vs VAE decode 30.4 dB (1000 images)."""
     from noisecraft.metrics.features import mnist_extractor
     from noisecraft.training.captions import DIGIT_WORDS
 
@@ -287,7 +288,15 @@ def test_shipped_tiny_decoder_keeps_digit_accuracy():
     images = model.tiny_decode(latents)
     predicted = mnist_extractor().logits(images[..., 2:30, 2:30]).argmax(1)
     acc = (predicted == torch.tensor(digits)).float().mean().item()
-    assert acc >= 0.95, acc
+    assert acc >= 0.97, acc
     vae_images = model.decode(latents).clamp(-1, 1)
     psnr = 10 * torch.log10(4 / (images - vae_images).pow(2).mean())
-    assert psnr >= 20, psnr
+    assert psnr >= 27, psnr
+
+
+@pytest.mark.skipif(not SHIPPED.is_file(), reason="no shipped tiny decoder")
+def test_cli_fast_decode_uses_the_shipped_decoder_for_the_shipped_model(tmp_path, capsys):
+    out = tmp_path / "three.png"
+    rc = main(["generate", "a handwritten 3", "--steps", "4", "--fast-decode", "--out", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    assert out.is_file()
