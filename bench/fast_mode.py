@@ -10,7 +10,8 @@ quality cost on the shipped mini models.
 * ``deepcache b=1/2`` shallow: a cached call of
   :func:`~noisecraft.pipelines.deepcache.deepcache_forward`;
 * ``int8 linear``: :func:`~noisecraft.pipelines.fast.quantize_int8` (Linear layers);
-* ``int8 linear+conv``: with ``convs=True`` (dynamic int8 convolutions; quality: see below).
+* ``int8 linear+conv`` (``--int8-conv``): ``convs=True`` (dynamic int8 convolutions; its
+  quality is unusable, see ``--quality``).
 
 Per-generation rows (U-Net time only, from the per-pass medians): diffusers DPM++ 2M 20 steps
 = 20 full passes, against fast mode 10 steps with DeepCache N = 2 / 3 (per N calls one full
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -79,9 +81,10 @@ def speed(args: argparse.Namespace) -> None:
         config = dataclasses.replace(config, model_channels=32, context_dim=64, norm_groups=8)
     torch.manual_seed(0)
     ours = UNet(config).eval()
+    q_lin = quantize_int8(ours)  # before diffusers' model: peak 2 float copies, not 3
+    q_conv = quantize_int8(ours, convs=True) if args.int8_conv else None
+    gc.collect()
     theirs = _diffusers_unet(config)
-    q_lin = quantize_int8(ours)
-    q_conv = quantize_int8(ours, convs=True)
     h = args.size // 8
     x = torch.randn(2, 4, h, h)
     t = torch.tensor([500.0, 500.0])
@@ -100,8 +103,9 @@ def speed(args: argparse.Namespace) -> None:
                 ours, states[2], x, t, context=ctx
             ),
             "ours int8 linear": lambda: q_lin(x, t, context=ctx),
-            "ours int8 linear+conv": lambda: q_conv(x, t, context=ctx),
         }
+        if q_conv is not None:
+            cases["ours int8 linear+conv"] = lambda: q_conv(x, t, context=ctx)
         for fn in cases.values():  # warm-up
             fn()
         times: dict[str, list[float]] = {k: [] for k in cases}
@@ -200,6 +204,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a small U-Net (checks the script)")
+    ap.add_argument("--int8-conv", action="store_true", help="also time int8 Linear + Conv2d")
     ap.add_argument("--speed", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--quality", action=argparse.BooleanOptionalAction, default=False)
     ap.add_argument("--fid-n", type=int, default=1000, help="class-model samples for FID")
