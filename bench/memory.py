@@ -44,6 +44,9 @@ Run: ``python bench/memory.py --size 512 --steps 1`` (about 4 minutes on 2 share
 building and saving the model 30-50 s, then per mode ~25 s of prompt encoding and one step
 and ~22 s of VAE decode; the tiled decode ~46 s). Measured (torch 2.13 CPU, safetensors 0.8):
 weights 3.97 GiB, peak 5.06 GiB = 1.27 x (default and slicing), 4.76 GiB = 1.20 x (tiling).
+Low-memory mode (fp32 file): lowmem-fp16 peak 3.08 GiB (weights 1.99 GiB), lowmem-int8 2.17
+GiB (weights 1.08 GiB), lowmem-int8+tiling 1.89 GiB = 2.03 GB; from an fp16 file
+(``--file-dtype fp16``) lowmem-fp16 loads with a 0.38 GiB peak (no copy), peak 3.05 GiB.
 ``--json`` prints one JSON line instead of the table (used by the slow test).
 """
 
@@ -198,7 +201,7 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
 SPEED_CASES = ("ours-fp32", "lowmem-fp16", "lowmem-int8", "diffusers")
 
 
-def _measure_speed(size: int, repeats: int) -> dict:
+def _measure_speed(size: int, repeats: int, threads: int = 0) -> dict:
     """Median seconds of one SD 1.5 U-Net pass (batch 2) per case, calls alternating."""
     import copy
     import statistics
@@ -209,6 +212,8 @@ def _measure_speed(size: int, repeats: int) -> dict:
     from noisecraft.pipelines.lowmem import low_memory_module
 
     torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)
     ours = _sd15.build_unet(_sd15.SD15_UNET)
     theirs = _sd15.diffusers_unet(ours)  # shares ours' fp32 tensors
     fp16, int8 = copy.deepcopy(ours), copy.deepcopy(ours)
@@ -313,6 +318,7 @@ def main() -> None:
     ap.add_argument("--sdpa", action="store_true", help="measure one SD 1.5 attention call")
     ap.add_argument("--speed", action="store_true", help="time one U-Net pass per mode")
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per case (--speed)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (--speed; 0: default)")
     ap.add_argument("--_speed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--_sdpa", help=argparse.SUPPRESS)
     ap.add_argument("--_build", help=argparse.SUPPRESS)
@@ -326,10 +332,13 @@ def main() -> None:
         _build(args._build, half=args.file_dtype == "fp16")
         return
     if args._speed:
-        print(json.dumps(_measure_speed(args.size, args.repeats)))
+        print(json.dumps(_measure_speed(args.size, args.repeats, args.threads)))
         return
     if args.speed:
-        out = _child("--_speed", "--size", str(args.size), "--repeats", str(args.repeats))
+        out = _child(
+            "--_speed", "--size", str(args.size), "--repeats", str(args.repeats), "--threads",
+            str(args.threads),
+        )  # fmt: skip
         r = json.loads(out.strip().splitlines()[-1])
         if args.json:
             print(json.dumps(r))
