@@ -105,6 +105,11 @@ def _conv(n_in: int, n_out: int, bias: bool = True) -> Conv2d:
     return Conv2d(n_in, n_out, 3, padding=1, bias=bias)
 
 
+def _relu() -> nn.ReLU:
+    # in place: every ReLU follows a conv or an add, whose backward does not need its output
+    return nn.ReLU(inplace=True)
+
+
 class Clamp(nn.Module):
     """TAESD's soft clamp of the input latents: ``tanh(x / 3) * 3``."""
 
@@ -118,10 +123,10 @@ class Block(nn.Module):
     def __init__(self, n_in: int, n_out: int):
         super().__init__()
         self.conv = nn.Sequential(
-            _conv(n_in, n_out), nn.ReLU(), _conv(n_out, n_out), nn.ReLU(), _conv(n_out, n_out)
+            _conv(n_in, n_out), _relu(), _conv(n_out, n_out), _relu(), _conv(n_out, n_out)
         )
         self.skip = Conv2d(n_in, n_out, 1, bias=False) if n_in != n_out else nn.Identity()
-        self.fuse = nn.ReLU()
+        self.fuse = _relu()
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fuse(self.conv(x) + self.skip(x))
@@ -133,7 +138,7 @@ class TinyDecoder(nn.Sequential):
 
     def __init__(self, config: TinyDecoderConfig):
         c, w = config, config.width
-        layers: list[nn.Module] = [Clamp(), _conv(c.latent_channels, w), nn.ReLU()]
+        layers: list[nn.Module] = [Clamp(), _conv(c.latent_channels, w), _relu()]
         for _ in range(c.upsamplings):
             layers += [Block(w, w) for _ in range(c.blocks_per_level)]
             layers += [nn.Upsample(scale_factor=2), _conv(w, w, bias=False)]
@@ -150,8 +155,10 @@ class TinyDecoder(nn.Sequential):
                 f"got {tuple(latents.shape)}"
             )
         weight = self[1].weight
-        out = self(latents.to(device=weight.device, dtype=weight.dtype))
-        return out.clamp(-1, 1)
+        x = latents.to(device=weight.device, dtype=weight.dtype)
+        if x.device.type == "cpu":  # oneDNN convs and the ReLUs run ~1.5x faster channels-last
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self(x).clamp(-1, 1)
 
 
 def save_tiny_decoder(
