@@ -20,6 +20,10 @@ whose ``weight.dtype`` the models read to cast their inputs. The stored weights 
 float32 tensors only, so the pipeline keeps float32 inputs); an int8 ``weight`` has a
 ``weight_scale`` buffer beside it.
 
+Code that reads a stored layer's weight without calling the layer sees the narrow tensor:
+the decoders' sub-pixel upsampling (``nn.kernels.fast_upsample_conv``) then declines its fast
+path and upsamples, then convolves (same result, a slower VAE upsampling conv).
+
 The conversion runs tensor by tensor. A weight that is a view of a memory-mapped file (a
 ``.safetensors`` loaded with no copy, :func:`~noisecraft.io.build.build_module`) has its
 file pages dropped from the process (``madvise(MADV_DONTNEED)`` on the pages lying wholly
