@@ -357,3 +357,23 @@ def test_low_memory_weights(files, tmp_path, capsys):
         args = ["generate", "a", *COMMON, "--out", str(tmp_path / "x.png"), *extra]
         rc, _, err = _run(args, capsys)
         assert rc == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_fast_mode_flag(tmp_path, capsys):
+    """--fast: DPM++ 2M Karras 10 steps (recorded in the PNG), DeepCache, int8 Linear layers
+    and the shipped tiny decoder; the shipped model still draws the digit asked for."""
+    from noisecraft.metrics.features import mnist_extractor
+
+    paths = [tmp_path / "four.png", tmp_path / "four_1.png", tmp_path / "four_2.png"]
+    args = ["generate", "a handwritten 4", "--fast", "--n", "3", "--out", str(paths[0])]
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    text = Image.open(paths[0]).text["parameters"]
+    assert "Steps: 10, Sampler: DPM++ 2M, Schedule type: Karras" in text
+    images = torch.stack([torch.tensor(_pixels(p), dtype=torch.float32) / 127.5 - 1 for p in paths])
+    digits = mnist_extractor().logits(images[:, None, 2:30, 2:30]).argmax(1)
+    assert digits.tolist() == [4, 4, 4]
+    rc, _, err = _run(
+        ["generate", "--model", "mnist", "--fast", "--out", str(tmp_path / "p.png")], capsys
+    )
+    assert rc == 2 and "--fast is for latent" in err

@@ -159,6 +159,13 @@ def generate_command(
     offload: Annotated[
         bool, typer.Option(help="keep weights in CPU memory, move each layer to --device to run it")
     ] = False,
+    fast: Annotated[
+        bool,
+        typer.Option(
+            help="fast mode: DeepCache, int8 Linear layers, DPM++ 2M Karras 10 steps (unless "
+            "--sampler/--steps), tiny decoder where one ships (docs/performance.md)"
+        ),
+    ] = False,
     fast_decode: Annotated[
         bool,
         typer.Option(help="decode with a tiny TAESD-like decoder (fast, small quality cost)"),
@@ -200,6 +207,7 @@ def generate_command(
         arch=arch,
         dtype=dtype,
         offload=offload,
+        fast=fast,
         fast_decode=fast_decode,
         tiny_decoder=tiny_decoder,
         low_memory=low_memory,
@@ -271,6 +279,7 @@ def run_generate(
     arch: str | None = None,
     dtype: str = "fp32",
     offload: bool = False,
+    fast: bool = False,
     fast_decode: bool = False,
     tiny_decoder: Path | None = None,
     low_memory: str | None = None,
@@ -283,6 +292,7 @@ def run_generate(
     from noisecraft.io.atomic import check_writable
     from noisecraft.pipelines import GenerateRequest, LatentDiffusion, count_steps, generate
     from noisecraft.pipelines import load_model as load_any
+    from noisecraft.pipelines.fast import FAST
     from noisecraft.pipelines.png_params import (
         format_parameters,
         sampler_display,
@@ -345,6 +355,12 @@ def run_generate(
         from noisecraft.pipelines.offload import offload_latent_diffusion
 
         net = offload_latent_diffusion(net, device)
+    if fast:
+        if not latent:
+            raise ConfigError("--fast is for latent (Stable Diffusion-type) models")
+        if dtype == "fp32" and low_memory is None and not offload and device == "cpu":
+            net = net.int8()  # dynamic int8 Linear layers: a CPU kernel
+        fast_decode = fast_decode or tiny_decoder is not None or model in SHIPPED_TINY_DECODERS
     if fast_decode or tiny_decoder is not None:
         net = _with_tiny_decoder(net, model, tiny_decoder, latent, device)
     if latent and png.get("clip_skip") is not None:
@@ -353,8 +369,11 @@ def run_generate(
         sampler_name, spacing = sampler, None
     elif "sampler" in png:
         sampler_name, spacing = sampler_from_display(png["sampler"], png.get("schedule_type"))
+    elif fast:
+        sampler_name, spacing = FAST.sampler, FAST.spacing
     else:
         sampler_name, spacing = DEFAULTS["sampler"], None
+    default_steps = FAST.steps if fast else DEFAULTS["steps"]
     prompt = prompt if prompt is not None else png.get("prompt")
     negative = negative if negative is not None else png.get("negative_prompt", "")
     first_seed = seed if seed is not None else png.get("seed", DEFAULTS["seed"])
@@ -385,7 +404,8 @@ def run_generate(
         sampler=sampler_name,
         scheduler_config=diffusers_scheduler_config(net, sampler_name),
         spacing=spacing,
-        steps=steps if steps is not None else png.get("steps", DEFAULTS["steps"]),
+        steps=steps if steps is not None else png.get("steps", default_steps),
+        fast=FAST if fast else None,
         cfg=float(cfg_scale),
         classes=None if klass is None else [klass] * n,
         seed=int(first_seed),
