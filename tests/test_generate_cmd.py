@@ -377,3 +377,23 @@ def test_fast_mode_flag(tmp_path, capsys):
         ["generate", "--model", "mnist", "--fast", "--out", str(tmp_path / "p.png")], capsys
     )
     assert rc == 2 and "--fast is for latent" in err
+
+
+@pytest.mark.parametrize(
+    ("flag", "tiled"), [([], None), (["--tiling"], True), (["--no-tiling"], False)]
+)
+def test_tiling_flag_reaches_the_decoder(flag, tiled, tmp_path, capsys, monkeypatch):
+    from noisecraft.pipelines import LatentDiffusion
+
+    seen = []
+    decode = LatentDiffusion.decode
+
+    def spy(self, latents, tiled=None):
+        seen.append(tiled)
+        return decode(self, latents, tiled)
+
+    monkeypatch.setattr(LatentDiffusion, "decode", spy)
+    args = ["generate", "a handwritten 1", "--steps", "2", *flag, "--out", str(tmp_path / "t.png")]
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    assert seen == [tiled]

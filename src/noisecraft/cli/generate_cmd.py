@@ -159,6 +159,13 @@ def generate_command(
     offload: Annotated[
         bool, typer.Option(help="keep weights in CPU memory, move each layer to --device to run it")
     ] = False,
+    tiling: Annotated[
+        bool | None,
+        typer.Option(
+            "--tiling/--no-tiling",
+            help="decode the VAE in tiles (less memory); default: only above 1024x1024",
+        ),
+    ] = None,
     fast: Annotated[
         bool,
         typer.Option(
@@ -207,6 +214,7 @@ def generate_command(
         arch=arch,
         dtype=dtype,
         offload=offload,
+        tiling=tiling,
         fast=fast,
         fast_decode=fast_decode,
         tiny_decoder=tiny_decoder,
@@ -279,6 +287,7 @@ def run_generate(
     arch: str | None = None,
     dtype: str = "fp32",
     offload: bool = False,
+    tiling: bool | None = None,
     fast: bool = False,
     fast_decode: bool = False,
     tiny_decoder: Path | None = None,
@@ -406,6 +415,7 @@ def run_generate(
         spacing=spacing,
         steps=steps if steps is not None else png.get("steps", default_steps),
         fast=FAST if fast else None,
+        vae_tiling=tiling,
         cfg=float(cfg_scale),
         classes=None if klass is None else [klass] * n,
         seed=int(first_seed),
