@@ -8,6 +8,7 @@ prompts per digit, and counts how often it reads the digit the prompt named.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -174,6 +175,17 @@ def test_int8_unet_is_close_to_float32(unet):
     assert not isinstance(unet.input_blocks[1][1].transformer_blocks[0].attn1.to_q, nnqd.Linear)
     assert isinstance(q.input_blocks[1][1].transformer_blocks[0].attn1.to_q, nnqd.Linear)
     assert not isinstance(q.time_embed[0], nnqd.Linear)
+
+
+@torch.no_grad()
+def test_int8_inplace_quantises_the_module_itself_with_the_same_result(unet):
+    x, t, ctx = _inputs()
+    want = quantize_int8(unet)(x, t, context=ctx)  # a copy: ``unet`` stays float
+    own = copy.deepcopy(unet)
+    q = quantize_int8(own, inplace=True)
+    assert q is own
+    assert isinstance(own.input_blocks[1][1].transformer_blocks[0].attn1.to_q, nnqd.Linear)
+    torch.testing.assert_close(q(x, t, context=ctx), want, rtol=0, atol=0)
 
 
 def test_int8_refuses_a_half_precision_model():

@@ -368,7 +368,7 @@ def run_generate(
         if not latent:
             raise ConfigError("--fast is for latent (Stable Diffusion-type) models")
         if dtype == "fp32" and low_memory is None and not offload and device == "cpu":
-            net = net.int8()  # dynamic int8 Linear layers: a CPU kernel
+            net = net.int8(inplace=True)  # dynamic int8 Linear layers (a CPU kernel), no copy
         fast_decode = fast_decode or tiny_decoder is not None or model in SHIPPED_TINY_DECODERS
     if fast_decode or tiny_decoder is not None:
         net = _with_tiny_decoder(net, model, tiny_decoder, latent, device)

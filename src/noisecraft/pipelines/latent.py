@@ -435,16 +435,20 @@ class LatentDiffusion:
     def replace(self, **changes: Any) -> LatentDiffusion:
         return dataclasses.replace(self, **changes)
 
-    def int8(self, *, convs: bool = False, text_encoder: bool = True) -> LatentDiffusion:
+    def int8(
+        self, *, convs: bool = False, text_encoder: bool = True, inplace: bool = False
+    ) -> LatentDiffusion:
         """A copy whose U-Net (and text encoder) Linear layers -- and with ``convs`` the
         U-Net's Conv2d layers -- are dynamically quantised to int8 for CPU inference
         (:func:`noisecraft.pipelines.fast.quantize_int8`); the VAE stays float32. Fast mode's
-        ``int8`` option; docs/performance.md gives its speed and quality cost."""
+        ``int8`` option; docs/performance.md gives its speed and quality cost. ``inplace``
+        quantises this model's own modules (no float32 copy; this model changes too)."""
         from noisecraft.pipelines.fast import quantize_int8
 
-        changes: dict[str, Any] = {"unet": quantize_int8(self.unet, convs=convs)}
+        unet = quantize_int8(self.unet, convs=convs, inplace=inplace)
+        changes: dict[str, Any] = {"unet": unet}
         if text_encoder:
-            changes["text_encoder"] = quantize_int8(self.text_encoder, skip=())
+            changes["text_encoder"] = quantize_int8(self.text_encoder, skip=(), inplace=inplace)
         return self.replace(**changes)
 
 
