@@ -49,16 +49,7 @@ from noisecraft.models.vae import AutoencoderKL, VAEConfig
 from noisecraft.pipelines.latent import LatentDiffusion
 
 #: Stable Diffusion 1.5's U-Net (``v1-inference.yaml``'s ``unet_config``): 859.5 M parameters.
-SD15_UNET = UNetConfig(
-    in_channels=4,
-    out_channels=4,
-    model_channels=320,
-    channel_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    attention_levels=(0, 1, 2),
-    num_heads=8,
-    context_dim=768,
-)
+SD15_UNET = UNetConfig.sd15()
 SD15_VAE = VAEConfig.sd()
 SD15_TEXT = TextEncoderConfig.sd15()
 
