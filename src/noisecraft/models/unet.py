@@ -285,24 +285,9 @@ class UNet(nn.Module):
                 f"context must be (batch, tokens, {c.context_dim}), got {tuple(context.shape)}"
             )
 
-    def forward(
-        self,
-        x: Tensor,
-        t: Tensor,
-        class_labels: Tensor | None = None,
-        context: Tensor | None = None,
-        *,
-        down_residuals: Sequence[Tensor] | None = None,
-        mid_residual: Tensor | None = None,
-    ) -> Tensor:
-        """Predict from noisy ``x`` (B, C, H, W) at timesteps ``t`` (B,) or 0-d, maybe fractional.
-
-        ``class_labels`` (B,) long, ``num_classes`` = null class; missing labels on a
-        class-conditional model mean the null class. ``context`` (B, L, context_dim) for
-        cross-attention. ``down_residuals`` (one per skip, shapes from ``skip_channels``) and
-        ``mid_residual`` are added to the skips and the middle output (ControlNet).
-        """
-        self._check(x, class_labels, context)
+    def embedding(self, x: Tensor, t: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The time (+ class) embedding every block receives (DDPM's sinusoidal timestep
+        embedding through ``time_embed``, plus ``label_emb``; no labels = the null class)."""
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device)
         if t.ndim == 0:
@@ -325,6 +310,27 @@ class UNet(nn.Module):
                     f"got {tuple(class_labels.shape)}"
                 )
             emb = emb + self.label_emb(class_labels)
+        return emb
+
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        class_labels: Tensor | None = None,
+        context: Tensor | None = None,
+        *,
+        down_residuals: Sequence[Tensor] | None = None,
+        mid_residual: Tensor | None = None,
+    ) -> Tensor:
+        """Predict from noisy ``x`` (B, C, H, W) at timesteps ``t`` (B,) or 0-d, maybe fractional.
+
+        ``class_labels`` (B,) long, ``num_classes`` = null class; missing labels on a
+        class-conditional model mean the null class. ``context`` (B, L, context_dim) for
+        cross-attention. ``down_residuals`` (one per skip, shapes from ``skip_channels``) and
+        ``mid_residual`` are added to the skips and the middle output (ControlNet).
+        """
+        self._check(x, class_labels, context)
+        emb = self.embedding(x, t, class_labels)
 
         hs = []
         h = x

@@ -40,7 +40,6 @@ from torch import Tensor
 
 from noisecraft.errors import ConfigError
 from noisecraft.models.unet import UNet
-from noisecraft.nn.embeddings import timestep_embedding
 
 
 @dataclass(frozen=True)
@@ -85,31 +84,6 @@ def check_branch(unet: UNet, branch: int) -> None:
         )
 
 
-def _embedding(unet: UNet, x: Tensor, t: Tensor, class_labels: Tensor | None) -> Tensor:
-    """The time (+ class) embedding, exactly as :meth:`UNet.forward` computes it."""
-    c = unet.config
-    b = x.shape[0]
-    t = torch.as_tensor(t, device=x.device)
-    if t.ndim == 0:
-        t = t.expand(b)
-    elif t.shape != (b,):
-        raise ConfigError(f"timesteps must be a scalar or of shape ({b},), got {tuple(t.shape)}")
-    dtype = unet.time_embed[0].weight.dtype
-    emb = unet.time_embed(timestep_embedding(t, c.model_channels).to(dtype))
-    if unet.label_emb is not None:
-        if class_labels is None:
-            class_labels = torch.full((b,), c.num_classes, device=x.device)
-        class_labels = torch.as_tensor(class_labels, device=x.device).long()
-        if class_labels.ndim == 0:
-            class_labels = class_labels.expand(b)
-        elif class_labels.shape != (b,):
-            raise ConfigError(
-                f"class labels must be a scalar or of shape ({b},), got {tuple(class_labels.shape)}"
-            )
-        emb = emb + unet.label_emb(class_labels)
-    return emb
-
-
 def deepcache_forward(
     unet: UNet,
     state: DeepCacheState,
@@ -129,7 +103,7 @@ def deepcache_forward(
     cfg = state.config
     b = cfg.branch
     check_branch(unet, b)
-    emb = _embedding(unet, x, t, class_labels)
+    emb = unet.embedding(x, t, class_labels)
     k = len(unet.input_blocks)
     key = (tuple(x.shape), x.dtype, x.device)
     full = (
