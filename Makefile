@@ -6,7 +6,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format clean bench-venv bench-train
+.PHONY: setup demo test test-slow lint format clean bench-venv bench-train bench-sdcpp
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -56,3 +56,11 @@ bench-venv: $(BENCH_VENV)/.installed
 
 bench-train: bench-venv
 	$(BENCH_VENV)/bin/python bench/train_throughput.py
+
+# stable-diffusion.cpp's sd-cli, built once from the sdist of stable-diffusion-cpp-python
+# 0.4.7 with -march=native (needs cmake and a C++ compiler; ~10 min on 2 cores), then the
+# table of docs/performance.md's "stable-diffusion.cpp" section
+SDCPP := .bench-sdcpp
+bench-sdcpp: $(STAMP)
+	test -x $(SDCPP)/sd-cli || $(BIN)/python bench/sdcpp.py --build $(SDCPP)
+	$(BIN)/python bench/sdcpp.py --sd-cli $(SDCPP)/sd-cli

@@ -25,6 +25,15 @@ Sections (``--only``):
   ``--steps`` DPM++ 2M (or ``--sampler euler``) steps with CFG 7.5, VAE decode. Ours:
   ``noisecraft.pipelines.generate`` with SD 1.5's scheduler config (diffusers' grid and noise);
   theirs: ``StableDiffusionPipeline`` built from the same modules, same seed.
+* ``fast`` (not in the default run): ours in fast mode (:data:`noisecraft.pipelines.fast.FAST`
+  and, on CPU, int8 Linear layers, as ``noisecraft generate --fast``) against diffusers' exact
+  passes, at ``--sizes`` with batch 2: one int8 U-Net pass against one of diffusers'; and two
+  U-Net calls of a DeepCache N = 2 cycle (a full int8 pass, then a shallow one, branch 2, on
+  the same input) against two of diffusers' passes: half its time is fast mode's time per
+  U-Net call (NFE) over a sampling run. Its "diff" is fast mode's error at equal input (int8
+  only: a shallow call on the input of the full call before it reproduces that call). Then a
+  whole generation at ``--pipeline-sizes``: fast mode (10 DPM++ 2M Karras steps) against
+  diffusers' ``--steps`` DPM++ 2M steps, different images by design (no diff).
 
 Each section runs in its own child process (so peaks and allocator state do not mix).
 
@@ -32,6 +41,7 @@ Each section runs in its own child process (so peaks and allocator state do not 
     python bench/sd_speed.py --sizes 256 --only unet          # one row set, minutes
     python bench/sd_speed.py --tiny --sizes 64 --repeats 2    # develop on a loaded machine
     python bench/sd_speed.py --device cuda                    # fp16 weights on both sides
+    python bench/sd_speed.py --only fast --pipeline-sizes 512 # fast mode against diffusers
 
 ``--write docs/performance.md --block NAME`` replaces the generated block NAME of that page
 (between its ``<!-- sd_speed:NAME:begin -->`` / ``:end -->`` markers) with this run's table.
@@ -56,7 +66,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("unet", "vae", "text", "pipeline")
+SECTIONS = ("unet", "vae", "text", "pipeline", "fast")
+DEFAULT_SECTIONS = SECTIONS[:4]
+DTYPES: dict[str, Any] = {}  # filled by parse(): "fp32" / "fp16" -> torch dtype
 PROMPT = "a photograph of an astronaut riding a horse"
 MARKER = "<!-- sd_speed:{name}:{end} -->"
 
@@ -199,7 +211,7 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
 
         set_fast_kernels(False)
     device = args.device
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    dtype = DTYPES[args.dtype]
     meter = Meter(device)
     cfg = _sd15.configs(args.tiny)
     rows: list[dict[str, Any]] = []
@@ -274,6 +286,8 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
         )
     elif section == "pipeline":
         rows += _pipeline_rows(args, device, dtype, meter)
+    elif section == "fast":
+        rows += _fast_rows(args, device, dtype, meter)
     else:
         raise ValueError(section)
     return rows
@@ -330,6 +344,95 @@ def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Met
     return rows
 
 
+def _fast_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -> list[dict]:
+    """The ``fast`` section (module docstring)."""
+    import _sd15
+    import torch
+
+    from noisecraft.pipelines.deepcache import DeepCacheState, deepcache_forward
+    from noisecraft.pipelines.fast import FAST
+    from noisecraft.pipelines.generate import generate
+
+    parts = _sd15.build_ours(args.tiny, device=device, dtype=dtype)
+    exact = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
+    # diffusers' modules take the float weights first; our modules are then quantised in
+    # place (the float tensors stay alive through diffusers', the int8 ones are added)
+    pipe = _sd15.diffusers_pipeline(exact, "DPMSolverMultistepScheduler")
+    quantise = device == "cpu" and dtype == torch.float32  # int8: float32 CPU models only
+    model = exact.int8(inplace=True) if quantise else exact
+    unet, theirs = model.unet, pipe.unet
+    int8 = "int8 Linear" if quantise else "no int8 (float32 CPU only)"
+    cfg = _sd15.configs(args.tiny)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for size in args.sizes:
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(device, dtype)
+        t = torch.full((2,), 500, device=device)
+        ctx = torch.randn(2, 77, cfg.unet.context_dim, generator=g).to(device, dtype)
+
+        def exact_pass(x: torch.Tensor = x, t: torch.Tensor = t, c: torch.Tensor = ctx) -> Any:
+            return theirs(x, t, encoder_hidden_states=c).sample
+
+        def cycle(x: torch.Tensor = x, t: torch.Tensor = t, c: torch.Tensor = ctx) -> Any:
+            state = DeepCacheState(FAST.deepcache)
+            deepcache_forward(unet, state, x, t, context=c)  # full: fills the cache
+            out = deepcache_forward(unet, state, x, t, context=c)  # shallow
+            if state.shallow_calls != 1:
+                raise RuntimeError("the second DeepCache call was not a shallow one")
+            return out
+
+        rows.append(
+            compare(
+                f"U-Net {size}² batch 2, ours {int8}",
+                lambda x=x, t=t, c=ctx: unet(x, t, context=c),
+                exact_pass,
+                meter,
+                args.repeats,
+            )
+        )
+        b = FAST.deepcache.branch
+        rows.append(
+            compare(
+                f"U-Net {size}² batch 2, 2 calls: ours FAST ({int8}, DeepCache full + shallow "
+                f"b={b}) / diffusers 2 passes",
+                cycle,
+                lambda: (exact_pass(), exact_pass())[1],
+                meter,
+                args.repeats,
+            )
+        )
+    for size in args.pipeline_sizes:
+
+        def ours(size: int = size) -> torch.Tensor:
+            request = FAST.request(
+                n=1, prompts=[PROMPT], cfg=7.5, width=size, height=size, seeds=[args.seed]
+            )
+            return (generate(model, request) / 2 + 0.5).clamp(0, 1)
+
+        def theirs_gen(size: int = size, steps: int = args.steps) -> torch.Tensor:
+            return pipe(
+                prompt=PROMPT,
+                num_inference_steps=steps,
+                guidance_scale=7.5,
+                generator=[torch.Generator().manual_seed(args.seed)],
+                output_type="pt",
+                height=size,
+                width=size,
+            ).images
+
+        row = compare(
+            f"generation {size}²: ours FAST ({FAST.steps} steps, {int8}) / diffusers "
+            f"{args.steps} dpmpp_2m steps",
+            ours,
+            theirs_gen,
+            meter,
+            args.pipeline_repeats,
+        )
+        row["max_diff"] = row["rel_diff"] = None  # different samplers: not the same image
+        rows.append(row)
+    return rows
+
+
 # ---------------------------------------------------------------------------- driver
 
 
@@ -354,7 +457,8 @@ def _child_argv(args: argparse.Namespace, section: str) -> list[str]:
     argv += ["--sizes", ",".join(map(str, args.sizes))]
     argv += ["--pipeline-sizes", ",".join(map(str, args.pipeline_sizes))]
     argv += ["--repeats", str(args.repeats), "--pipeline-repeats", str(args.pipeline_repeats)]
-    argv += ["--device", args.device, "--steps", str(args.steps), "--sampler", args.sampler]
+    argv += ["--device", args.device, "--dtype", args.dtype]
+    argv += ["--steps", str(args.steps), "--sampler", args.sampler]
     argv += ["--seed", str(args.seed)]
     if args.threads:
         argv += ["--threads", str(args.threads)]
@@ -365,6 +469,10 @@ def _child_argv(args: argparse.Namespace, section: str) -> list[str]:
     if args.reference_kernels:
         argv.append("--reference-kernels")
     return argv
+
+
+def _sci(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1e}"
 
 
 def _gib(n: int | None) -> str:
@@ -384,7 +492,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "device": args.device,
-        "dtype": "float16" if args.device.startswith("cuda") else "float32",
+        "dtype": str(DTYPES[args.dtype]).removeprefix("torch."),
     }
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -422,7 +530,7 @@ def markdown(rows: list[dict[str, Any]], env: dict[str, Any], meta: dict[str, An
             case += f" (compile + first call {r['compile_s']:.0f} s)"
         lines.append(
             f"| {case} | {r['ours_s']:.3f} | {r['theirs_s']:.3f} | **{r['ratio']:.2f}×** "
-            f"| {r['max_diff']:.1e} | {r['rel_diff']:.1e} | {_gib(r['ours_peak'])} "
+            f"| {_sci(r['max_diff'])} | {_sci(r['rel_diff'])} | {_gib(r['ours_peak'])} "
             f"| {_gib(r['theirs_peak'])} | {_gib(r['section_peak'])} |"
         )
     return "\n".join(lines) + "\n"
@@ -457,8 +565,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline-sizes", type=_ints, default=[256], help="sides of generations")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median)")
     p.add_argument("--pipeline-repeats", type=int, default=2, help="timed generations per side")
-    p.add_argument("--only", default=",".join(SECTIONS), help="unet,vae,text,pipeline")
+    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help="unet,vae,text,pipeline,fast")
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp16 weights on both sides)")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16"),
+        default="auto",
+        help="weights and activations on both sides (auto: fp16 on cuda, fp32 on cpu; fp16 on "
+        "cpu runs the CUDA run's dtype paths without a GPU, slowly)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--steps", type=int, default=20, help="sampling steps of a generation")
     p.add_argument("--sampler", choices=("dpmpp_2m", "euler"), default="dpmpp_2m")
@@ -481,6 +596,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown section {bad[0]!r}; choose from {', '.join(SECTIONS)}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         p.error("--device must be cpu or cuda")
+    import torch
+
+    DTYPES.update(fp32=torch.float32, fp16=torch.float16)
+    if args.dtype == "auto":
+        args.dtype = "fp16" if args.device.startswith("cuda") else "fp32"
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(
+            "--device cuda: torch sees no CUDA device here; run on a GPU machine with a CUDA "
+            "build of torch 2.13 (the CPU wheel has none), or use --device cpu"
+        )
     if args.repeats < 1 or args.pipeline_repeats < 1:
         p.error("--repeats and --pipeline-repeats must be >= 1")
     return args
