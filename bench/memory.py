@@ -78,26 +78,11 @@ def _status(key: str) -> int:
 
 
 def sd15_model():
-    """A LatentDiffusion with Stable Diffusion 1.5's architecture and random weights."""
-    import torch
+    """A LatentDiffusion with Stable Diffusion 1.5's architecture and random weights
+    (``bench/_sd15.py``: no zero-initialised layer left, so no block is the identity)."""
+    import _sd15
 
-    from noisecraft.diffusion import NoiseSchedule
-    from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
-    from noisecraft.models.tokenizer import CLIPTokenizer
-    from noisecraft.models.unet import UNet, UNetConfig
-    from noisecraft.models.vae import AutoencoderKL, VAEConfig
-    from noisecraft.pipelines.latent import LatentDiffusion
-
-    torch.manual_seed(0)
-    unet = UNetConfig.sd15()
-    return LatentDiffusion(
-        unet=UNet(unet).eval().requires_grad_(False),
-        vae=AutoencoderKL(VAEConfig.sd()).eval().requires_grad_(False),
-        text_encoder=CLIPTextEncoder(TextEncoderConfig.sd15()).eval().requires_grad_(False),
-        tokenizer=CLIPTokenizer.default(),
-        schedule=NoiseSchedule.scaled_linear(),
-        image_size=512,
-    )
+    return _sd15.latent_diffusion(**_sd15.build_ours())
 
 
 def _build(path: str, half: bool = False) -> None:
