@@ -238,6 +238,9 @@ def test_pixel_model(files, capsys):
         (["--out", "{init}"], "exists; pass --overwrite"),
         (["--sampler", "eulr"], "unknown sampler 'eulr'"),
         (["--n", "0"], "--n must be at least 1"),
+        (["--threads", "-1"], "--threads must be 0"),
+        (["--compile", "--fast"], "--compile does not mix with --fast"),
+        (["--compile", "--low-memory", "int8"], "--compile does not mix"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(files, capsys, extra, message):
@@ -379,8 +382,33 @@ def test_fast_mode_flag(tmp_path, capsys):
     assert rc == 2 and "--fast is for latent" in err
 
 
+def test_compile_and_threads_flags(files, tmp_path, capsys):
+    """--compile (torch.compile'd U-Net) draws the eager image; --threads sets torch's
+    thread count for the run."""
+    before = torch.get_num_threads()
+    images = {}
+    try:
+        for extra in ([], ["--compile", "--threads", "1"]):
+            out = tmp_path / f"{len(extra)}.png"
+            args = ["generate", "a cat", "--model", str(files / "tiny.safetensors"), *COMMON]
+            rc, _, err = _run([*args, "--out", str(out), *extra], capsys)
+            assert rc == 0, err
+            images[len(extra)] = _pixels(out).astype(np.int64)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert np.abs(images[3] - images[0]).max() <= 1  # float rounding at most one level
+
+
 @pytest.mark.parametrize(
-    ("flag", "tiled"), [([], None), (["--tiling"], True), (["--no-tiling"], False)]
+    ("flag", "tiled"),
+    [
+        ([], None),
+        (["--tiling"], True),
+        (["--no-tiling"], False),
+        (["--low-memory", "int8"], True),  # low-memory mode decodes in tiles by default
+        (["--low-memory", "int8", "--no-tiling"], False),
+    ],
 )
 def test_tiling_flag_reaches_the_decoder(flag, tiled, tmp_path, capsys, monkeypatch):
     from noisecraft.pipelines import LatentDiffusion

@@ -368,6 +368,19 @@ def test_generate_vae_tiling_switch(tiled_calls):
     torch.testing.assert_close(tiled, untiled, atol=1e-6, rtol=0)
 
 
+def test_forced_tiling_splits_small_images_in_two_per_side():
+    """``tiled=True`` (``--tiling``) on an image up to 512 px still saves memory: tiles of
+    half the longer side plus the overlap (2 x 2 tiles for SD's 512x512); 512-px tiles from
+    1024 px up; an image smaller than two overlaps is one tile."""
+    assert vae_tiling.forced_tile((1, 4, 64, 64)) == 40
+    assert vae_tiling.tile_starts(64, 40, vae_tiling.TILE_OVERLAP) == [0, 24]
+    assert vae_tiling.forced_tile((1, 4, 96, 40)) == 56
+    assert len(vae_tiling.tile_starts(96, 56, 8)) == 2
+    assert vae_tiling.forced_tile((1, 4, 128, 128)) == vae_tiling.TILE
+    assert vae_tiling.forced_tile((1, 4, 6, 8)) == 12  # >= 8: one tile
+    assert vae_tiling.tile_starts(8, 12, 8) == [0]
+
+
 def test_large_images_decode_in_tiles(monkeypatch):
     """Which decoder LatentDiffusion.decode picks (stubs: decoding 1 MP images takes long)."""
     model = tiny_model()
@@ -375,7 +388,7 @@ def test_large_images_decode_in_tiles(monkeypatch):
 
     def stub(kind):
         def decode(*args, **kw):
-            z = args[-1]
+            z = next(a for a in args if isinstance(a, torch.Tensor))
             calls.append((kind, tuple(z.shape)))
             return torch.zeros(z.shape[0], 3, 8 * z.shape[-2], 8 * z.shape[-1])
 

@@ -185,9 +185,23 @@ def generate_command(
         str | None,
         typer.Option(
             "--low-memory",
-            help="fp16 | int8: store the weights so, widen each layer to fp32 as it runs (CPU)",
+            help="fp16 | int8: store the weights so, widen each layer to fp32 as it runs (CPU); "
+            "decodes in tiles unless --no-tiling",
         ),
     ] = None,
+    compile: Annotated[
+        bool,
+        typer.Option(
+            help="torch.compile the U-Net (slower on CPU here, can pay on a GPU; "
+            "docs/performance.md)"
+        ),
+    ] = False,
+    threads: Annotated[
+        int,
+        typer.Option(
+            help="CPU threads (0: torch's default, one per core; 1 is faster on a busy machine)"
+        ),
+    ] = 0,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     paths = run_generate(
@@ -219,6 +233,8 @@ def generate_command(
         fast_decode=fast_decode,
         tiny_decoder=tiny_decoder,
         low_memory=low_memory,
+        compile=compile,
+        threads=threads,
     )
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -292,6 +308,8 @@ def run_generate(
     fast_decode: bool = False,
     tiny_decoder: Path | None = None,
     low_memory: str | None = None,
+    compile: bool = False,
+    threads: int = 0,
 ) -> list[Path]:
     """What ``noisecraft generate`` does; returns the paths written."""
     import torch
@@ -313,6 +331,15 @@ def run_generate(
         model = "mnist-text"  # the shipped text-to-image model
     if n < 1:
         raise ConfigError(f"--n must be at least 1, got {n}")
+    if threads < 0:
+        raise ConfigError(f"--threads must be 0 (torch's default) or more, got {threads}")
+    if compile and (fast or low_memory is not None or offload):
+        raise ConfigError(
+            "--compile does not mix with --fast, --low-memory or --offload (they run the "
+            "U-Net's layers one by one, outside the compiled graph); drop one of them"
+        )
+    if threads:
+        torch.set_num_threads(threads)
     width = height = None
     if size is not None:
         width, height = parse_size(size)
@@ -347,6 +374,7 @@ def run_generate(
         net = load_low_memory(
             resolve_model(model), low_memory, vae_path=vae, prediction=prediction, arch=arch
         )
+        tiling = True if tiling is None else tiling  # the decoder's activations: 4 tiles
     else:
         net = load_any(
             resolve_model(model),
@@ -372,6 +400,10 @@ def run_generate(
         fast_decode = fast_decode or tiny_decoder is not None or model in SHIPPED_TINY_DECODERS
     if fast_decode or tiny_decoder is not None:
         net = _with_tiny_decoder(net, model, tiny_decoder, latent, device)
+    if compile:
+        from noisecraft.pipelines.compile import compile_unet
+
+        net = compile_unet(net)
     if latent and png.get("clip_skip") is not None:
         net = net.replace(clip_skip=int(png["clip_skip"]))
     if sampler is not None:

@@ -39,6 +39,8 @@ from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian
 #: Images with more pixels than this (per image) are decoded in tiles when tiling is not forced
 #: on or off: 1024x1024 and smaller decode whole (exactly as before), larger ones in tiles.
 AUTO_TILE_PIXELS = 1024 * 1024
+#: Tile side and overlap of a tiled decode, in latent pixels (x 8 image pixels for SD).
+TILE, TILE_OVERLAP = 64, 8
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:
@@ -142,7 +144,7 @@ def tiled_encode(
 
 
 def tiled_decode(
-    vae: AutoencoderKL, z: Tensor, tile_latent: int = 64, overlap_latent: int = 8
+    vae: AutoencoderKL, z: Tensor, tile_latent: int = TILE, overlap_latent: int = TILE_OVERLAP
 ) -> Tensor:
     """Images decoded from raw latents ``z`` in ``tile_latent`` x ``tile_latent`` tiles.
 
@@ -161,6 +163,15 @@ def tiled_decode(
     return _blend(vae.decode, z, grid, tile_latent, overlap_latent, in_scale=1, out_scale=f)
 
 
+def forced_tile(latent_shape: tuple[int, ...] | torch.Size) -> int:
+    """The tile side (latent pixels) of a tiled decode: :data:`TILE` (512 image px), or, for a
+    smaller image, half its longer side plus the overlap, so that tiling that is asked for
+    (``--tiling``) still splits the image in two per side and saves memory (a 512x512 SD
+    image: 4 tiles of 320 px). Images smaller than two overlaps decode as one tile."""
+    half = math.ceil(max(latent_shape[-2:]) / 2)
+    return min(TILE, half + TILE_OVERLAP)
+
+
 def needs_tiling(vae: AutoencoderKL, latent_shape: tuple[int, ...] | torch.Size) -> bool:
     """Whether :func:`decode_latents` tiles latents of ``latent_shape`` (.., h, w) on its own:
     when the decoded image has more than :data:`AUTO_TILE_PIXELS` pixels."""
@@ -171,13 +182,13 @@ def needs_tiling(vae: AutoencoderKL, latent_shape: tuple[int, ...] | torch.Size)
 
 def decode_latents(vae: AutoencoderKL, z: Tensor, tiled: bool | None = None) -> Tensor:
     """Scaled diffusion latents -> images, as :meth:`AutoencoderKL.decode_latents`, in tiles
-    (:func:`tiled_decode`, default tile 512 px, overlap 64 px) when ``tiled`` is True, or when
-    it is None and :func:`needs_tiling` says so.
+    (:func:`tiled_decode`, tiles of :func:`forced_tile` latent pixels, overlap 8 = 64 px) when
+    ``tiled`` is True, or when it is None and :func:`needs_tiling` says so.
     """
     if tiled is None:
         tiled = needs_tiling(vae, z.shape)
     if tiled:
-        return tiled_decode(vae, vae.unscale_latents(z))
+        return tiled_decode(vae, vae.unscale_latents(z), forced_tile(z.shape), TILE_OVERLAP)
     if z.device.type != "cpu":
         return vae.decode_latents(z)
     release_freed_heap()
@@ -223,6 +234,9 @@ def release_freed_heap() -> bool:
 
 __all__ = [
     "AUTO_TILE_PIXELS",
+    "TILE",
+    "TILE_OVERLAP",
+    "forced_tile",
     "decode_latents",
     "needs_tiling",
     "release_freed_heap",

@@ -146,6 +146,11 @@ def deepcache(unet: UNet, config: DeepCacheConfig) -> Iterator[DeepCacheState]:
     """Within the block, ``unet(...)`` runs :func:`deepcache_forward` with a fresh state
     (yielded, to read the call counts); the plain forward is restored on exit."""
     check_branch(unet, config.branch)
+    if getattr(unet, "_compiled_call_impl", None) is not None:
+        raise ConfigError(
+            "--fast (DeepCache) and --compile do not mix: DeepCache calls the U-Net's blocks "
+            "directly, so the compiled forward would never run; drop one of them"
+        )
     if "forward" in vars(unet):
         raise ConfigError("this U-Net already runs with DeepCache (nested deepcache blocks)")
     state = DeepCacheState(config)
