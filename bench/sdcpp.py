@@ -50,7 +50,8 @@ NOISECRAFT = [sys.executable, "-m", "noisecraft"]
 
 
 def build(folder: Path) -> Path:
-    """Download the sdist into ``folder`` and build its ``sd-cli``; return the binary's path."""
+    """Download the sdist into ``folder``, build its ``sd-cli`` and link it as
+    ``folder/sd-cli``; return that path."""
     folder.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
     subprocess.run([*pip, SDIST, "-d", str(folder)], check=True)
@@ -63,7 +64,10 @@ def build(folder: Path) -> Path:
     subprocess.run(["cmake", "-S", str(source), "-B", str(out), *flags], check=True)
     jobs = str(os.cpu_count() or 2)
     subprocess.run(["cmake", "--build", str(out), "-j", jobs, "--target", "sd-cli"], check=True)
-    return out / "bin" / "sd-cli"
+    link = folder / "sd-cli"  # a short name for --sd-cli (what `make bench-sdcpp` runs)
+    link.unlink(missing_ok=True)
+    link.symlink_to((out / "bin" / "sd-cli").resolve())
+    return link
 
 
 def run_process(argv: list[str], env: dict[str, str] | None = None) -> tuple[float, int, str]:
@@ -89,6 +93,7 @@ def sdcpp_argv(args: argparse.Namespace, model: Path, size: int, steps: int, out
     argv = [str(args.sd_cli), "-m", str(model), "-p", PROMPT, "-H", str(size), "-W", str(size)]
     argv += ["--steps", str(steps), "--cfg-scale", "7.5", "--sampling-method", "euler"]
     argv += ["-s", "0", "-t", str(args.threads), "-o", str(out), "-v"]
+    argv += ["--type", args.type] if args.type else []
     return argv + (["--fa"] if args.flash else [])
 
 
@@ -187,6 +192,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"- {meta['date']}; sd.cpp from {SDIST} (sd-cli, -march=native), {meta['threads']} "
         f"threads on both sides; sd.cpp {'with' if meta['flash'] else 'without'} --fa, "
+        f"weight type {meta['type'] or 'its default'}, "
         f"{meta['file_dtype']} single file (written by noisecraft's converter); load average "
         f"before / after {meta['load_before']} / {meta['load_after']}; wall {meta['wall_min']:.1f}"
         " min.",
@@ -221,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--e2e-steps", type=int, default=20)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--flash", action="store_true", help="sd.cpp with --fa (flash attention)")
+    p.add_argument("--type", help="sd.cpp's weight type (e.g. q8_0: its smallest-memory run)")
     p.add_argument("--write", type=Path, help="replace a block of this Markdown file")
     p.add_argument("--block", default="sdcpp")
     p.add_argument("--_phases", nargs=4, help=argparse.SUPPRESS)
@@ -273,6 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "threads": args.threads,
         "flash": args.flash,
+        "type": args.type,
         "file_dtype": args.file_dtype,
         "load_before": load_before,
         "load_after": _load(),

@@ -124,7 +124,7 @@ def test_sdcpp_run_process_reports_the_childs_own_peak():
 def test_sdcpp_markdown_ratio():
     rows = [{"case": "c", "ours": 2.0, "theirs": 5.0, "ours_rss": 2e9, "theirs_rss": None}]
     meta = dict(
-        command="x", date="d", threads=2, flash=False, file_dtype="fp32",
+        command="x", date="d", threads=2, flash=False, type=None, file_dtype="fp32",
         load_before="0", load_after="0", wall_min=1.0,
     )  # fmt: skip
     table = sdcpp.markdown(rows, meta)
