@@ -207,3 +207,16 @@ def test_shipped_model_quality_100_prompts():
     assert acc16 >= 0.95 and acc8 >= 0.95
     assert (fp16 - ref).abs().max() <= 2e-2
     assert (int8 - ref).abs().mean() <= 5e-3
+
+
+def test_low_memory_fixes_the_mmap_threshold_unless_told(monkeypatch):
+    """low_memory() fixes glibc's mmap threshold (1 MiB) by default; None leaves it."""
+    import noisecraft.pipelines.lowmem as lm
+    from test_latent_pipeline import tiny_model
+
+    calls = []
+    monkeypatch.setattr(lm, "fix_mmap_threshold", lambda n=lm.MMAP_THRESHOLD: calls.append(n))
+    lm.low_memory(tiny_model(), "int8")
+    lm.low_memory(tiny_model(), "int8", mmap_threshold=None)
+    assert calls == [1 << 20]
+    assert lm.MMAP_THRESHOLD == 1 << 20

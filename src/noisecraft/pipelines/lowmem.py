@@ -33,12 +33,16 @@ fp32 file peaks near the stored size instead of the file's size. A float16 file 
 ever made.
 
 The allocator: :func:`low_memory` fixes glibc's mmap threshold at 1 MiB for the process
-(:func:`fix_mmap_threshold`). By default glibc raises that threshold up to 32 MiB as large
-blocks are freed, after which the U-Net's activations (1-30 MiB each at 512x512) come from
-the heap, and the heap keeps the pages of freed ones pinned behind live tensors. With the
-threshold fixed every such activation is its own mapping, returned to the system when freed:
-a 512x512 ``noisecraft generate --low-memory int8`` run peaked at 2.21 GB RSS without it and
-1.90 GB with it (docs/performance.md), at the cost of page faults on each fresh mapping.
+(:func:`fix_mmap_threshold`; ``mmap_threshold=None`` leaves glibc alone). By default glibc
+raises that threshold up to 32 MiB as large blocks are freed, after which the U-Net's
+activations come from the heap, which keeps the pages of freed ones pinned behind live
+tensors; fixed, every such activation is its own mapping, returned to the system when freed.
+Measured on a 512x512 ``noisecraft generate --low-memory int8`` run (4 Euler steps, tiled
+decode): peak 2.14 GB RSS and 8.4 s per step with glibc's default, 1.89 GB and 10.7 s with
+1 MiB, 1.98 GB and 9.7 s with 8 MiB (page faults on every fresh mapping). Low-memory mode is
+for the memory, so 1 MiB is its default. (Running the CFG halves one after the other instead
+of as one batch was tried too: 2.19 GB, no saving: the heap, not the activations, is what
+grows.)
 
 Cost: widening reads every stored weight once per U-Net call (SD 1.5: 860 M weights per
 pass), into one reused 64 MiB float32 workspace (a fresh allocation per layer would add the
