@@ -293,6 +293,21 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
     return rows
 
 
+def _diffusers_generation(pipe: Any, size: int, steps: int, seed: int) -> Any:
+    """One image of ``PROMPT`` from diffusers' pipeline: CFG 7.5, pixels in [0, 1]."""
+    import torch
+
+    return pipe(
+        prompt=PROMPT,
+        num_inference_steps=steps,
+        guidance_scale=7.5,
+        generator=[torch.Generator().manual_seed(seed)],
+        output_type="pt",
+        height=size,
+        width=size,
+    ).images
+
+
 def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -> list[dict]:
     import _sd15
     import torch
@@ -321,16 +336,8 @@ def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Met
             )
             return (generate(model, request) / 2 + 0.5).clamp(0, 1)
 
-        def theirs(size: int = size, steps: int = args.steps) -> torch.Tensor:
-            return pipe(
-                prompt=PROMPT,
-                num_inference_steps=steps,
-                guidance_scale=7.5,
-                generator=[torch.Generator().manual_seed(args.seed)],
-                output_type="pt",
-                height=size,
-                width=size,
-            ).images
+        def theirs(size: int = size) -> torch.Tensor:
+            return _diffusers_generation(pipe, size, args.steps, args.seed)
 
         rows.append(
             compare(
@@ -409,16 +416,8 @@ def _fast_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) 
             )
             return (generate(model, request) / 2 + 0.5).clamp(0, 1)
 
-        def theirs_gen(size: int = size, steps: int = args.steps) -> torch.Tensor:
-            return pipe(
-                prompt=PROMPT,
-                num_inference_steps=steps,
-                guidance_scale=7.5,
-                generator=[torch.Generator().manual_seed(args.seed)],
-                output_type="pt",
-                height=size,
-                width=size,
-            ).images
+        def theirs_gen(size: int = size) -> torch.Tensor:
+            return _diffusers_generation(pipe, size, args.steps, args.seed)
 
         row = compare(
             f"generation {size}²: ours FAST ({FAST.steps} steps, {int8}) / diffusers "
