@@ -56,5 +56,9 @@ def barrier(info: DistInfo) -> None:
 
 
 def teardown(info: DistInfo) -> None:
+    """Leave the process group once every rank is here: a rank that destroys its gloo group
+    while another is still in a collective with it can make that one abort (seen once in CI
+    as ``terminate called without an active exception``, SIGABRT in rank 1)."""
     if info.enabled and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
