@@ -22,8 +22,8 @@ from noisecraft.models.tiny_decoder import (
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
 from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
 from noisecraft.training.config import DistillConfig, LatentConfig, TaskConfig, load_config
-from noisecraft.training.tasks.tiny_decoder import gradient_l1, load_teacher_vae
-from noisecraft.training.tasks.vae import save_vae
+from noisecraft.training.tasks.tiny_decoder import gradient_l1
+from noisecraft.training.tasks.vae import load_latent_vae, save_vae
 from noisecraft.training.trainer import Trainer
 from test_latent_pipeline import tiny_model
 
@@ -146,7 +146,7 @@ def test_task_distils_the_teacher_and_its_loss_goes_down(tmp_path, teacher_file)
     cfg = distill_config(tmp_path / "run", teacher_file, max_steps=40, lr=3e-3, warmup_steps=5)
     trainer = Trainer(cfg)
     task = trainer.task
-    teacher = load_teacher_vae(str(teacher_file), torch.device("cpu"))
+    teacher = load_latent_vae(str(teacher_file), torch.device("cpu"), in_model=True)
     x = trainer.dataset.images[:4]
     z = teacher.encode_latents(x, sample=False)
     torch.testing.assert_close(task.latents[:4], z)
@@ -171,7 +171,7 @@ def test_task_resumes_exactly(tmp_path, teacher_file):
 def test_teacher_from_a_latent_diffusion_file_and_config_errors(tmp_path, teacher_file):
     ld = tiny_model()
     ld.save(tmp_path / "ld.safetensors")
-    vae = load_teacher_vae(str(tmp_path / "ld.safetensors"), torch.device("cpu"))
+    vae = load_latent_vae(str(tmp_path / "ld.safetensors"), torch.device("cpu"), in_model=True)
     for (k, v), (k2, v2) in zip(vae.state_dict().items(), ld.vae.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
     base = distill_config(tmp_path / "r", teacher_file)

@@ -33,12 +33,10 @@ from torch import Tensor, nn
 
 from noisecraft.diffusion import training_losses
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
-from noisecraft.errors import CheckpointError, ConfigError, unknown_name
-from noisecraft.io.checkpoint import read_info
+from noisecraft.errors import ConfigError, unknown_name
 from noisecraft.models.text_encoder import CLIPTextEncoder
 from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.models.unet import UNet
-from noisecraft.models.vae import AutoencoderKL
 from noisecraft.pipelines.generate import GenerateRequest, generate
 from noisecraft.pipelines.latent import LatentDiffusion
 from noisecraft.training import captions
@@ -52,8 +50,7 @@ from noisecraft.training.tasks.base import (
     draw_timesteps_and_noise,
     objective_config,
 )
-from noisecraft.training.tasks.vae import KIND as VAE_KIND
-from noisecraft.training.tasks.vae import load_vae
+from noisecraft.training.tasks.vae import load_latent_vae
 
 POSTERIORS = ("mode", "sample")
 
@@ -75,27 +72,6 @@ class TextConditionedUNet(nn.Module):
         unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
         context = self.text_encoder(unique).last_hidden_state[inverse]
         return self.unet(x, t, context=context)
-
-
-def load_latent_vae(path: str, device: torch.device) -> AutoencoderKL:
-    """The VAE named by ``latent.vae``, with one-line errors for the usual mistakes."""
-    if not path:
-        raise ConfigError(
-            "latent.vae is not set; point it at the model.safetensors of a trained VAE run "
-            "(noisecraft train configs/mnist_vae.toml)"
-        )
-    if not Path(path).is_file():
-        raise CheckpointError(
-            f"latent.vae = '{path}' not found; train the VAE first "
-            "(noisecraft train configs/mnist_vae.toml) or fix the path"
-        )
-    kind = read_info(path).kind
-    if kind != VAE_KIND:
-        raise CheckpointError(
-            f"latent.vae = '{path}' holds a '{kind}' checkpoint, not a '{VAE_KIND}'; point it "
-            "at the model.safetensors of a VAE run"
-        )
-    return load_vae(path, device)
 
 
 class TextLatentTask(TimestepSamplerState):
@@ -272,4 +248,4 @@ class TextLatentTask(TimestepSamplerState):
         return generate(self.pipeline(model), req), 8
 
 
-__all__ = ["TextConditionedUNet", "TextLatentTask", "load_latent_vae"]
+__all__ = ["TextConditionedUNet", "TextLatentTask"]

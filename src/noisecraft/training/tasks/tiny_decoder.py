@@ -29,41 +29,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisecraft.errors import CheckpointError, ConfigError, unknown_name
-from noisecraft.io.checkpoint import read_info
+from noisecraft.errors import ConfigError, unknown_name
 from noisecraft.models.tiny_decoder import TinyDecoder, save_tiny_decoder
-from noisecraft.models.vae import AutoencoderKL
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import Batch, TaskLoss
-from noisecraft.training.tasks.vae import KIND as VAE_KIND
-from noisecraft.training.tasks.vae import load_vae
+from noisecraft.training.tasks.vae import load_latent_vae
 
 TARGETS = ("vae", "images")
 POSTERIORS = ("mode", "sample")
-LATENT_DIFFUSION_KIND = "latent_diffusion"
-
-
-def load_teacher_vae(path: str, device: torch.device) -> AutoencoderKL:
-    """The VAE of ``latent.vae``: a "vae" checkpoint, or the VAE inside a latent_diffusion file."""
-    if not path:
-        raise ConfigError(
-            "latent.vae is not set; point it at a trained VAE (model.safetensors of a VAE run) "
-            "or at a latent diffusion model file, e.g. src/noisecraft/assets/mnist_text.safetensors"
-        )
-    if not Path(path).is_file():
-        raise CheckpointError(f"latent.vae = '{path}' not found; fix the path")
-    kind = read_info(path).kind
-    if kind == VAE_KIND:
-        return load_vae(path, device)
-    if kind == LATENT_DIFFUSION_KIND:
-        from noisecraft.pipelines.latent import LatentDiffusion
-
-        return LatentDiffusion.load(path, device).vae
-    raise CheckpointError(
-        f"latent.vae = '{path}' holds a '{kind}' checkpoint; point it at a '{VAE_KIND}' or "
-        f"'{LATENT_DIFFUSION_KIND}' file"
-    )
 
 
 def gradient_l1(a: Tensor, b: Tensor) -> Tensor:
@@ -86,7 +60,7 @@ class TinyDecoderTask:
         self.device = device
         self._check_config()
         self.model = TinyDecoder(cfg.tiny_decoder)  # first draw from the seeded global RNG
-        self.teacher = load_teacher_vae(cfg.latent.vae, device)
+        self.teacher = load_latent_vae(cfg.latent.vae, device, in_model=True)
         self._check_teacher()
         self.latents, self.targets = self.cache(dataset.images)
 
@@ -199,4 +173,4 @@ class TinyDecoderTask:
         return torch.cat(rows), 8
 
 
-__all__ = ["TinyDecoderTask", "gradient_l1", "load_teacher_vae"]
+__all__ = ["TinyDecoderTask", "gradient_l1"]

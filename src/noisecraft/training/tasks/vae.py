@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisecraft.errors import ConfigError
+from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.io.build import build_module
-from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
+from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
 from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian, VAEConfig
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
@@ -60,6 +60,41 @@ def load_vae(path: str | os.PathLike, device: str | torch.device = "cpu") -> Aut
     return build_module(
         lambda: AutoencoderKL(config), tensors, what="VAE", source=path, device=device
     )
+
+
+LATENT_DIFFUSION_KIND = "latent_diffusion"
+
+
+def load_latent_vae(
+    path: str, device: str | torch.device = "cpu", *, in_model: bool = False
+) -> AutoencoderKL:
+    """The VAE a training config names in ``latent.vae``: a "vae" checkpoint or, with
+    ``in_model``, also the VAE inside a "latent_diffusion" model file; a one-line error for
+    an empty setting, a missing file or another kind of checkpoint."""
+    kinds = (KIND, LATENT_DIFFUSION_KIND) if in_model else (KIND,)
+    where = "the model.safetensors of a trained VAE run (noisecraft train configs/mnist_vae.toml)"
+    if in_model:
+        where += (
+            " or a latent diffusion model file, e.g. src/noisecraft/assets/mnist_text.safetensors"
+        )
+    if not path:
+        raise ConfigError(f"latent.vae is not set; point it at {where}")
+    if not Path(path).is_file():
+        raise CheckpointError(
+            f"latent.vae = '{path}' not found; fix the path or train the VAE first"
+        )
+    kind = read_info(path).kind
+    if kind not in kinds:
+        raise CheckpointError(
+            f"latent.vae = '{path}' holds a '{kind}' checkpoint, not a "
+            + " or a ".join(f"'{k}'" for k in kinds)
+            + f"; point it at {where}"
+        )
+    if kind == LATENT_DIFFUSION_KIND:
+        from noisecraft.pipelines.latent import LatentDiffusion
+
+        return LatentDiffusion.load(path, device).vae
+    return load_vae(path, device)
 
 
 # ------------------------------------------------------------------ the task
