@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from noisecraft.diffusion import NoiseSchedule
+from noisecraft.io.formats.diffusers_folder import vae_config_to_diffusers
 from noisecraft.io.formats.unet_keys import unet_config_to_diffusers, unet_to_diffusers
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.tokenizer import CLIPTokenizer, write_vocab_files
@@ -179,21 +180,9 @@ def diffusers_vae(vae: AutoencoderKL) -> nn.Module:
     """diffusers' ``AutoencoderKL`` sharing ``vae``'s weights."""
     from diffusers import AutoencoderKL as DAutoencoderKL
 
-    c = vae.config
-    n = len(c.channel_mult)
-    kwargs = dict(
-        in_channels=c.in_channels,
-        out_channels=c.out_channels,
-        down_block_types=("DownEncoderBlock2D",) * n,
-        up_block_types=("UpDecoderBlock2D",) * n,
-        block_out_channels=tuple(c.base_channels * m for m in c.channel_mult),
-        layers_per_block=c.num_res_blocks,
-        latent_channels=c.z_channels,
-        norm_num_groups=c.norm_groups,
-        scaling_factor=c.scaling_factor,
-        mid_block_add_attention=c.mid_attention,
-    )
-    return _assign(lambda: DAutoencoderKL(**kwargs), vae.to_diffusers_state_dict())
+    cfg = vae_config_to_diffusers(vae.config, sample_size=512)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    return _assign(lambda: DAutoencoderKL(**cfg), vae.to_diffusers_state_dict())
 
 
 def transformers_text_encoder(text: CLIPTextEncoder, tokenizer: CLIPTokenizer) -> nn.Module:

@@ -68,7 +68,7 @@ from typing import Any
 
 SECTIONS = ("unet", "vae", "text", "pipeline", "fast")
 DEFAULT_SECTIONS = SECTIONS[:4]
-DTYPES: dict[str, Any] = {}  # filled by parse(): "fp32" / "fp16" -> torch dtype
+DTYPES = {"fp32": "float32", "fp16": "float16"}  # --dtype -> torch dtype name
 PROMPT = "a photograph of an astronaut riding a horse"
 MARKER = "<!-- sd_speed:{name}:{end} -->"
 
@@ -211,7 +211,7 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
 
         set_fast_kernels(False)
     device = args.device
-    dtype = DTYPES[args.dtype]
+    dtype = getattr(torch, DTYPES[args.dtype])
     meter = Meter(device)
     cfg = _sd15.configs(args.tiny)
     rows: list[dict[str, Any]] = []
@@ -491,7 +491,7 @@ def _environment(args: argparse.Namespace) -> dict[str, Any]:
         "cpus": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "device": args.device,
-        "dtype": str(DTYPES[args.dtype]).removeprefix("torch."),
+        "dtype": DTYPES[args.dtype],
     }
     if args.device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(0)
@@ -597,7 +597,6 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device must be cpu or cuda")
     import torch
 
-    DTYPES.update(fp32=torch.float32, fp16=torch.float16)
     if args.dtype == "auto":
         args.dtype = "fp16" if args.device.startswith("cuda") else "fp32"
     if args.device.startswith("cuda") and not torch.cuda.is_available():

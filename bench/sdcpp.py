@@ -46,6 +46,9 @@ from pathlib import Path
 SDIST = "stable-diffusion-cpp-python==0.4.7"
 PROMPT = "a photograph of an astronaut riding a horse"
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from sd_speed import _ints, _load, write_block  # noqa: E402  (standard library only)
+
 NOISECRAFT = [sys.executable, "-m", "noisecraft"]
 
 
@@ -182,10 +185,6 @@ def end_to_end(args: argparse.Namespace, model: Path, folder: Path) -> list[dict
     return rows
 
 
-def _load() -> str:
-    return f"{os.getloadavg()[0]:.2f}"
-
-
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"Command: `{meta['command']}`",
@@ -208,10 +207,6 @@ def markdown(rows: list[dict], meta: dict) -> str:
             f"**{r['theirs'] / r['ours']:.2f}×** | {mem[0]} | {mem[1]} |"
         )
     return "\n".join(lines) + "\n"
-
-
-def _ints(text: str) -> list[int]:
-    return [int(v) for v in text.split(",") if v]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -289,8 +284,6 @@ def main(argv: list[str] | None = None) -> None:
     block = markdown(rows, meta)
     print(block)
     if args.write:
-        from sd_speed import write_block
-
         write_block(args.write, block, args.block)
 
 

@@ -40,6 +40,7 @@ from torch import Tensor
 
 from noisecraft.errors import ConfigError
 from noisecraft.models.unet import UNet
+from noisecraft.pipelines.compile import is_compiled
 
 
 @dataclass(frozen=True)
@@ -146,7 +147,7 @@ def deepcache(unet: UNet, config: DeepCacheConfig) -> Iterator[DeepCacheState]:
     """Within the block, ``unet(...)`` runs :func:`deepcache_forward` with a fresh state
     (yielded, to read the call counts); the plain forward is restored on exit."""
     check_branch(unet, config.branch)
-    if getattr(unet, "_compiled_call_impl", None) is not None:
+    if is_compiled(unet):
         raise ConfigError(
             "--fast (DeepCache) and --compile do not mix: DeepCache calls the U-Net's blocks "
             "directly, so the compiled forward would never run; drop one of them"
