@@ -220,3 +220,14 @@ def test_low_memory_fixes_the_mmap_threshold_unless_told(monkeypatch):
     lm.low_memory(tiny_model(), "int8", mmap_threshold=None)
     assert calls == [1 << 20]
     assert lm.MMAP_THRESHOLD == 1 << 20
+
+
+def test_load_low_memory_fixes_the_threshold_once_before_loading(tmp_path, monkeypatch):
+    import noisecraft.pipelines.lowmem as lm
+
+    path = tmp_path / "m.safetensors"
+    tiny_model().save(path)
+    calls = []
+    monkeypatch.setattr(lm, "fix_mmap_threshold", lambda n=lm.MMAP_THRESHOLD: calls.append(n))
+    lm.load_low_memory(path, "int8")
+    assert calls == [1 << 20]

@@ -320,7 +320,7 @@ def load_low_memory(
 
     if weights not in WEIGHT_FORMATS:
         raise unknown_name("--low-memory", weights, WEIGHT_FORMATS)
-    if mmap_threshold is not None:  # before loading: the conversion's temporaries too
+    if mmap_threshold is not None:  # before loading (the conversion's temporaries too), once
         fix_mmap_threshold(mmap_threshold)
     if detect_format(path) == "single-file":
         from noisecraft.io.formats.single_file import load_single_file
@@ -328,9 +328,7 @@ def load_low_memory(
         model = load_single_file(path, prediction=prediction, vae=vae_path, family=arch, dtype=None)
     else:
         model = load_any(path, vae=vae_path, prediction=prediction, arch=arch)
-    return low_memory(
-        model, weights, vae=vae, min_elements=min_elements, mmap_threshold=mmap_threshold
-    )
+    return low_memory(model, weights, vae=vae, min_elements=min_elements, mmap_threshold=None)
 
 
 __all__ = [
