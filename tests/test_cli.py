@@ -275,3 +275,21 @@ def test_demo_uses_shipped_model_and_keeps_earlier_outputs(tmp_path, capsys):
     assert f"wrote {tmp_path / 'text_digits_2.png'}" in out
     with Image.open(tmp_path / "text_digits.png") as im:
         assert im.height > im.width  # 10 prompt rows of 8 images
+
+
+def test_python_dash_m_runs_the_same_cli():
+    """``python -m noisecraft`` (what bench/sdcpp.py starts) is the ``noisecraft`` program:
+    same commands, and a user error is the same one line with exit code 2."""
+    ok = subprocess.run(
+        [sys.executable, "-m", "noisecraft", "--help"], capture_output=True, text=True
+    )
+    assert ok.returncode == 0 and "generate" in ok.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "noisecraft", "generate", "a 1", "--threads", "-1"],
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: --threads must be 0 (torch's default) or more, got -1"
+    ]
