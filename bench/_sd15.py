@@ -1,7 +1,7 @@
 """Stable Diffusion 1.5-architecture models with random weights, in noisecraft AND in diffusers.
 
 Shared model construction for the bench scripts (``bench/sd_speed.py``; ``bench/memory.py``
-may import it). One noisecraft :class:`~noisecraft.pipelines.latent.LatentDiffusion` is built
+may import it). One noisecraft :class:`~noisecraft.models.latent_diffusion.LatentDiffusion` is built
 with random weights; the diffusers / transformers modules are built from ITS weights through
 the converters, so both sides compute the same function:
 
@@ -43,11 +43,11 @@ from torch import nn
 from noisecraft.diffusion import NoiseSchedule
 from noisecraft.io.formats.diffusers_folder import vae_config_to_diffusers
 from noisecraft.io.formats.unet_keys import unet_config_to_diffusers, unet_to_diffusers
+from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.tokenizer import CLIPTokenizer, write_vocab_files
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
-from noisecraft.pipelines.latent import LatentDiffusion
 
 #: Stable Diffusion 1.5's U-Net (``v1-inference.yaml``'s ``unet_config``): 859.5 M parameters.
 SD15_UNET = UNetConfig.sd15()

@@ -19,16 +19,18 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.nn.quantize import quantize_int8
 from noisecraft.pipelines.deepcache import DeepCacheConfig
-from noisecraft.pipelines.fast import FastMode, quantize_int8
+from noisecraft.pipelines.fast import FastMode
 
 ASSETS = Path(__file__).resolve().parent.parent / "src/noisecraft/assets"
 
 
 def quality(args: argparse.Namespace) -> None:
+    from noisecraft.io.native import load_latent_diffusion, load_pixel_diffusion
     from noisecraft.metrics.features import mnist_extractor
     from noisecraft.metrics.frechet import fid_from_features
-    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, PixelDiffusion, generate
+    from noisecraft.pipelines import GenerateRequest, generate
     from noisecraft.training.captions import DIGIT_WORDS
     from noisecraft.training.config import DataConfig
     from noisecraft.training.data import load_dataset
@@ -60,8 +62,8 @@ def quality(args: argparse.Namespace) -> None:
             "conv",
         ),
     }
-    text = LatentDiffusion.load(ASSETS / "mnist_text.safetensors")
-    pixel = PixelDiffusion.load(ASSETS / "mnist.safetensors")
+    text = load_latent_diffusion(ASSETS / "mnist_text.safetensors")
+    pixel = load_pixel_diffusion(ASSETS / "mnist.safetensors")
     real = extractor(load_dataset(DataConfig(name="mnist")).images)
     digits = [d for d in range(10) for _ in range(10)]
     prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]

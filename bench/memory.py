@@ -92,7 +92,9 @@ def _build(path: str, half: bool = False) -> None:
 
     model = sd15_model()
     if path.endswith(".native.safetensors"):
-        model.save(path)
+        from noisecraft.io.native import save_model
+
+        save_model(model, path)
     else:
         from noisecraft.io.formats.single_file import save_single_file
 

@@ -24,9 +24,10 @@ from pathlib import Path
 
 import torch
 
+from noisecraft.io.native import load_pixel_diffusion
 from noisecraft.metrics.features import mnist_extractor
 from noisecraft.metrics.frechet import fid_from_features
-from noisecraft.pipelines import GenerateRequest, PixelDiffusion, generate
+from noisecraft.pipelines import GenerateRequest, generate
 from noisecraft.samplers import SAMPLER_INFO
 from noisecraft.training.config import DataConfig
 from noisecraft.training.data import load_dataset
@@ -70,7 +71,7 @@ def main() -> None:
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 numbers, as on the CPU
         torch.backends.cudnn.allow_tf32 = False
 
-    model = PixelDiffusion.load(args.model, device=args.device)
+    model = load_pixel_diffusion(args.model, device=args.device)
     extractor = mnist_extractor(device=args.device)
     real = extractor(load_dataset(DataConfig(name="mnist")).images)
     k = model.num_classes or 1

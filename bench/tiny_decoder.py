@@ -36,7 +36,8 @@ from pathlib import Path
 import torch
 from _sd15 import build_vae, diffusers_vae
 
-from noisecraft.models.tiny_decoder import TinyDecoder, TinyDecoderConfig, load_tiny_decoder
+from noisecraft.io.native import load_tiny_decoder
+from noisecraft.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
 from noisecraft.models.vae import VAEConfig
 
 ASSETS = Path(__file__).resolve().parent.parent / "src/noisecraft/assets"
@@ -98,16 +99,17 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @torch.no_grad()
 def quality(args: argparse.Namespace) -> None:
+    from noisecraft.io.native import load_latent_diffusion
     from noisecraft.metrics.features import mnist_extractor
     from noisecraft.metrics.frechet import fid_from_features
-    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+    from noisecraft.pipelines import GenerateRequest, generate
     from noisecraft.training.captions import DIGIT_WORDS
     from noisecraft.training.config import DataConfig
     from noisecraft.training.data import load_dataset
 
     torch.set_num_threads(args.threads)
     extractor = mnist_extractor()
-    model = LatentDiffusion.load(ASSETS / "mnist_text.safetensors")
+    model = load_latent_diffusion(ASSETS / "mnist_text.safetensors")
     model = model.replace(tiny_decoder=load_tiny_decoder(args.tiny_decoder))
     real = load_dataset(DataConfig(name="mnist", image_size=32, pad=2)).images[: args.real_n]
     digits = [i % 10 for i in range(args.fid_n)]

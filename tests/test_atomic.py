@@ -36,7 +36,7 @@ def test_check_writable_refuses_existing(tmp_path):
     target = tmp_path / "c.txt"
     assert check_writable(target, overwrite=False) == target
     target.write_text("x")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite to replace"):
         check_writable(target, overwrite=False)
     assert check_writable(target, overwrite=True) == target
 

@@ -24,7 +24,7 @@ def test_refuses_to_overwrite_and_leaves_file(tmp_path):
     path = tmp_path / "m.safetensors"
     save_checkpoint(path, {"w": torch.ones(2)}, CheckpointInfo("unet", {}))
     before = path.read_bytes()
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite to replace"):
         save_checkpoint(path, {"w": torch.zeros(2)}, CheckpointInfo("unet", {}))
     assert path.read_bytes() == before
     save_checkpoint(path, {"w": torch.zeros(2)}, CheckpointInfo("unet", {}), overwrite=True)

@@ -188,7 +188,7 @@ def test_arch_override_errors(folder, tmp_path, capsys):
     from noisecraft.errors import ConfigError
 
     _, src = folder
-    with pytest.raises(ConfigError, match="--arch applies to SD single files"):
+    with pytest.raises(ConfigError, match="arch applies to SD single files"):
         load_any(src, arch="sd2")
     single = tmp_path / "m.safetensors"
     assert _run(["convert", str(src), str(single), "--to", "single-file"], capsys)[0] == 0

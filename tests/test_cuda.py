@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from noisecraft.pipelines import GenerateRequest, PixelDiffusion, generate
+from noisecraft.io.native import load_latent_diffusion, load_pixel_diffusion, save_model
+from noisecraft.pipelines import GenerateRequest, generate
 from noisecraft.training.trainer import Trainer
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -33,7 +34,7 @@ def test_mixed_precision_training_on_cuda(tmp_path, precision):
     assert sum(losses[-10:]) < 0.8 * sum(losses[:10])
     # weights stay float32 (autocast only changes the compute dtype) and save to CPU tensors
     assert all(p.dtype == torch.float32 for p in trainer.model.parameters())
-    model = PixelDiffusion.load(tmp_path / "run" / "model.safetensors", device="cuda")
+    model = load_pixel_diffusion(tmp_path / "run" / "model.safetensors", device="cuda")
     assert next(model.unet.parameters()).is_cuda
 
 
@@ -45,8 +46,8 @@ def test_cuda_sampling_matches_cpu(tmp_path, sampler):
     Trainer(cfg).train()
     path = tmp_path / "run" / "model.safetensors"
     req = GenerateRequest(n=8, sampler=sampler, steps=10, cfg=2.0, classes=list(range(8)), seed=1)
-    cpu = generate(PixelDiffusion.load(path), req)
-    gpu = generate(PixelDiffusion.load(path, device="cuda"), req)
+    cpu = generate(load_pixel_diffusion(path), req)
+    gpu = generate(load_pixel_diffusion(path, device="cuda"), req)
     # same CPU-drawn noise on both devices; only float rounding differs
     torch.testing.assert_close(gpu, cpu, atol=2e-3, rtol=0)
 
@@ -57,18 +58,17 @@ def test_cuda_sampling_matches_cpu(tmp_path, sampler):
 
 @cuda
 def test_half_precision_latent_model_on_cuda(tmp_path):
-    from noisecraft.pipelines import LatentDiffusion
     from test_latent_pipeline import _req, tiny_model
 
     path = tmp_path / "tiny.safetensors"
-    tiny_model().save(path)
-    model = LatentDiffusion.load(path, device="cuda", dtype=torch.float16)
+    save_model(tiny_model(), path)
+    model = load_latent_diffusion(path, device="cuda", dtype=torch.float16)
     assert {(p.dtype, p.device.type) for p in model.unet.parameters()} == {(torch.float16, "cuda")}
     # the VAE stays float32: SD VAEs overflow float16 at large sizes
     assert {(p.dtype, p.device.type) for p in model.vae.parameters()} == {(torch.float32, "cuda")}
     req = _req(steps=2)
     out = generate(model, req)
-    ref = generate(LatentDiffusion.load(path), req)
+    ref = generate(load_latent_diffusion(path), req)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     assert (out - ref).abs().max() < 0.1 and (out - ref).abs().mean() < 0.01
 

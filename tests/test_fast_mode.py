@@ -18,16 +18,18 @@ from torch.ao.nn.quantized import dynamic as nnqd
 from helpers import jitter
 from noisecraft.cli.main import resolve_model
 from noisecraft.errors import ConfigError
+from noisecraft.io.native import load_latent_diffusion
 from noisecraft.metrics.features import mnist_extractor
-from noisecraft.models import UNet, UNetConfig
-from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+from noisecraft.models import LatentDiffusion, UNet, UNetConfig
+from noisecraft.nn.quantize import quantize_int8
+from noisecraft.pipelines import GenerateRequest, generate
 from noisecraft.pipelines.deepcache import (
     DeepCacheConfig,
     DeepCacheState,
     deepcache,
     deepcache_forward,
 )
-from noisecraft.pipelines.fast import FAST, FastMode, quantize_int8
+from noisecraft.pipelines.fast import FAST, FastMode
 from noisecraft.training.captions import DIGIT_WORDS
 
 TINY = UNetConfig(
@@ -51,7 +53,7 @@ def unet() -> UNet:
 
 @pytest.fixture(scope="module")
 def shipped() -> LatentDiffusion:
-    return LatentDiffusion.load(resolve_model("mnist-text"))
+    return load_latent_diffusion(resolve_model("mnist-text"))
 
 
 def _inputs(b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -9,8 +9,9 @@ from PIL import Image
 
 from noisecraft.cli.main import main
 from noisecraft.diffusion import NoiseSchedule
+from noisecraft.io.native import save_model
+from noisecraft.models import PixelDiffusion
 from noisecraft.models.unet import UNet, UNetConfig
-from noisecraft.pipelines import PixelDiffusion
 from noisecraft.pipelines.png_params import parse_parameters
 from test_latent_pipeline import tiny_model  # the same tiny random SD-like model
 
@@ -20,7 +21,7 @@ COMMON = ["--steps", "3", "--sampler", "euler", "--size", "64x48"]
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     root = tmp_path_factory.mktemp("gen")
-    tiny_model().save(root / "tiny.safetensors")
+    save_model(tiny_model(), root / "tiny.safetensors")
     unet = UNet(
         UNetConfig(
             model_channels=8,
@@ -30,7 +31,9 @@ def files(tmp_path_factory):
             num_classes=3,
         )
     )
-    PixelDiffusion(unet, NoiseSchedule.cosine(100), image_size=8).save(root / "pixel.safetensors")
+    save_model(
+        PixelDiffusion(unet, NoiseSchedule.cosine(100), image_size=8), root / "pixel.safetensors"
+    )
     rng = np.random.default_rng(0)
     Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(root / "init.png")
     mask = np.zeros((48, 64), dtype=np.uint8)
@@ -272,10 +275,11 @@ def test_bad_input_is_one_line_exit_2(files, capsys, extra, message):
 
 def test_generated_tensor_range_matches_png(files):
     """The PNG holds round(clamp(x / 2 + 0.5) * 255) of generate()'s output."""
-    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+    from noisecraft.io.native import load_latent_diffusion
+    from noisecraft.pipelines import GenerateRequest, generate
     from noisecraft.viz.images import to_uint8
 
-    model = LatentDiffusion.load(files / "tiny.safetensors")
+    model = load_latent_diffusion(files / "tiny.safetensors")
     req = GenerateRequest(
         n=2,
         prompts=["a cat, sitting"],
@@ -316,9 +320,9 @@ def test_half_precision_weights(tmp_path, capsys):
     """--dtype fp16: U-Net and text encoder in float16, the VAE kept in float32; the image
     stays close to the float32 one (measured: mean 1.5/255 at 3 steps on the shipped model)."""
     from noisecraft.cli.main import resolve_model
-    from noisecraft.pipelines import LatentDiffusion
+    from noisecraft.io.native import load_latent_diffusion
 
-    model = LatentDiffusion.load(resolve_model("mnist-text")).to(dtype=torch.float16)
+    model = load_latent_diffusion(resolve_model("mnist-text")).to(dtype=torch.float16)
     assert next(model.unet.parameters()).dtype == torch.float16
     assert next(model.text_encoder.parameters()).dtype == torch.float16
     assert next(model.vae.parameters()).dtype == torch.float32
@@ -411,7 +415,7 @@ def test_compile_and_threads_flags(files, tmp_path, capsys):
     ],
 )
 def test_tiling_flag_reaches_the_decoder(flag, tiled, tmp_path, capsys, monkeypatch):
-    from noisecraft.pipelines import LatentDiffusion
+    from noisecraft.models import LatentDiffusion
 
     seen = []
     decode = LatentDiffusion.decode

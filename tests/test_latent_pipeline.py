@@ -14,17 +14,16 @@ import torch.nn.functional as F
 from helpers import jitter
 from noisecraft.diffusion import CFGDenoiser, NoiseSchedule, make_sigmas, rescale_guidance
 from noisecraft.errors import CheckpointError, ConfigError
+from noisecraft.io.native import load_latent_diffusion, load_pixel_diffusion, save_model
+from noisecraft.io.tokenizer_spec import tokenizer_from_spec, tokenizer_spec
+from noisecraft.models import LatentDiffusion, PixelDiffusion
+from noisecraft.models.latent_diffusion import latent_to_rgb
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.tokenizer import CLIPTokenizer, bytes_to_unicode
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
-from noisecraft.pipelines import GenerateRequest, LatentDiffusion, PixelDiffusion, generate
-from noisecraft.pipelines.generate import (
-    count_steps,
-    img2img_start,
-    latent_to_rgb,
-)
-from noisecraft.pipelines.latent import tokenizer_from_spec, tokenizer_spec
+from noisecraft.pipelines import GenerateRequest, generate
+from noisecraft.pipelines.generate import count_steps, img2img_start
 
 H, W = 48, 64  # latents 6x8: the U-Net's deepest level stays 3x4 (notes/diffusers-parity.md)
 WIDTH = 32
@@ -246,7 +245,7 @@ def test_guided_denoiser_rescale_zero_is_plain_cfg(model):
     a = generate(model, _req(guidance_rescale=0.0))
     b = generate(model, _req(guidance_rescale=0.7))
     assert (a - b).abs().max() > 1e-4
-    with pytest.raises(ConfigError, match="guidance-rescale"):
+    with pytest.raises(ConfigError, match="guidance_rescale must be in"):
         generate(model, _req(guidance_rescale=1.5))
 
 
@@ -390,7 +389,7 @@ def test_one_line_errors(model):
         (_req(strength=0.5), "init image"),
         (_req(init_image=_image(), mask=torch.ones(1, 1, 16, 16)), "mask is 16x16"),
         (_req(mask=torch.ones(1, 1, H, W)), "init image"),
-        (_req(classes=[1]), "takes a prompt, not --class"),
+        (_req(classes=[1]), "takes prompt, not class_label"),
         (_req(n=3, prompts=["a", "b"]), "2 prompts for 3 images"),
         (_req(n=2, seeds=[1]), "1 seeds for 2 images"),
         (_req(init_image=_image()[:, :, :36], height=None, width=None), "multiple of 8"),
@@ -414,7 +413,7 @@ def test_pixel_model_through_the_same_core():
         )
     ).eval()
     pixel = PixelDiffusion(unet, NoiseSchedule.cosine(100), image_size=8)
-    with pytest.raises(ConfigError, match="this model takes --class, not a prompt"):
+    with pytest.raises(ConfigError, match="this model takes class_label, not prompt"):
         generate(pixel, GenerateRequest(n=1, prompts=["a cat"]))
     # img2img and inpainting need no pixel-specific code
     x = torch.rand(1, 1, 8, 8) * 2 - 1
@@ -430,21 +429,22 @@ def test_pixel_model_through_the_same_core():
 
 def test_save_load_round_trip(model, tmp_path):
     path = tmp_path / "tiny.safetensors"
-    model.save(path)
-    back = LatentDiffusion.load(path)
+    save_model(model, path)
+    back = load_latent_diffusion(path)
     spec = back.info.config["tokenizer"]
     assert spec["name"] == "custom" and "vocab_json" in spec
     assert back.tokenizer.encode("the cat") == model.tokenizer.encode("the cat")
     req = _req(n=2, negative_prompt="dog", guidance_rescale=0.5)
     torch.testing.assert_close(generate(back, req), generate(model, req), rtol=0, atol=0)
     with pytest.raises(CheckpointError, match="'latent_diffusion' model, but a 'unet'"):
-        PixelDiffusion.load(path)
+        load_pixel_diffusion(path)
     pixel = tmp_path / "pixel.safetensors"
-    PixelDiffusion(UNet(UNetConfig(model_channels=8, norm_groups=4)), NoiseSchedule.linear()).save(
-        pixel
+    save_model(
+        PixelDiffusion(UNet(UNetConfig(model_channels=8, norm_groups=4)), NoiseSchedule.linear()),
+        pixel,
     )
     with pytest.raises(CheckpointError, match="'unet' model, but a 'latent_diffusion'"):
-        LatentDiffusion.load(pixel)
+        load_latent_diffusion(pixel)
 
 
 def test_default_tokenizer_is_saved_by_name():

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from noisecraft.errors import ConfigError, UnknownNameError
 from noisecraft.io.formats.single_file import save_single_file
+from noisecraft.io.native import save_model
 from noisecraft.pipelines import generate
 from noisecraft.pipelines.lowmem import (
     _PageReleaser,
@@ -131,7 +132,7 @@ def test_fp16_single_file_loads_as_fp16_storage_without_a_copy(tmp_path, referen
 
 def test_fp32_native_file_converts_tensor_by_tensor(tmp_path, reference):
     path = tmp_path / "m.safetensors"
-    tiny_model().save(path)
+    save_model(tiny_model(), path)
     model = load_low_memory(path, "int8", min_elements=0)
     assert _stored(model)["unet.input_blocks.0.0.weight"] == torch.int8
     out = generate(model, _req(height=H, width=W))
@@ -161,9 +162,9 @@ def test_page_releaser_drops_file_pages_and_data_survives(tmp_path):
 
 def _shipped(weights: str | None, **kw):
     from noisecraft.cli.main import resolve_model
-    from noisecraft.pipelines import LatentDiffusion
+    from noisecraft.io.native import load_latent_diffusion
 
-    model = LatentDiffusion.load(resolve_model("mnist-text"))
+    model = load_latent_diffusion(resolve_model("mnist-text"))
     return model if weights is None else low_memory(model, weights, **kw)
 
 
@@ -226,7 +227,7 @@ def test_load_low_memory_fixes_the_threshold_once_before_loading(tmp_path, monke
     import noisecraft.pipelines.lowmem as lm
 
     path = tmp_path / "m.safetensors"
-    tiny_model().save(path)
+    save_model(tiny_model(), path)
     calls = []
     monkeypatch.setattr(lm, "fix_mmap_threshold", lambda n=lm.MMAP_THRESHOLD: calls.append(n))
     lm.load_low_memory(path, "int8")

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from helpers import jitter
 from noisecraft.errors import ConfigError
 from noisecraft.io.build import build_module
+from noisecraft.io.native import load_latent_diffusion, save_model
 from noisecraft.models import vae_tiling
 from noisecraft.models.unet import UNet
 from noisecraft.models.vae import VAEAttnBlock
@@ -31,7 +32,7 @@ from noisecraft.nn.attention import (
     get_attention_slicing,
     set_attention_slicing,
 )
-from noisecraft.pipelines import LatentDiffusion, generate
+from noisecraft.pipelines import generate
 from noisecraft.pipelines.offload import (
     offload_latent_diffusion,
     sequential_offload,
@@ -187,8 +188,8 @@ def test_loaded_weights_are_the_files_memory_map(tmp_path):
     """One copy: every float32 parameter of a loaded model lies in the file's memory map
     (no anonymous copy was made)."""
     path = tmp_path / "m.safetensors"
-    tiny_model().save(path)
-    model = LatentDiffusion.load(path)
+    save_model(tiny_model(), path)
+    model = load_latent_diffusion(path)
     ranges = _mapped_ranges(path.resolve())
     assert ranges
     for module in (model.unet, model.vae, model.text_encoder):
@@ -212,7 +213,7 @@ def test_build_module_shares_the_given_tensors():
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     path = tmp_path_factory.mktemp("memory") / "tiny.safetensors"
-    tiny_model().save(path)
+    save_model(tiny_model(), path)
     return path
 
 
@@ -225,8 +226,8 @@ def saved(tmp_path_factory):
     ],
 )
 def test_load_in_half_precision(saved, dtype, vae_dtype, expect_vae):
-    ref_model = LatentDiffusion.load(saved)
-    model = LatentDiffusion.load(saved, dtype=dtype, vae_dtype=vae_dtype)
+    ref_model = load_latent_diffusion(saved)
+    model = load_latent_diffusion(saved, dtype=dtype, vae_dtype=vae_dtype)
     assert {p.dtype for p in model.unet.parameters()} == {dtype}
     assert {p.dtype for p in model.text_encoder.parameters()} == {dtype}
     assert {p.dtype for p in model.vae.parameters()} == {expect_vae}

@@ -11,13 +11,14 @@ import torch
 
 from noisecraft.cli.main import resolve_model
 from noisecraft.diffusion import ClippedDenoiser
+from noisecraft.io.native import load_pixel_diffusion
 from noisecraft.metrics.features import mnist_extractor
-from noisecraft.pipelines import GenerateRequest, PixelDiffusion, generate
+from noisecraft.pipelines import GenerateRequest, generate
 
 
 @pytest.fixture(scope="module")
 def model():
-    return PixelDiffusion.load(resolve_model("mnist"))
+    return load_pixel_diffusion(resolve_model("mnist"))
 
 
 def _accuracy(model, **req) -> float:

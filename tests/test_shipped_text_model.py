@@ -12,14 +12,15 @@ import pytest
 import torch
 
 from noisecraft.cli.main import resolve_model
+from noisecraft.io.native import load_latent_diffusion
 from noisecraft.metrics.features import mnist_extractor
-from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+from noisecraft.pipelines import GenerateRequest, generate
 from noisecraft.training.captions import DIGIT_WORDS
 
 
 @pytest.fixture(scope="module")
 def model():
-    return LatentDiffusion.load(resolve_model("mnist-text"))
+    return load_latent_diffusion(resolve_model("mnist-text"))
 
 
 def _accuracy(model, prompts: list[str], digits: list[int], **req) -> float:

@@ -26,12 +26,14 @@ from noisecraft.io.formats.single_file import (
     save_single_file,
     split_ldm_state_dict,
 )
+from noisecraft.io.native import save_model
 from noisecraft.io.safe_read import read_checkpoint
+from noisecraft.models import LatentDiffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.tokenizer import CLIPTokenizer, write_vocab_files
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
-from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+from noisecraft.pipelines import GenerateRequest, generate
 from test_latent_pipeline import VAE as MINI_VAE  # the mini SD of the latent pipeline tests
 from test_latent_pipeline import tiny_model
 
@@ -526,7 +528,7 @@ def test_vae_file_in_noisecraft_formats_keeps_its_config(tmp_path):
     save_checkpoint(native, vae.state_dict(), CheckpointInfo(kind="vae", config=MINI_VAE.to_dict()))
     whole = tmp_path / "mini.safetensors"
     mini = tiny_model()
-    mini.save(whole)
+    save_model(mini, whole)
     for path, want in ((native, vae), (whole, mini.vae)):
         got = load_vae_file(path)
         assert got.config == want.config

@@ -11,10 +11,11 @@ import torch
 from conftest import tiny_config
 from noisecraft.errors import CheckpointError, ConfigError, UnknownNameError
 from noisecraft.io.checkpoint import CheckpointInfo, read_info, save_checkpoint
+from noisecraft.io.native import load_latent_diffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
-from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+from noisecraft.pipelines import GenerateRequest, generate
 from noisecraft.training import captions
 from noisecraft.training.config import (
     TASK_SECTIONS,
@@ -134,7 +135,7 @@ def test_text_latent_resumes_exactly_and_saves_one_generating_file(tmp_path, tin
         z = load_vae(tiny_vae_file).encode_latents(full.dataset.images, sample=False)
     torch.testing.assert_close(task.latents, z)
 
-    model = LatentDiffusion.load(tmp_path / "a" / "model.safetensors")
+    model = load_latent_diffusion(tmp_path / "a" / "model.safetensors")
     assert model.image_size == 8 and model.vae.config.scaling_factor == 0.5
     for k, v in model.unet.state_dict().items():
         assert torch.equal(v, full.ema.model.unet.state_dict()[k]), k

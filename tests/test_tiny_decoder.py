@@ -13,14 +13,15 @@ from conftest import tiny_config
 from noisecraft.cli.main import ASSETS, main, resolve_model
 from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError, UnknownNameError
 from noisecraft.io.checkpoint import read_info
-from noisecraft.models.tiny_decoder import (
-    TinyDecoder,
-    TinyDecoderConfig,
+from noisecraft.io.native import (
+    load_latent_diffusion,
     load_tiny_decoder,
+    save_model,
     save_tiny_decoder,
 )
+from noisecraft.models.tiny_decoder import TinyDecoder, TinyDecoderConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig
-from noisecraft.pipelines import GenerateRequest, LatentDiffusion, generate
+from noisecraft.pipelines import GenerateRequest, generate
 from noisecraft.training.config import DistillConfig, LatentConfig, TaskConfig, load_config
 from noisecraft.training.tasks.tiny_decoder import gradient_l1
 from noisecraft.training.tasks.vae import load_latent_vae, save_vae
@@ -105,7 +106,7 @@ def test_checkpoint_round_trip(tmp_path):
     loaded = load_tiny_decoder(half)
     assert loaded[1].weight.dtype == torch.float32
     torch.testing.assert_close(loaded.decode(z), dec.decode(z), rtol=0, atol=5e-3)
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite to replace"):
         save_tiny_decoder(dec, path)
     save_vae(AutoencoderKL(TEACHER), tmp_path / "vae.safetensors")
     with pytest.raises(CheckpointError, match="'vae' model, but a 'tiny_decoder'"):
@@ -170,7 +171,7 @@ def test_task_resumes_exactly(tmp_path, teacher_file):
 
 def test_teacher_from_a_latent_diffusion_file_and_config_errors(tmp_path, teacher_file):
     ld = tiny_model()
-    ld.save(tmp_path / "ld.safetensors")
+    save_model(ld, tmp_path / "ld.safetensors")
     vae = load_latent_vae(str(tmp_path / "ld.safetensors"), torch.device("cpu"), in_model=True)
     for (k, v), (k2, v2) in zip(vae.state_dict().items(), ld.vae.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2)
@@ -205,7 +206,7 @@ def test_shipped_recipe_round_trips_and_fits_the_shipped_model():
     cfg = load_config("configs/mnist_tiny_decoder.toml")
     assert ExperimentConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.task.name == "tiny_decoder"
-    vae = LatentDiffusion.load(resolve_model("mnist-text")).vae.config
+    vae = load_latent_diffusion(resolve_model("mnist-text")).vae.config
     t = cfg.tiny_decoder
     assert (
         (t.latent_channels, t.upsample_factor, t.out_channels)
@@ -256,7 +257,7 @@ def test_generate_fast_decode_and_tiny_previews():
 
 def test_cli_fast_decode(tmp_path, capsys):
     torch.manual_seed(1)
-    tiny_model().save(tmp_path / "m.safetensors")
+    save_model(tiny_model(), tmp_path / "m.safetensors")
     save_tiny_decoder(TinyDecoder(SD_TINY), tmp_path / "td.safetensors")
     common = ["generate", "a cat", "--steps", "2", "--sampler", "euler", "--size", "64x48"]
     model = ["--model", str(tmp_path / "m.safetensors")]
@@ -279,7 +280,7 @@ def test_shipped_tiny_decoder_keeps_digit_accuracy():
     from noisecraft.metrics.features import mnist_extractor
     from noisecraft.training.captions import DIGIT_WORDS
 
-    model = LatentDiffusion.load(resolve_model("mnist-text"))
+    model = load_latent_diffusion(resolve_model("mnist-text"))
     model = model.replace(tiny_decoder=load_tiny_decoder(SHIPPED))
     digits = [d for d in range(10) for _ in range(10)]
     prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]

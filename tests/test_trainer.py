@@ -8,7 +8,7 @@ import torch.multiprocessing as mp
 
 from conftest import tiny_config
 from noisecraft.errors import ConfigError, OutputExistsError
-from noisecraft.pipelines import PixelDiffusion
+from noisecraft.io.native import load_pixel_diffusion
 from noisecraft.training.ema import EMA
 from noisecraft.training.trainer import Trainer
 
@@ -44,7 +44,7 @@ def test_run_dir_outputs_and_sampling_checkpoint(tmp_path):
     rows = (run / "log.csv").read_text().splitlines()
     assert rows[0] == "step,loss,lr,samples_per_s,elapsed_s" and len(rows) == 7
     assert (run / "samples" / "step_000006.png").is_file()
-    model = PixelDiffusion.load(run / "model.safetensors")
+    model = load_pixel_diffusion(run / "model.safetensors")
     assert model.image_size == 8 and model.num_classes == 10
     # the shipped weights are the EMA weights
     state = torch.load(run / "checkpoint.pt", weights_only=True)
@@ -55,7 +55,7 @@ def test_run_dir_outputs_and_sampling_checkpoint(tmp_path):
 def test_new_run_in_foreign_dir_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / "precious.txt").write_text("keep me")
-    with pytest.raises(OutputExistsError, match="--overwrite"):
+    with pytest.raises(OutputExistsError, match="pass overwrite or set run.dir"):
         Trainer(tiny_config(tmp_path / "run"))
     assert (tmp_path / "run" / "precious.txt").read_text() == "keep me"
 

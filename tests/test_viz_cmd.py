@@ -15,7 +15,7 @@ from noisecraft.cli.viz_cmd import viz_app
 from noisecraft.diffusion import NoiseSchedule, vlb_terms
 from noisecraft.errors import ConfigError
 from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
-from noisecraft.pipelines import PixelDiffusion
+from noisecraft.io.native import load_pixel_diffusion, save_model
 from noisecraft.training.config import DataConfig
 from noisecraft.training.data import load_dataset
 from noisecraft.viz.forward_strip import default_steps, strip_layout
@@ -255,7 +255,7 @@ def test_vlb_over_all_t_equals_vlb_terms(model_path, tmp_path, capsys):
     assert main([*args, "--out", str(out), "--csv", str(table)]) == 0
     printed = capsys.readouterr().out
     got = float(re.search(r"total: ([\d.]+) bits/dim \(exact", printed).group(1))
-    model = PixelDiffusion.load(model_path)
+    model = load_pixel_diffusion(model_path)
     x = load_dataset(DataConfig(name="digits", image_size=8, limit=4)).images
     res = vlb_terms(
         model.unet,
@@ -272,10 +272,10 @@ def test_vlb_over_all_t_equals_vlb_terms(model_path, tmp_path, capsys):
 
 
 def test_vlb_user_mistakes(model_path, tmp_path, capsys):
-    model = PixelDiffusion.load(model_path)
+    model = load_pixel_diffusion(model_path)
     gone = tmp_path / "gone.safetensors"
     data = {"name": "folder", "path": str(tmp_path / "no_such_folder"), "image_size": 8}
-    model.save(gone, training={"data": data})
+    save_model(model, gone, training={"data": data})
     save_checkpoint(tmp_path / "vae.safetensors", {"w": torch.ones(1)}, CheckpointInfo("vae", {}))
     outs = ["--out", str(tmp_path / "v.png"), "--csv", str(tmp_path / "v.csv")]
     cases = [

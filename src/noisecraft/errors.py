@@ -4,16 +4,36 @@ Every mistake a user can make (bad size, missing file, unknown name, wrong
 checkpoint kind) raises a subclass of :class:`NoisecraftError` whose message
 says what to do. The CLI prints ``error: <message>`` and exits with code 2;
 no traceback is shown for these.
+
+A message that names a setting writes it as ``@name`` with ``name`` listed in
+``settings`` (``ConfigError("@steps must be at least 1", settings=["steps"])``):
+``str(error)`` shows the Python API's name ("steps must be at least 1") and
+:meth:`NoisecraftError.render` lets a surface show its own (the CLI: "--steps"),
+so the core never speaks of command-line flags.
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 
 class NoisecraftError(Exception):
     """Base class of every error that is the user's to fix."""
+
+    def __init__(self, message: str = "", *, settings: Iterable[str] = ()):
+        self.template = message
+        self.settings = tuple(settings)
+        super().__init__(self.render())
+
+    def render(self, names: Mapping[str, str] | None = None) -> str:
+        """The message with each ``@setting`` written as ``names[setting]`` (default: the
+        setting's own name)."""
+        names = names or {}
+        out = self.template
+        for s in sorted(self.settings, key=len, reverse=True):  # @n after @negative_prompt
+            out = out.replace("@" + s, names.get(s, s))
+        return out
 
 
 class UnknownNameError(NoisecraftError, KeyError):
@@ -53,9 +73,16 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     return matches[0] if matches else None
 
 
-def unknown_name(kind: str, name: str, choices: Iterable[str]) -> UnknownNameError:
-    """Build the one-line error for an unknown ``name``, suggesting the closest choice."""
+def unknown_name(
+    kind: str, name: str, choices: Iterable[str], *, setting: str | None = None
+) -> UnknownNameError:
+    """Build the one-line error for an unknown ``name``, suggesting the closest choice.
+    ``setting``: the setting it was given as (then named in place of ``kind``)."""
     choices = sorted(choices)
     guess = closest(name, choices)
     hint = f"did you mean '{guess}'? " if guess else ""
-    return UnknownNameError(f"unknown {kind} '{name}'; {hint}choose one of: {', '.join(choices)}")
+    what = f"@{setting}" if setting else kind
+    return UnknownNameError(
+        f"unknown {what} '{name}'; {hint}choose one of: {', '.join(choices)}",
+        settings=[setting] if setting else [],
+    )

@@ -44,9 +44,10 @@ def eval_command(
     from noisecraft.cli.main import _default_classes, resolve_model
     from noisecraft.diffusion import vlb_terms
     from noisecraft.io.atomic import atomic_path, check_writable
+    from noisecraft.io.native import load_pixel_diffusion
     from noisecraft.metrics.evaluate import _check_sizes, evaluate, parse_metrics
     from noisecraft.metrics.features import get_extractor
-    from noisecraft.pipelines import GenerateRequest, PixelDiffusion, generate
+    from noisecraft.pipelines import GenerateRequest, generate
     from noisecraft.training.config import DataConfig
     from noisecraft.training.data import load_dataset
 
@@ -57,7 +58,7 @@ def eval_command(
             "--features inception needs --inception PATH: put pt_inception-2015-12-05-6726825d.pth "
             "(the standard FID weights) on disk and give its path"
         )
-    model = PixelDiffusion.load(resolve_model(checkpoint), device=device)
+    model = load_pixel_diffusion(resolve_model(checkpoint), device=device)
     data_cfg = (model.info.training.get("data") if model.info else None) or {"name": "mnist"}
     real = load_dataset(DataConfig(**{**data_cfg, "limit": 0})).images
     extractor = None

@@ -265,7 +265,7 @@ def _with_tiny_decoder(net: Any, model: str, path: Path | None, latent: bool, de
     if not latent:
         raise ConfigError("--fast-decode / --tiny-decoder are for latent models (they have a VAE)")
     from noisecraft.cli.main import ASSETS
-    from noisecraft.models.tiny_decoder import load_tiny_decoder
+    from noisecraft.io.native import load_tiny_decoder
 
     if path is None:
         if model not in SHIPPED_TINY_DECODERS or Path(model).exists():
@@ -317,8 +317,9 @@ def run_generate(
 
     from noisecraft.cli.main import resolve_model
     from noisecraft.io.atomic import check_writable
-    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, count_steps, generate
-    from noisecraft.pipelines import load_model as load_any
+    from noisecraft.io.formats.auto import load_any
+    from noisecraft.models import LatentDiffusion
+    from noisecraft.pipelines import GenerateRequest, count_steps, generate
     from noisecraft.pipelines.fast import FAST
     from noisecraft.pipelines.png_params import (
         format_parameters,

@@ -98,7 +98,8 @@ def run_sampling(
     from tqdm.auto import tqdm
 
     from noisecraft.io.atomic import check_writable
-    from noisecraft.pipelines import GenerateRequest, PixelDiffusion, generate
+    from noisecraft.io.native import load_pixel_diffusion
+    from noisecraft.pipelines import GenerateRequest, generate
     from noisecraft.viz.images import (
         DenoisingRecorder,
         IntermediateWriter,
@@ -109,7 +110,7 @@ def run_sampling(
     check_writable(out, overwrite=overwrite)
     if gif is not None:
         check_writable(gif, overwrite=overwrite)
-    model = PixelDiffusion.load(resolve_model(checkpoint), device=device)
+    model = load_pixel_diffusion(resolve_model(checkpoint), device=device)
     k = model.num_classes
     if n is None:
         n = 8 * k if k else 64
@@ -237,11 +238,12 @@ def text_demo(out: Path, steps: int, seed: int, overwrite: bool, per_row: int = 
     """Ten prompts "a handwritten zero" ... "nine" through the shipped text-to-image model."""
     from tqdm.auto import tqdm
 
-    from noisecraft.pipelines import GenerateRequest, LatentDiffusion, count_steps, generate
+    from noisecraft.io.native import load_latent_diffusion
+    from noisecraft.pipelines import GenerateRequest, count_steps, generate
     from noisecraft.training.captions import DIGIT_WORDS
     from noisecraft.viz.images import save_grid
 
-    model = LatentDiffusion.load(BUILTIN_MODELS["mnist-text"])
+    model = load_latent_diffusion(BUILTIN_MODELS["mnist-text"])
     prompts = [f"a handwritten {w}" for w in DIGIT_WORDS for _ in range(per_row)]
     req = GenerateRequest(n=len(prompts), prompts=prompts, steps=steps, cfg=5.0, seed=seed)
     with tqdm(total=count_steps(model, req), desc="text-to-image") as bar:
@@ -325,7 +327,9 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except NoisecraftError as e:
-        print(f"error: {e}", file=sys.stderr)
+        from noisecraft.cli.options import flag_names
+
+        print(f"error: {e.render(flag_names(e.settings))}", file=sys.stderr)
         return 2
     return 0
 

@@ -228,7 +228,7 @@ def vlb_command(
     from noisecraft.cli.main import resolve_model
     from noisecraft.diffusion import vlb_terms
     from noisecraft.io.atomic import check_writable
-    from noisecraft.pipelines import PixelDiffusion
+    from noisecraft.io.native import load_pixel_diffusion
     from noisecraft.training.data import load_dataset
     from noisecraft.viz.vlb_plot import VLBCurve, plot_vlb, vlb_timesteps, write_vlb_csv
 
@@ -238,7 +238,7 @@ def vlb_command(
     check_writable(csv, overwrite=overwrite)
     if out.resolve() == csv.resolve():
         raise ConfigError("--out and --csv name the same file; give two different paths")
-    model = PixelDiffusion.load(resolve_model(checkpoint), device=device)
+    model = load_pixel_diffusion(resolve_model(checkpoint), device=device)
     T = model.schedule.num_steps
     ts = vlb_timesteps(T, timesteps)
     cfg = _data_config(model, data, checkpoint)

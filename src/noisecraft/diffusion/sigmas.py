@@ -31,7 +31,9 @@ from noisecraft.errors import ConfigError, unknown_name
 
 SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
 GRIDS = ("euler", "ddim", "multistep")
-_TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+#: Spacings whose timesteps lie on the training grid, sigmas interpolated linearly in sigma
+#: (diffusers' Euler); a denoiser inverts that interpolation exactly.
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
 
 
 def _check(schedule: NoiseSchedule, steps: int, spacing: str, grid: str = "euler") -> None:
@@ -93,7 +95,7 @@ def _sigmas64(
 ) -> tuple[Tensor, Tensor]:
     """(sigmas without the final 0, timesteps), both float64, length ``steps``."""
     _check(schedule, steps, spacing, grid)
-    if spacing in _TIMESTEP_SPACINGS:
+    if spacing in TIMESTEP_SPACINGS:
         ts = _grid_timesteps(schedule, steps, spacing, steps_offset, grid)
         return schedule.t_to_sigma(ts, interpolation="linear"), ts
     smin = float(schedule.sigmas[0]) if sigma_min is None else float(sigma_min)

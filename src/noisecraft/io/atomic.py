@@ -21,7 +21,8 @@ def check_writable(path: str | os.PathLike, *, overwrite: bool) -> Path:
     path = Path(path)
     if path.exists() and not overwrite:
         raise OutputExistsError(
-            f"{path} exists; pass --overwrite to replace it or choose another path"
+            f"{path} exists; pass @overwrite to replace it or choose another path",
+            settings=["overwrite"],
         )
     return path
 

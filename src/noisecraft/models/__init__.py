@@ -1,5 +1,7 @@
-"""Networks built from frozen dataclass configs."""
+"""Networks built from frozen dataclass configs, and the model containers that hold them."""
 
+from noisecraft.models.latent_diffusion import LatentDiffusion
+from noisecraft.models.pixel_diffusion import PixelDiffusion
 from noisecraft.models.unet import UNet, UNetConfig
 
-__all__ = ["UNet", "UNetConfig"]
+__all__ = ["LatentDiffusion", "PixelDiffusion", "UNet", "UNetConfig"]

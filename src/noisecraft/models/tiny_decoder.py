@@ -17,18 +17,17 @@ TAESD's decoder keys ("1.weight", "3.conv.0.weight", ...).
 Unlike TAESD (outputs in [0, 1]) :class:`TinyDecoder` is trained here to give images in
 [-1, 1] (the project's convention) and :meth:`TinyDecoder.decode` takes the SCALED latents
 the diffusion model works with -- the same input as
-:meth:`~noisecraft.pipelines.latent.LatentDiffusion.decode`. It is trained by distilling a
+:meth:`~noisecraft.models.latent_diffusion.LatentDiffusion.decode`. It is trained by distilling a
 VAE decoder (:mod:`noisecraft.training.tasks.tiny_decoder`) and saved as a native checkpoint
-of kind ``"tiny_decoder"`` (:func:`save_tiny_decoder` / :func:`load_tiny_decoder`).
+of kind ``"tiny_decoder"`` (:func:`noisecraft.io.native.save_tiny_decoder` /
+:func:`~noisecraft.io.native.load_tiny_decoder`).
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -36,11 +35,7 @@ from torch import Tensor, nn
 
 from noisecraft.config_dict import config_from_dict, config_to_dict
 from noisecraft.errors import ConfigError
-from noisecraft.io.build import build_module
-from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
 from noisecraft.nn.kernels import Conv2d
-
-KIND = "tiny_decoder"
 
 
 def _is_int(v: Any) -> bool:
@@ -161,47 +156,9 @@ class TinyDecoder(nn.Sequential):
         return self(x).clamp(-1, 1)
 
 
-def save_tiny_decoder(
-    decoder: TinyDecoder,
-    path: str | os.PathLike,
-    *,
-    training: dict[str, Any] | None = None,
-    overwrite: bool = False,
-    dtype: torch.dtype | None = None,
-) -> Path:
-    """Write ``decoder`` as one native checkpoint of kind "tiny_decoder" (``dtype``: store
-    the floating-point weights in that dtype, e.g. float16 to halve the file)."""
-    info = CheckpointInfo(kind=KIND, config=decoder.config.to_dict(), training=training or {})
-    sd = decoder.state_dict()
-    if dtype is not None:
-        sd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in sd.items()}
-    return save_checkpoint(path, sd, info, overwrite=overwrite)
-
-
-def load_tiny_decoder(
-    path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> TinyDecoder:
-    """Rebuild a :class:`TinyDecoder` from a native "tiny_decoder" checkpoint (eval, frozen)."""
-    tensors, info = load_checkpoint(path, expect_kind=KIND)
-    config = TinyDecoderConfig.from_dict(info.config)
-    return build_module(
-        lambda: TinyDecoder(config),
-        tensors,
-        what="tiny decoder",
-        source=path,
-        device=device,
-        dtype=dtype,
-    )
-
-
 __all__ = [
-    "KIND",
     "Block",
     "Clamp",
     "TinyDecoder",
     "TinyDecoderConfig",
-    "load_tiny_decoder",
-    "save_tiny_decoder",
 ]

@@ -16,7 +16,7 @@ Tile positions are spread evenly: ``n = ceil((size - overlap) / (tile - overlap)
 laid out on the latent grid, so every overlap is at least the requested one.
 
 :func:`decode_latents` (what :meth:`LatentDiffusion.decode
-<noisecraft.pipelines.latent.LatentDiffusion.decode>` and so ``generate()`` use) tiles on its
+<noisecraft.models.latent_diffusion.LatentDiffusion.decode>` and so ``generate()`` use) tiles on its
 own when an image has more than :data:`AUTO_TILE_PIXELS` pixels: the untiled SD decoder's
 memory grows with the pixel count (its last level runs 128-256 channels at full resolution:
 a measured 743 MiB of float32 activations at the peak for one 512x512 image on the CPU, so

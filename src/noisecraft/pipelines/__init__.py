@@ -2,41 +2,7 @@
 
 from __future__ import annotations
 
-import os
+from noisecraft.pipelines.backends import DiffusionModel
+from noisecraft.pipelines.generate import GenerateRequest, count_steps, generate
 
-import torch
-
-from noisecraft.pipelines.generate import (
-    DiffusionModel,
-    GenerateRequest,
-    count_steps,
-    generate,
-)
-from noisecraft.pipelines.latent import LatentDiffusion
-from noisecraft.pipelines.pixel import PixelDiffusion
-
-
-def load_model(
-    path: str | os.PathLike,
-    device: str | torch.device = "cpu",
-    *,
-    vae: str | os.PathLike | None = None,
-    prediction: str | None = None,
-    arch: str | None = None,
-) -> PixelDiffusion | LatentDiffusion:
-    """Load a model of any format: native ("unet" or "latent_diffusion"), an SD single file
-    (``.safetensors`` / ``.ckpt``) or a diffusers folder (:mod:`noisecraft.io.formats.auto`)."""
-    from noisecraft.io.formats.auto import load_any
-
-    return load_any(path, device=device, vae=vae, prediction=prediction, arch=arch)
-
-
-__all__ = [
-    "DiffusionModel",
-    "GenerateRequest",
-    "LatentDiffusion",
-    "PixelDiffusion",
-    "count_steps",
-    "generate",
-    "load_model",
-]
+__all__ = ["DiffusionModel", "GenerateRequest", "count_steps", "generate"]

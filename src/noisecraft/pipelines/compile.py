@@ -29,7 +29,9 @@ def compile_unet(model: Any, *, mode: str | None = None) -> Any:
     "max-autotune")."""
     unet = getattr(model, "unet", model)
     if not isinstance(unet, nn.Module):
-        raise ConfigError(f"--compile needs a model with a U-Net, got {type(model).__name__}")
+        raise ConfigError(
+            f"@compile needs a model with a U-Net, got {type(model).__name__}", settings=["compile"]
+        )
     params = list(unet.parameters())
     if params and params[0].device.type == "cpu":
         import torch._inductor.config as inductor

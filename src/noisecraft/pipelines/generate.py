@@ -1,32 +1,14 @@
 """The generate() core: seeds -> noise -> sigmas -> (guided) denoiser -> sampler -> images.
 
-Every surface (CLI ``sample`` and ``generate``, training-time sample grids, the demo, the
-evaluation scripts) calls :func:`generate`, for pixel-space models
-(:class:`~noisecraft.pipelines.pixel.PixelDiffusion`) and latent text-to-image models
-(:class:`~noisecraft.pipelines.latent.LatentDiffusion`) alike. What differs between the two
-is behind a small protocol, :class:`DiffusionModel`:
-
-- ``latent_shape(request)``: (C, h, w) of the tensor the sampler works on (the image itself
-  for a pixel model, the VAE latent for a latent model);
-- ``conditioning(request, start, stop)``: ``(cond, uncond)`` keyword arguments of the
-  denoiser for images ``start:stop`` (class labels, or the text encoder's ``context``);
-  ``uncond`` is None when the model has no unconditional input (then there is no CFG);
-- ``denoiser(spacing)``: ``denoiser(x, sigma, **cond) -> x0_hat`` (DESIGN.md contract 2);
-- ``encode(images, generator)`` / ``decode(latents)``: between images in [-1, 1] and the
-  sampler's space (identity for pixel models, the VAE for latent models);
-- ``inpaint_conditioning(mask, masked_latents)``: the extra input of a 9-channel
-  inpainting U-Net, or None for an ordinary model (which is then inpainted by blending);
-- ``preview(denoised, mode)``: a cheap RGB picture of an x0 estimate, for progress previews;
-- ``c_skip(sigma)``: ``a`` in ``x0 = a x + b * output`` (for guidance rescale);
-- attributes ``schedule``, ``device``, ``x0_range``, ``downsample_factor``,
-  ``per_image_seeds`` and ``check_request(request)`` for the model's own one-line errors.
-
-:class:`PixelDiffusion` lives in ``pixel.py`` and predates the protocol; :func:`as_model`
-wraps it in :class:`PixelModel`. Everything else -- classifier-free guidance (a denoiser
-wrapper, Ho & Salimans 2022 eq. 6), guidance rescale (Lin et al. 2023 eq. 15-16), img2img
-(SDEdit, Meng et al. 2022: start at a later sigma, not a flag), inpainting (RePaint-style
-blending, Lugmayr et al. 2022, as a denoiser wrapper) -- is written once, here, and no
-sampler knows about any of it.
+Every surface (the Python API, CLI ``sample`` and ``generate``, training-time sample grids,
+the demo, the evaluation scripts) calls :func:`generate`, for pixel-space models
+(:class:`~noisecraft.models.pixel_diffusion.PixelDiffusion`) and latent text-to-image models
+(:class:`~noisecraft.models.latent_diffusion.LatentDiffusion`) alike; what differs between
+the two is behind the :class:`~noisecraft.pipelines.backends.DiffusionModel` protocol.
+Everything else -- classifier-free guidance (a denoiser wrapper, Ho & Salimans 2022 eq. 6),
+guidance rescale (Lin et al. 2023 eq. 15-16), img2img (SDEdit, Meng et al. 2022: start at a
+later sigma, not a flag), inpainting (RePaint-style blending, Lugmayr et al. 2022, as a
+denoiser wrapper) -- is written once, here, and no sampler knows about any of it.
 
 Seeds (see :meth:`GenerateRequest.image_seeds`): with ``per_image_seeds`` (latent models, or
 any model when ``request.seeds`` is given) image ``i`` has its own CPU generator seeded with
@@ -45,7 +27,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -55,15 +37,13 @@ from noisecraft.diffusion import (
     CFGDenoiser,
     ClippedDenoiser,
     DiscreteDenoiser,
-    NoiseSchedule,
     make_sigmas,
 )
-from noisecraft.diffusion.parametrization import c_skip_for
 from noisecraft.errors import ConfigError
+from noisecraft.pipelines.backends import DiffusionModel, as_model
 from noisecraft.pipelines.deepcache import deepcache
 from noisecraft.pipelines.fast import FastMode, as_fast_mode
 from noisecraft.pipelines.inpaint import InpaintDenoiser
-from noisecraft.pipelines.pixel import PixelDiffusion
 from noisecraft.samplers import SAMPLER_INFO, get_sampler, parse_sampler_name
 from noisecraft.samplers.diffusers_schedulers import DiffusersSampling, for_sampler
 
@@ -72,19 +52,6 @@ Denoiser = Callable[..., Tensor]
 #: img2img strength used when an init image is given without one (diffusers' img2img
 #: default); inpainting defaults to 1.0 (diffusers' inpaint default).
 DEFAULT_IMG2IMG_STRENGTH = 0.8
-
-#: Spacings whose timesteps lie on the training grid with sigmas interpolated linearly in
-#: sigma (diffusers' Euler); their denoiser inverts that interpolation exactly.
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
-
-#: Linear map from SD 1.x latents (as the U-Net sees them, i.e. scaled) to RGB in about
-#: [-1, 1]: the "Approx cheap" live preview of AUTOMATIC1111 (factors by Keturn, 2022).
-SD_LATENT_RGB = (
-    (0.298, 0.207, 0.208),
-    (0.187, 0.286, 0.173),
-    (-0.158, 0.189, 0.264),
-    (-0.184, -0.271, -0.473),
-)
 
 PREVIEWS = ("cheap", "vae", "tiny")
 
@@ -207,13 +174,16 @@ class GenerateRequest:
         if diffusers is not None:
             diffusers.sampler_options(m.schedule, eta=self.eta)  # eta only where diffusers has it
         if self.n < 1:
-            raise ConfigError(f"--n must be at least 1, got {self.n}")
+            raise ConfigError(f"@n must be at least 1, got {self.n}", settings=["n"])
         if self.steps < 1:
-            raise ConfigError(f"--steps must be at least 1, got {self.steps}")
+            raise ConfigError(f"@steps must be at least 1, got {self.steps}", settings=["steps"])
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
-            raise ConfigError(f"--guidance-rescale must be in [0, 1], got {self.guidance_rescale}")
+            raise ConfigError(
+                f"@guidance_rescale must be in [0, 1], got {self.guidance_rescale}",
+                settings=["guidance_rescale"],
+            )
         if self.seeds is not None and len(self.seeds) != self.n:
             raise ConfigError(f"got {len(self.seeds)} seeds for {self.n} images")
         prompts, negatives = self.prompts, self.negative_prompt
@@ -228,17 +198,25 @@ class GenerateRequest:
             )
         if self.strength is not None:
             if not 0.0 <= self.strength <= 1.0:
-                raise ConfigError(f"--strength must be in [0, 1], got {self.strength}")
+                raise ConfigError(
+                    f"@strength must be in [0, 1], got {self.strength}", settings=["strength"]
+                )
             if self.init_image is None:
-                raise ConfigError("--strength needs an init image (--init IMAGE)")
+                raise ConfigError(
+                    "@strength needs an init image (@init_image)",
+                    settings=["strength", "init_image"],
+                )
         if self.mask is not None and self.init_image is None:
-            raise ConfigError("--mask needs an init image (--init IMAGE) to inpaint")
+            raise ConfigError(
+                "@mask needs an init image (@init_image) to inpaint",
+                settings=["mask", "init_image"],
+            )
         as_fast_mode(self.fast)
         m.check_request(self)
-        if self.fast_decode and getattr(m, "tiny_decoder", None) is None:
+        if self.fast_decode and m.tiny_decoder is None:
             raise ConfigError(
                 "fast_decode needs a model with a tiny decoder; load one "
-                "(noisecraft.models.tiny_decoder.load_tiny_decoder) and set "
+                "(noisecraft.io.native.load_tiny_decoder) and set "
                 "model.tiny_decoder, or leave fast decode off"
             )
         height, width = image_size(m, self)
@@ -311,152 +289,6 @@ def _mask_batch(mask: Tensor, height: int, width: int, n: int) -> None:
         raise ConfigError(
             f"mask is {w}x{h} but the init image is {width}x{height}; they must match"
         )
-
-
-# ---------------------------------------------------------------------------- protocol
-
-
-@runtime_checkable
-class DiffusionModel(Protocol):
-    """What :func:`generate` needs from a model (see the module docstring)."""
-
-    schedule: NoiseSchedule
-    x0_range: tuple[float, float] | None
-
-    @property
-    def device(self) -> torch.device: ...
-
-    @property
-    def default_size(self) -> tuple[int, int]: ...
-
-    @property
-    def image_channels(self) -> int: ...
-
-    @property
-    def downsample_factor(self) -> int: ...
-
-    @property
-    def size_multiple(self) -> int: ...
-
-    @property
-    def per_image_seeds(self) -> bool: ...
-
-    @property
-    def inpaint_unet(self) -> bool: ...
-
-    def check_request(self, request: GenerateRequest) -> None: ...
-
-    def latent_shape(self, request: GenerateRequest) -> tuple[int, int, int]: ...
-
-    def conditioning(
-        self, request: GenerateRequest, start: int, stop: int
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]: ...
-
-    def denoiser(self, spacing: str) -> Denoiser: ...
-
-    def encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor: ...
-
-    def decode(self, latents: Tensor, tiled: bool | None = None) -> Tensor: ...
-
-    def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]: ...
-
-    def preview(self, denoised: Tensor, mode: str) -> Tensor: ...
-
-    def c_skip(self, sigma: Tensor) -> Tensor: ...
-
-
-class PixelModel:
-    """:class:`PixelDiffusion` seen through the :class:`DiffusionModel` protocol.
-
-    Sampling works on the image itself (``encode`` / ``decode`` are the identity), the
-    conditioning is a class label with the null class as the unconditional input, and the
-    predicted x0 is clipped to ``x0_range``. Pixel img2img and inpainting come for free.
-    """
-
-    downsample_factor = 1
-    inpaint_unet = False
-    per_image_seeds = False
-
-    def __init__(self, model: PixelDiffusion):
-        self.model = model
-        self.schedule = model.schedule
-        self.x0_range = model.x0_range
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.model.unet.parameters()).device
-
-    @property
-    def default_size(self) -> tuple[int, int]:
-        return (self.model.image_size, self.model.image_size)
-
-    @property
-    def image_channels(self) -> int:
-        return self.model.unet.config.in_channels
-
-    @property
-    def size_multiple(self) -> int:
-        return self.model.unet.config.size_multiple
-
-    def check_request(self, request: GenerateRequest) -> None:
-        if request.prompts is not None or _any_text(request.negative_prompt):
-            raise ConfigError("this model takes --class, not a prompt")
-        num_classes = self.model.num_classes
-        if request.classes is not None:
-            if num_classes is None:
-                raise ConfigError("this model is unconditional; leave out --class")
-            if len(request.classes) != request.n:
-                raise ConfigError(f"got {len(request.classes)} class labels for {request.n} images")
-            bad = [c for c in request.classes if not 0 <= c < num_classes]
-            if bad:
-                raise ConfigError(
-                    f"class {bad[0]} out of range; this model has classes 0..{num_classes - 1}"
-                )
-
-    def latent_shape(self, request: GenerateRequest) -> tuple[int, int, int]:
-        h, w = image_size(self, request)
-        return (self.image_channels, h, w)
-
-    def conditioning(
-        self, request: GenerateRequest, start: int, stop: int
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        if self.model.num_classes is None:
-            return {}, None
-        null = self.model.unet.null_class
-        labels = list(request.classes) if request.classes is not None else [null] * request.n
-        cond = torch.tensor(labels[start:stop], device=self.device)
-        return {"class_labels": cond}, {"class_labels": torch.full_like(cond, null)}
-
-    def denoiser(self, spacing: str) -> Denoiser:
-        return self.model.denoiser()
-
-    def encode(self, images: Tensor, generator: torch.Generator | None) -> Tensor:
-        return images
-
-    def decode(self, latents: Tensor, tiled: bool | None = None) -> Tensor:
-        return latents
-
-    def inpaint_conditioning(self, mask: Tensor, masked_latents: Tensor) -> dict[str, Tensor]:
-        raise ConfigError("a pixel U-Net has no inpainting input")
-
-    def preview(self, denoised: Tensor, mode: str) -> Tensor:
-        return denoised.clamp(-1, 1)
-
-    def c_skip(self, sigma: Tensor) -> Tensor:
-        return c_skip_for(self.model.prediction, sigma)
-
-
-def _any_text(value: str | Sequence[str]) -> bool:
-    return bool(value) if isinstance(value, str) else any(bool(v) for v in value)
-
-
-def as_model(model: Any) -> DiffusionModel:
-    """``model`` as a :class:`DiffusionModel` (wrapping a :class:`PixelDiffusion`)."""
-    if isinstance(model, PixelDiffusion):
-        return PixelModel(model)
-    if isinstance(model, (PixelModel, DiffusionModel)):
-        return model
-    raise ConfigError(f"cannot generate with a {type(model).__name__}; load a noisecraft model")
 
 
 # ---------------------------------------------------------------------------- the core
@@ -574,7 +406,7 @@ def generate(
         denoiser = _quantized(denoiser)
     options = plan.options
     initial_sigma = sigmas[0] if plan.initial_sigma is None else plan.initial_sigma
-    shape = m.latent_shape(request)
+    shape = m.latent_shape(*image_size(m, request))
     seeds = request.image_seeds()
 
     inputs = _Inputs.of(request, device, m.inpaint_unet)
@@ -626,10 +458,7 @@ def _fast_unet(m: DiffusionModel, request: GenerateRequest) -> Any:
     fast = as_fast_mode(request.fast)
     if fast is None or fast.deepcache is None or fast.deepcache.interval == 1:
         return contextlib.nullcontext()
-    unet = getattr(m, "unet", None) or getattr(getattr(m, "model", None), "unet", None)
-    if unet is None:
-        raise ConfigError(f"fast mode needs a U-Net model; {type(m).__name__} has none")
-    return deepcache(unet, fast.deepcache)
+    return deepcache(m.unet, fast.deepcache)
 
 
 def _quantized(denoiser: Denoiser) -> Denoiser:
@@ -753,21 +582,6 @@ def _make_callback(
     return cb
 
 
-def latent_to_rgb(latents: Tensor) -> Tensor:
-    """Cheap preview of latents: SD 1.x's linear latent -> RGB map for 4 channels
-    (:data:`SD_LATENT_RGB`), else the first 3 channels (1 channel repeated); clamped to
-    [-1, 1], at latent resolution."""
-    c = latents.shape[1]
-    if c == 4:
-        coefs = torch.tensor(SD_LATENT_RGB, dtype=latents.dtype, device=latents.device)
-        rgb = torch.einsum("bchw,cr->brhw", latents, coefs)
-    elif c >= 3:
-        rgb = latents[:, :3]
-    else:
-        rgb = latents[:, :1].expand(-1, 3, -1, -1)
-    return rgb.clamp(-1, 1)
-
-
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
     """Unit Gaussian noise drawn on the CPU from ``seed`` (the same on every device)."""
     g = torch.Generator().manual_seed(seed)
@@ -776,14 +590,10 @@ def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torc
 
 __all__ = [
     "DEFAULT_IMG2IMG_STRENGTH",
-    "DiffusionModel",
     "GenerateRequest",
-    "PixelModel",
-    "as_model",
     "count_steps",
     "generate",
     "image_size",
     "img2img_start",
     "initial_noise",
-    "latent_to_rgb",
 ]

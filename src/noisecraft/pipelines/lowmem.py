@@ -230,7 +230,7 @@ def low_memory(
     min_elements: int = 4096,
     mmap_threshold: int | None = MMAP_THRESHOLD,
 ) -> Any:
-    """The :class:`~noisecraft.pipelines.latent.LatentDiffusion` ``model`` with its U-Net and
+    """The :class:`~noisecraft.models.latent_diffusion.LatentDiffusion` ``model`` with its U-Net and
     text-encoder weights stored in ``weights`` ("fp16" or "int8") and its VAE's in ``vae``
     ("fp16", "int8", or None = float32), each layer widened to float32 for its forward only
     (see the module docstring). ``mmap_threshold``: passed to :func:`fix_mmap_threshold`
@@ -240,7 +240,7 @@ def low_memory(
     must not be used without the hooks); ``returned.offload.remove()`` removes the hooks.
     CPU only. Layers with fewer than ``min_elements`` weights stay float32.
     """
-    from noisecraft.pipelines.latent import LatentDiffusion
+    from noisecraft.models.latent_diffusion import LatentDiffusion
 
     if not isinstance(model, LatentDiffusion):
         raise ConfigError(
@@ -248,7 +248,7 @@ def low_memory(
             f"{type(model).__name__}"
         )
     if weights not in WEIGHT_FORMATS:
-        raise unknown_name("--low-memory", weights, WEIGHT_FORMATS)
+        raise unknown_name("weight format", weights, WEIGHT_FORMATS, setting="low_memory")
     if vae is not None and vae not in WEIGHT_FORMATS:
         raise unknown_name("VAE weights format", vae, WEIGHT_FORMATS)
     if model.offload is not None:
@@ -319,7 +319,7 @@ def load_low_memory(
     from noisecraft.io.formats.auto import detect_format, load_any
 
     if weights not in WEIGHT_FORMATS:
-        raise unknown_name("--low-memory", weights, WEIGHT_FORMATS)
+        raise unknown_name("weight format", weights, WEIGHT_FORMATS, setting="low_memory")
     if mmap_threshold is not None:  # before loading (the conversion's temporaries too), once
         fix_mmap_threshold(mmap_threshold)
     if detect_format(path) == "single-file":

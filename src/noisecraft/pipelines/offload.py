@@ -190,14 +190,14 @@ def sequential_offload(
 def offload_latent_diffusion(
     model: Any, device: str | torch.device = "cuda", dtype: torch.dtype | None = None
 ) -> Any:
-    """A :class:`~noisecraft.pipelines.latent.LatentDiffusion` whose U-Net, VAE and text
+    """A :class:`~noisecraft.models.latent_diffusion.LatentDiffusion` whose U-Net, VAE and text
     encoder run layer by layer on ``device`` with their weights on the CPU.
 
     The returned model's ``execution_device`` is ``device``, so :func:`generate` keeps the
     latents and the sampler's arithmetic there, and its ``offload`` holds the hooks
     (``offload.remove()`` undoes them). The modules are hooked in place (the returned model
     shares them with ``model``); ``device="cpu"`` without a ``dtype`` returns ``model``
-    unchanged. Load the model in the dtype it should run in (``LatentDiffusion.load(path,
+    unchanged. Load the model in the dtype it should run in (``load_latent_diffusion(path,
     dtype=torch.float16)``): the CPU copy then takes half the memory and each transfer half
     the time; ``dtype`` here casts each layer on the way instead.
     """

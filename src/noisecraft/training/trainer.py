@@ -158,7 +158,8 @@ class Trainer:
         elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
             raise OutputExistsError(
                 f"run directory {self.run_dir} exists without a checkpoint to resume; "
-                "pass --overwrite or set run.dir to a new folder"
+                "pass @overwrite or set run.dir to a new folder",
+                settings=["overwrite"],
             )
         distributed.barrier(self.dist)  # every rank has looked before the main one writes
         if self.dist.is_main:
@@ -316,13 +317,15 @@ class Trainer:
         if saved_task != self.task.name:
             raise ConfigError(
                 f"{path} is a '{saved_task}' run, this config trains '{self.task.name}'; "
-                "use the same config to resume, or pass --overwrite to start over"
+                "use the same config to resume, or pass @overwrite to start over",
+                settings=["overwrite"],
             )
         for section in self.task.resume_sections:
             if saved.get(section) != current[section]:
                 raise ConfigError(
                     f"{path} was trained with a different [{section}] config; "
-                    "use the same config to resume, or pass --overwrite to start over"
+                    "use the same config to resume, or pass @overwrite to start over",
+                    settings=["overwrite"],
                 )
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])

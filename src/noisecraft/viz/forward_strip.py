@@ -39,14 +39,15 @@ def parse_steps(text: str, num_steps: int) -> list[int]:
         steps = [int(s) for s in text.replace(" ", "").split(",") if s]
     except ValueError:
         raise ConfigError(
-            f"--steps must be a comma list of integers like 0,50,999, got '{text}'"
+            f"@steps must be a comma list of integers like 0,50,999, got '{text}'",
+            settings=["steps"],
         ) from None
     if not steps:
-        raise ConfigError("--steps is empty; give timesteps like 0,50,999")
+        raise ConfigError("@steps is empty; give timesteps like 0,50,999", settings=["steps"])
     bad = [t for t in steps if not 0 <= t < num_steps]
     if bad:
         raise ConfigError(
-            f"timestep {bad[0]} is outside [0, {num_steps - 1}] (T = --num-steps {num_steps}); "
+            f"timestep {bad[0]} is outside [0, {num_steps - 1}] (T = {num_steps}); "
             "choose t in that range"
         )
     return steps
@@ -59,7 +60,7 @@ def image_to_tensor(im: Image.Image, size: int) -> torch.Tensor:
     image-folder dataset does; pixels map as u / 127.5 - 1.
     """
     if size < 1:
-        raise ConfigError(f"--size must be at least 1, got {size}")
+        raise ConfigError(f"@size must be at least 1, got {size}", settings=["size"])
     if im.mode.startswith("I;16"):  # 16-bit grey: scale to 8 bits rather than clip
         im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257.0).round().astype(np.uint8))
     im = im.convert("L" if im.mode in GREY_MODES else "RGB")

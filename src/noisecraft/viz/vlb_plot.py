@@ -50,7 +50,9 @@ def vlb_timesteps(num_steps: int, k: int) -> list[int]:
     All T when ``k >= T``.
     """
     if k < 3:
-        raise ConfigError(f"--timesteps must be at least 3 (t = 0, 1 and T-1), got {k}")
+        raise ConfigError(
+            f"@timesteps must be at least 3 (t = 0, 1 and T-1), got {k}", settings=["timesteps"]
+        )
     if k >= num_steps:
         return list(range(num_steps))
     return [0, *sorted({1 + round(i * (num_steps - 2) / (k - 2)) for i in range(k - 1)})]

@@ -1,5 +1,5 @@
 """Checkpoint formats other than the native one, each read into (and written from) a
-:class:`~noisecraft.pipelines.latent.LatentDiffusion`:
+:class:`~noisecraft.models.latent_diffusion.LatentDiffusion`:
 
 * :mod:`.single_file`: original CompVis / AUTOMATIC1111 single files (``.safetensors`` /
   ``.ckpt``), SD 1.x and 2.x.

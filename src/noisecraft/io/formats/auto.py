@@ -3,7 +3,7 @@
 Three formats hold a Stable Diffusion-type model (U-Net + VAE + text encoder + tokenizer):
 
 * ``noisecraft``: the native single ``.safetensors`` with a JSON config in its metadata
-  (:meth:`LatentDiffusion.save`; pixel models are native only);
+  (:mod:`noisecraft.io.native`; pixel models are native only);
 * ``single-file``: the original CompVis / AUTOMATIC1111 layout, ``.safetensors`` or ``.ckpt``
   (:mod:`.single_file`);
 * ``diffusers``: a diffusers pipeline folder (:mod:`.diffusers_folder`).
@@ -21,15 +21,16 @@ from typing import Any
 import torch
 
 from noisecraft.errors import CheckpointError, ConfigError, unknown_name
+from noisecraft.io.checkpoint import METADATA_KEY
+from noisecraft.io.native import load_native, save_model
+from noisecraft.io.safe_read import read_safetensors_metadata
+from noisecraft.models.latent_diffusion import LatentDiffusion
 
 FORMATS = ("noisecraft", "single-file", "diffusers")
 
 
 def detect_format(path: str | os.PathLike) -> str:
     """ "diffusers" for a folder, "noisecraft" for a native file, else "single-file"."""
-    from noisecraft.io.checkpoint import METADATA_KEY
-    from noisecraft.io.safe_read import read_safetensors_metadata
-
     path = Path(path)
     if path.is_dir():
         return "diffusers"
@@ -62,28 +63,17 @@ def load_any(
     fmt = detect_format(path)
     if arch is not None and fmt != "single-file":
         raise ConfigError(
-            f"--arch applies to SD single files; {path} is a {fmt} model whose config is stored"
+            f"@arch applies to SD single files; {path} is a {fmt} model whose config is stored",
+            settings=["arch"],
         )
     if fmt == "noisecraft":
-        from noisecraft.io.checkpoint import read_info
-        from noisecraft.pipelines import latent, pixel
-
-        kind = read_info(path).kind
-        if kind == pixel.KIND:
-            if vae is not None:
+        model: Any = load_native(path, device=device)
+        if vae is not None:
+            if not isinstance(model, LatentDiffusion):
                 raise ConfigError(f"{path} is a pixel-space model; it has no VAE to replace")
-            model: Any = pixel.PixelDiffusion.load(path, device=device)
-        elif kind == latent.KIND:
-            model = latent.LatentDiffusion.load(path, device=device)
-            if vae is not None:
-                from noisecraft.io.formats.single_file import load_vae_file
+            from noisecraft.io.formats.single_file import load_vae_file
 
-                model = model.replace(vae=load_vae_file(vae, device=device))
-        else:
-            raise CheckpointError(
-                f"{path} holds a '{kind}' model; generate needs a '{pixel.KIND}' or "
-                f"'{latent.KIND}' checkpoint"
-            )
+            model = model.replace(vae=load_vae_file(vae, device=device))
         if prediction is not None:
             model = model.replace(prediction=prediction)
         return model
@@ -115,7 +105,6 @@ def convert(
     if to not in FORMATS:
         raise unknown_name("format", to, FORMATS)
     from noisecraft.io.atomic import check_writable
-    from noisecraft.pipelines.latent import LatentDiffusion
 
     dst = Path(dst)
     if to != "diffusers":
@@ -127,7 +116,7 @@ def convert(
             "models convert to other formats"
         )
     if to == "noisecraft":
-        model.save(dst, overwrite=overwrite)
+        save_model(model, dst, overwrite=overwrite)
     elif to == "single-file":
         from noisecraft.io.formats.single_file import save_single_file
 

@@ -61,11 +61,12 @@ from noisecraft.io.formats.unet_keys import (
     unet_from_diffusers,
     unet_to_diffusers,
 )
+from noisecraft.io.native import LATENT_KIND
+from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.models.unet import UNet
 from noisecraft.models.vae import AutoencoderKL, VAEConfig, from_diffusers_state_dict
-from noisecraft.pipelines.latent import KIND, LatentDiffusion
 
 #: The diffusers version whose loader the written folders are tested against.
 DIFFUSERS_VERSION = "0.42.1"
@@ -205,7 +206,7 @@ def load_diffusers_folder(
         "config": dict(sched_json),  # as read, ``_class_name`` included
     }
     info = CheckpointInfo(
-        kind=KIND,
+        kind=LATENT_KIND,
         config={
             "unet": unet_config.to_dict(),
             "vae": vae_config.to_dict(),
@@ -704,7 +705,8 @@ def save_diffusers_folder(
         raise OutputExistsError(f"{path} is a file; choose a folder path for the diffusers model")
     if path.exists() and not overwrite:
         raise OutputExistsError(
-            f"{path} exists; pass --overwrite to replace it or choose another folder"
+            f"{path} exists; pass @overwrite to replace it or choose another folder",
+            settings=["overwrite"],
         )
     if not isinstance(model.tokenizer, CLIPTokenizer):
         raise ConfigError(

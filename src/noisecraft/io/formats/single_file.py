@@ -69,11 +69,13 @@ from noisecraft.errors import CheckpointError, ConfigError, NoisecraftError, unk
 from noisecraft.io.atomic import atomic_path, check_writable
 from noisecraft.io.build import build_module
 from noisecraft.io.checkpoint import CheckpointInfo
+from noisecraft.io.native import LATENT_KIND
 from noisecraft.io.safe_read import read_checkpoint
+from noisecraft.io.tokenizer_spec import tokenizer_from_spec, tokenizer_spec
+from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.models.vae import AutoencoderKL, VAEConfig, from_diffusers_state_dict
-from noisecraft.pipelines.latent import KIND, LatentDiffusion, tokenizer_from_spec, tokenizer_spec
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -765,7 +767,7 @@ def load_vae_file(
         except json.JSONDecodeError:
             native = None
     config: VAEConfig | None = None
-    if isinstance(native, dict) and native.get("kind") in ("vae", KIND):
+    if isinstance(native, dict) and native.get("kind") in ("vae", LATENT_KIND):
         try:
             if native["kind"] == "vae":
                 config = VAEConfig.from_dict(native["config"])
@@ -962,7 +964,7 @@ def load_single_file(
     )
     extras = dict(parts.extras)
     info = SingleFileInfo(
-        kind=KIND,
+        kind=LATENT_KIND,
         config={
             "unet": unet.config.to_dict(),
             "vae": vae_module.config.to_dict(),

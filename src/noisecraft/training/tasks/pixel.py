@@ -4,7 +4,7 @@ The objective is :func:`noisecraft.diffusion.training_losses` (eps / v / x0 targ
 min-SNR weighting, improved-DDPM hybrid loss) at timesteps from the configured sampler
 (uniform, or importance sampling by the loss second moment); class labels are dropped to
 the null class with ``train.cond_drop_prob`` for classifier-free guidance. The saved model
-is a :class:`~noisecraft.pipelines.pixel.PixelDiffusion` (checkpoint kind ``"unet"``).
+is a :class:`~noisecraft.models.pixel_diffusion.PixelDiffusion` (checkpoint kind ``"unet"``).
 """
 
 from __future__ import annotations
@@ -18,9 +18,10 @@ from torch import Tensor, nn
 from noisecraft.diffusion import training_losses
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError
+from noisecraft.io.native import save_model
+from noisecraft.models.pixel_diffusion import PixelDiffusion
 from noisecraft.models.unet import UNet
 from noisecraft.pipelines.generate import GenerateRequest, generate
-from noisecraft.pipelines.pixel import PixelDiffusion
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import (
@@ -114,7 +115,7 @@ class PixelTask(TimestepSamplerState):
         )
 
     def save_model(self, model: nn.Module, path: Path, training: dict[str, Any]) -> None:
-        self.pipeline(model).save(path, training=training, overwrite=True)
+        save_model(self.pipeline(model), path, training=training, overwrite=True)
 
     def sample_grid(self, model: nn.Module) -> tuple[Tensor, int]:
         """One row per class (up to 10 classes x 8), or 64 unconditional samples."""

@@ -19,7 +19,7 @@ scale -- a mini Stable Diffusion for captioned MNIST:
 * Loss: the project's diffusion objective (:func:`noisecraft.diffusion.training_losses`,
   ``[diffusion]``) on the latents with the text ``context``.
 
-The saved model is one :class:`~noisecraft.pipelines.latent.LatentDiffusion` file (kind
+The saved model is one :class:`~noisecraft.models.latent_diffusion.LatentDiffusion` file (kind
 ``"latent_diffusion"``: U-Net, VAE, text encoder, tokenizer, schedule), so one file generates.
 """
 
@@ -34,11 +34,12 @@ from torch import Tensor, nn
 from noisecraft.diffusion import training_losses
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.io.native import save_model
+from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder
 from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.models.unet import UNet
 from noisecraft.pipelines.generate import GenerateRequest, generate
-from noisecraft.pipelines.latent import LatentDiffusion
 from noisecraft.training import captions
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
@@ -230,7 +231,7 @@ class TextLatentTask(TimestepSamplerState):
         )
 
     def save_model(self, model: nn.Module, path: Path, training: dict[str, Any]) -> None:
-        self.pipeline(model).save(path, training=training, overwrite=True)
+        save_model(self.pipeline(model), path, training=training, overwrite=True)
 
     def sample_grid(self, model: nn.Module) -> tuple[Tensor, int]:
         """One row per class (up to 10), 8 images each, prompted with the class's first caption."""

@@ -30,7 +30,8 @@ import torch
 from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError, unknown_name
-from noisecraft.models.tiny_decoder import TinyDecoder, save_tiny_decoder
+from noisecraft.io.native import save_tiny_decoder
+from noisecraft.models.tiny_decoder import TinyDecoder
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import Batch, TaskLoss

@@ -91,9 +91,9 @@ def load_latent_vae(
             + f"; point it at {where}"
         )
     if kind == LATENT_DIFFUSION_KIND:
-        from noisecraft.pipelines.latent import LatentDiffusion
+        from noisecraft.io.native import load_latent_diffusion
 
-        return LatentDiffusion.load(path, device).vae
+        return load_latent_diffusion(path, device).vae
     return load_vae(path, device)
 
 

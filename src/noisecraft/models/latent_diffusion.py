@@ -2,22 +2,20 @@
 
 Rombach et al. 2022 (LDM): the diffusion model works on the VAE's latents ``z = E(x)``
 (scaled by the VAE's ``scaling_factor``), conditioned on a prompt through cross-attention to
-the text encoder's last hidden state (sec. 3.3). :class:`LatentDiffusion` implements the
-:class:`~noisecraft.pipelines.generate.DiffusionModel` protocol, so text-to-image, img2img
-and inpainting all run through the one :func:`~noisecraft.pipelines.generate.generate`.
+the text encoder's last hidden state (sec. 3.3). :class:`LatentDiffusion` holds the parts and
+what each step of sampling needs from them (the denoiser, prompt encoding, VAE encode /
+decode, previews); :mod:`noisecraft.pipelines` drives it, so text-to-image, img2img and
+inpainting all run through the one ``generate()``.
 
-A saved model is ONE native ``.safetensors`` file (kind ``latent_diffusion``): tensors
-prefixed ``unet.``, ``vae.``, ``text_encoder.``; the metadata holds each config, the
-schedule, the parametrisation, the VAE scaling factor and the tokenizer: ``"clip-default"``
-for the shipped OpenAI vocabulary, or the whole vocabulary (``vocab.json`` and
-``merges.txt`` contents as strings) for any other.
+Saved as ONE native ``.safetensors`` file (kind ``latent_diffusion``; written and read by
+:mod:`noisecraft.io.native`): tensors prefixed ``unet.``, ``vae.``, ``text_encoder.``; the
+metadata holds each config, the schedule, the parametrisation, the VAE scaling factor and
+the tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,26 +25,22 @@ from torch import Tensor
 
 from noisecraft.diffusion import DiscreteDenoiser, NoiseSchedule
 from noisecraft.diffusion.parametrization import c_skip_for, check_prediction
-from noisecraft.errors import CheckpointError, ConfigError
-from noisecraft.io.build import build_module
-from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, save_checkpoint
-from noisecraft.models.text_encoder import (
-    CLIPTextEncoder,
-    TextEncoderConfig,
-    encode_prompt_chunks,
-)
-from noisecraft.models.unet import UNet, UNetConfig
-from noisecraft.models.vae import AutoencoderKL, VAEConfig
+from noisecraft.diffusion.sigmas import TIMESTEP_SPACINGS
+from noisecraft.errors import ConfigError
+from noisecraft.models.text_encoder import CLIPTextEncoder, encode_prompt_chunks
+from noisecraft.models.unet import UNet
+from noisecraft.models.vae import AutoencoderKL
 from noisecraft.models.vae_tiling import decode_latents
-from noisecraft.pipelines.generate import (
-    TIMESTEP_SPACINGS,
-    GenerateRequest,
-    image_size,
-    latent_to_rgb,
-)
+from noisecraft.nn.quantize import quantize_int8
 
-KIND = "latent_diffusion"
-DEFAULT_TOKENIZER = "clip-default"
+#: Linear map from SD 1.x latents (as the U-Net sees them, i.e. scaled) to RGB in about
+#: [-1, 1]: the "Approx cheap" live preview of AUTOMATIC1111 (factors by Keturn, 2022).
+SD_LATENT_RGB = (
+    (0.298, 0.207, 0.208),
+    (0.187, 0.286, 0.173),
+    (-0.158, 0.189, 0.264),
+    (-0.184, -0.271, -0.473),
+)
 
 #: Anything that maps a list of prompts to (B, 77) token ids; a CLIPTokenizer also chunks
 #: long prompts (``encode_chunks``) and reads A1111 weights (``encode_weighted``).
@@ -119,7 +113,7 @@ class LatentDiffusion:
     clip_skip: int | None = None
     sample_posterior: bool = True
     prompt_weighting: bool = True
-    info: CheckpointInfo | None = None
+    info: Any = None  # the file's noisecraft.io.checkpoint.CheckpointInfo, if loaded
     x0_range: tuple[float, float] | None = None
     execution_device: torch.device | None = None
     offload: Any = None
@@ -181,31 +175,6 @@ class LatentDiffusion:
     def inpaint_unet(self) -> bool:
         """A 9-channel inpainting U-Net: [latents, mask, masked-image latents]."""
         return self.unet.config.in_channels == 2 * self.latent_channels + 1
-
-    def check_request(self, request: GenerateRequest) -> None:
-        if request.classes is not None:
-            raise ConfigError("this model takes a prompt, not --class")
-
-    def latent_shape(self, request: GenerateRequest) -> tuple[int, int, int]:
-        h, w = image_size(self, request)
-        f = self.downsample_factor
-        return (self.latent_channels, h // f, w // f)
-
-    def conditioning(
-        self, request: GenerateRequest, start: int, stop: int
-    ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """Text ``context`` of images ``start:stop``; with CFG also the negative prompts'.
-
-        Prompts and negative prompts are encoded in one batch, so both come out with the
-        same number of 77-token chunks (shorter ones padded with empty-prompt chunks).
-        """
-        prompts = request.image_prompts()[start:stop]
-        if request.cfg == 1.0:
-            return {"context": self.encode_prompt(prompts)}, None
-        negatives = request.image_negative_prompts()[start:stop]
-        both = self.encode_prompt(prompts + negatives)
-        cond, uncond = both.split(len(prompts))
-        return {"context": cond}, {"context": uncond}
 
     def denoiser(self, spacing: str = "linspace") -> DiscreteDenoiser:
         """The U-Net as a denoiser; for leading / trailing / linspace spacing the timestep is
@@ -312,111 +281,6 @@ class LatentDiffusion:
         z = encode_prompt_chunks(self.text_encoder, ids, weights, clip_skip=self.clip_skip)
         return z.reshape(len(prompts), -1, z.shape[-1])
 
-    # ------------------------------------------------------------------ save / load
-    def save(
-        self, path: str | os.PathLike, *, training: dict | None = None, overwrite: bool = False
-    ) -> None:
-        """Write the whole model to one native ``.safetensors`` file (kind latent_diffusion)."""
-        info = CheckpointInfo(
-            kind=KIND,
-            config={
-                "unet": self.unet.config.to_dict(),
-                "vae": self.vae.config.to_dict(),
-                "text_encoder": self.text_encoder.config.to_dict(),
-                "tokenizer": tokenizer_spec(self.tokenizer),
-            },
-            diffusion={
-                "schedule": self.schedule.to_config(),
-                "prediction": self.prediction,
-                "image_size": self.image_size,
-                "clip_skip": self.clip_skip,
-                "vae_scaling_factor": self.vae.config.scaling_factor,
-                "sample_posterior": self.sample_posterior,
-                "prompt_weighting": self.prompt_weighting,
-            },
-            training=training or (self.info.training if self.info else {}),
-        )
-        tensors: dict[str, Tensor] = {}
-        for prefix, module in (
-            ("unet.", self.unet),
-            ("vae.", self.vae),
-            ("text_encoder.", self.text_encoder),
-        ):
-            tensors.update({prefix + k: v for k, v in module.state_dict().items()})
-        save_checkpoint(path, tensors, info, overwrite=overwrite)
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        device: str | torch.device = "cpu",
-        *,
-        dtype: torch.dtype = torch.float32,
-        vae_dtype: torch.dtype | None = None,
-    ) -> LatentDiffusion:
-        """Rebuild the model from a native ``latent_diffusion`` checkpoint.
-
-        The weights are the file's memory-mapped tensors (one copy; see
-        :func:`~noisecraft.io.build.build_module`), cast to ``dtype`` and moved to ``device``
-        tensor by tensor. On CUDA ``dtype=torch.float16`` or ``torch.bfloat16`` halves the
-        weights' memory. ``vae_dtype`` (None = ``dtype``, except float32 when ``dtype`` is
-        float16) is the VAE's: SD 1.x / SDXL VAE decoders have activations beyond float16's
-        range (65504) at large sizes and then decode to NaN / black images, which is why
-        diffusers upcasts the VAE (``force_upcast``); bfloat16 has float32's range. The VAE
-        is 8 % of SD 1.5's weights, so keeping it in float32 costs little.
-        """
-        if vae_dtype is None:
-            vae_dtype = vae_dtype_for(dtype)
-        tensors, info = load_checkpoint(path, expect_kind=KIND)
-        cfg = info.config
-        try:
-            configs = {
-                "unet": UNetConfig.from_dict(cfg["unet"]),
-                "vae": VAEConfig.from_dict(cfg["vae"]),
-                "text_encoder": TextEncoderConfig.from_dict(cfg["text_encoder"]),
-            }
-            tokenizer = tokenizer_from_spec(cfg["tokenizer"])
-        except KeyError as e:
-            raise CheckpointError(
-                f"{path}: the metadata has no {e} config; re-save the model"
-            ) from None
-        parts: dict[str, dict[str, Tensor]] = {"unet": {}, "vae": {}, "text_encoder": {}}
-        for key, value in tensors.items():
-            prefix, _, rest = key.partition(".")
-            if prefix not in parts:
-                raise CheckpointError(
-                    f"{path}: unexpected tensor {key}; not a latent_diffusion file"
-                )
-            parts[prefix][rest] = value
-        classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder}
-        dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype}
-        unet, vae, text_encoder = (
-            build_module(
-                lambda n=name: classes[n](configs[n]),
-                parts.pop(name),
-                what=name,
-                source=path,
-                dtype=dtypes[name],
-                device=device,
-            )
-            for name in ("unet", "vae", "text_encoder")
-        )
-        del tensors
-        diff = info.diffusion
-        return cls(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            schedule=NoiseSchedule.from_config(diff["schedule"]),
-            prediction=diff.get("prediction", "eps"),
-            image_size=int(diff.get("image_size", 512)),
-            clip_skip=diff.get("clip_skip"),
-            sample_posterior=bool(diff.get("sample_posterior", True)),
-            prompt_weighting=bool(diff.get("prompt_weighting", True)),
-            info=info,
-        )
-
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """The same model with its modules moved / cast in place (VAE: :func:`vae_dtype_for`);
         for a model already loaded in float32, e.g. from a diffusers folder."""
@@ -440,11 +304,9 @@ class LatentDiffusion:
     ) -> LatentDiffusion:
         """A copy whose U-Net (and text encoder) Linear layers -- and with ``convs`` the
         U-Net's Conv2d layers -- are dynamically quantised to int8 for CPU inference
-        (:func:`noisecraft.pipelines.fast.quantize_int8`); the VAE stays float32. Fast mode's
+        (:func:`noisecraft.nn.quantize.quantize_int8`); the VAE stays float32. Fast mode's
         ``int8`` option; docs/performance.md gives its speed and quality cost. ``inplace``
         quantises this model's own modules (no float32 copy; this model changes too)."""
-        from noisecraft.pipelines.fast import quantize_int8
-
         unet = quantize_int8(self.unet, convs=convs, inplace=inplace)
         changes: dict[str, Any] = {"unet": unet}
         if text_encoder:
@@ -458,70 +320,19 @@ def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype == torch.float16 else dtype
 
 
-# ---------------------------------------------------------------------------- tokenizer io
+def latent_to_rgb(latents: Tensor) -> Tensor:
+    """Cheap preview of latents: SD 1.x's linear latent -> RGB map for 4 channels
+    (:data:`SD_LATENT_RGB`), else the first 3 channels (1 channel repeated); clamped to
+    [-1, 1], at latent resolution."""
+    c = latents.shape[1]
+    if c == 4:
+        coefs = torch.tensor(SD_LATENT_RGB, dtype=latents.dtype, device=latents.device)
+        rgb = torch.einsum("bchw,cr->brhw", latents, coefs)
+    elif c >= 3:
+        rgb = latents[:, :3]
+    else:
+        rgb = latents[:, :1].expand(-1, 3, -1, -1)
+    return rgb.clamp(-1, 1)
 
 
-def tokenizer_spec(tokenizer: Any) -> dict[str, Any]:
-    """JSON description of a :class:`~noisecraft.models.tokenizer.CLIPTokenizer`.
-
-    ``{"name": "clip-default", ...settings}`` for the shipped OpenAI vocabulary, else
-    ``{"name": "custom", "vocab_json": ..., "merges_txt": ..., ...}`` with the vocabulary
-    files' contents as strings, so the checkpoint alone rebuilds the tokenizer.
-    """
-    from noisecraft.models.tokenizer import CLIPTokenizer
-
-    if not isinstance(tokenizer, CLIPTokenizer):
-        raise ConfigError(
-            f"cannot save a tokenizer of type {type(tokenizer).__name__}; "
-            "LatentDiffusion.save needs a noisecraft CLIPTokenizer"
-        )
-    decoder = {i: t for t, i in tokenizer.vocab.items()}
-    spec: dict[str, Any] = {
-        "pad_token_id": tokenizer.pad_token_id,
-        "context_length": tokenizer.context_length,
-        "cleanup": tokenizer.cleanup,
-        "bos_token": decoder[tokenizer.bos_token_id],
-        "eos_token": decoder[tokenizer.eos_token_id],
-    }
-    default = CLIPTokenizer.default()
-    if tokenizer.merges == default.merges and dict(tokenizer.vocab) == dict(default.vocab):
-        return {"name": DEFAULT_TOKENIZER, **spec}
-    merges = "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges)
-    vocab = json.dumps(dict(tokenizer.vocab), ensure_ascii=False)
-    return {"name": "custom", "vocab_json": vocab, "merges_txt": merges, **spec}
-
-
-def tokenizer_from_spec(spec: dict[str, Any]) -> Any:
-    """Inverse of :func:`tokenizer_spec`."""
-    from noisecraft.models.tokenizer import CLIPTokenizer
-
-    kwargs = {
-        "pad_token_id": spec.get("pad_token_id"),
-        "context_length": int(spec.get("context_length", 77)),
-        "cleanup": spec.get("cleanup", "clip"),
-    }
-    name = spec.get("name")
-    if name == DEFAULT_TOKENIZER:
-        return CLIPTokenizer.default(**kwargs)
-    if name == "custom":
-        try:
-            vocab = json.loads(spec["vocab_json"])
-        except (KeyError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"corrupt tokenizer vocabulary in the checkpoint ({e})") from None
-        merges = []
-        for line in spec.get("merges_txt", "").split("\n"):
-            if not line.strip() or line.startswith("#version"):
-                continue
-            a, b = line.split()
-            merges.append((a, b))
-        return CLIPTokenizer(
-            vocab,
-            merges,
-            bos_token=spec.get("bos_token", "<|startoftext|>"),
-            eos_token=spec.get("eos_token", "<|endoftext|>"),
-            **kwargs,
-        )
-    raise CheckpointError(f"unknown tokenizer '{name}' in the checkpoint; upgrade noisecraft")
-
-
-__all__ = ["KIND", "LatentDiffusion", "tokenizer_from_spec", "tokenizer_spec"]
+__all__ = ["SD_LATENT_RGB", "LatentDiffusion", "latent_to_rgb", "vae_dtype_for"]
