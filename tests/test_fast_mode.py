@@ -16,7 +16,7 @@ import torch
 from torch.ao.nn.quantized import dynamic as nnqd
 
 from helpers import jitter
-from noisecraft.cli.main import resolve_model
+from noisecraft.api.shipped import resolve_model
 from noisecraft.errors import ConfigError
 from noisecraft.io.native import load_latent_diffusion
 from noisecraft.metrics.features import mnist_extractor

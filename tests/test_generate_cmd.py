@@ -177,7 +177,7 @@ def test_img2img_and_inpaint(files, capsys):
     rc, _, err = _run(
         ["generate", "--from-png", str(out), "--model", model, "--out", str(again)], capsys
     )
-    assert rc == 2 and "pass the same --init IMAGE" in err
+    assert rc == 2 and "give the same --init" in err
     assert (
         _run(
             [
@@ -299,11 +299,11 @@ def test_generated_tensor_range_matches_png(files):
 
 
 def test_missing_shipped_model_is_one_line_error(monkeypatch, tmp_path, capsys):
-    from noisecraft.cli import main as cli
+    from noisecraft.api import shipped
 
-    monkeypatch.setitem(cli.BUILTIN_MODELS, "mnist-text", tmp_path / "absent.safetensors")
+    monkeypatch.setitem(shipped.SHIPPED_MODELS, "mnist-text", tmp_path / "absent.safetensors")
     code, _, err = _run(["generate", "a handwritten 7", "--out", str(tmp_path / "x.png")], capsys)
-    assert code == 2 and "shipped model 'mnist-text'" in err and "--model PATH" in err
+    assert code == 2 and "shipped model 'mnist-text'" in err and "give --model the path" in err
 
 
 def test_unbalanced_brackets_warn_in_one_line_and_generate(tmp_path, capsys):
@@ -319,7 +319,7 @@ def test_unbalanced_brackets_warn_in_one_line_and_generate(tmp_path, capsys):
 def test_half_precision_weights(tmp_path, capsys):
     """--dtype fp16: U-Net and text encoder in float16, the VAE kept in float32; the image
     stays close to the float32 one (measured: mean 1.5/255 at 3 steps on the shipped model)."""
-    from noisecraft.cli.main import resolve_model
+    from noisecraft.api.shipped import resolve_model
     from noisecraft.io.native import load_latent_diffusion
 
     model = load_latent_diffusion(resolve_model("mnist-text")).to(dtype=torch.float16)

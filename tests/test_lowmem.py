@@ -161,7 +161,7 @@ def test_page_releaser_drops_file_pages_and_data_survives(tmp_path):
 
 
 def _shipped(weights: str | None, **kw):
-    from noisecraft.cli.main import resolve_model
+    from noisecraft.api.shipped import resolve_model
     from noisecraft.io.native import load_latent_diffusion
 
     model = load_latent_diffusion(resolve_model("mnist-text"))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noisecraft.cli.main import resolve_model
+from noisecraft.api.shipped import resolve_model
 from noisecraft.diffusion import ClippedDenoiser
 from noisecraft.io.native import load_pixel_diffusion
 from noisecraft.metrics.features import mnist_extractor

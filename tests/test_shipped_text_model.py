@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from noisecraft.cli.main import resolve_model
+from noisecraft.api.shipped import resolve_model
 from noisecraft.io.native import load_latent_diffusion
 from noisecraft.metrics.features import mnist_extractor
 from noisecraft.pipelines import GenerateRequest, generate

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from noisecraft.cli.main import ASSETS, main, resolve_model
+from noisecraft.api.shipped import ASSETS, resolve_model
+from noisecraft.cli.main import main
 from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError, UnknownNameError
 from noisecraft.io.checkpoint import read_info
 from noisecraft.io.native import (

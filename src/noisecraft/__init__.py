@@ -1,3 +1,32 @@
-"""noisecraft: diffusion models from the math."""
+"""noisecraft: diffusion models from the math.
 
-__version__ = "0.1.0"
+>>> import noisecraft
+>>> pipe = noisecraft.load("mnist-text")              # doctest: +SKIP
+>>> pipe("a handwritten 7", seed=1).images[0]        # doctest: +SKIP
+
+``load``, ``Pipeline``, ``GenerationResult`` and ``LoadOptions`` come from
+:mod:`noisecraft.api`, imported on first use (``import noisecraft`` stays light).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from noisecraft._version import __version__
+
+_API = ("GenerationResult", "LoadOptions", "Pipeline", "load")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        from noisecraft import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'noisecraft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+__all__ = ["__version__", *_API]

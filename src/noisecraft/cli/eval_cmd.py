@@ -41,7 +41,8 @@ def eval_command(
     import torch
     from tqdm.auto import tqdm
 
-    from noisecraft.cli.main import _default_classes, resolve_model
+    from noisecraft.api.shipped import resolve_model
+    from noisecraft.cli.main import _default_classes
     from noisecraft.diffusion import vlb_terms
     from noisecraft.io.atomic import atomic_path, check_writable
     from noisecraft.io.native import load_pixel_diffusion

@@ -6,10 +6,11 @@ import math
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from noisecraft.cli import options as o
 from noisecraft.errors import ConfigError, NoisecraftError, NoisecraftWarning
 
 app = typer.Typer(
@@ -18,25 +19,6 @@ app = typer.Typer(
     help="noisecraft: diffusion models from the math. Train, sample, look inside.",
     pretty_exceptions_enable=False,
 )
-
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
-BUILTIN_MODELS = {
-    "mnist": ASSETS / "mnist.safetensors",  # class-conditional pixel model
-    "mnist-text": ASSETS / "mnist_text.safetensors",  # text-to-image latent model (mini SD)
-}
-
-
-def resolve_model(name: str) -> Path:
-    """A checkpoint path, or the name of a shipped model (``mnist``, ``mnist-text``)."""
-    if name in BUILTIN_MODELS and not Path(name).exists():
-        path = BUILTIN_MODELS[name]
-        if not path.is_file():
-            raise ConfigError(
-                f"the shipped model '{name}' is not in this install ({path} is missing); "
-                "pass --model PATH of a model you trained (e.g. runs/mnist_text/model.safetensors)"
-            )
-        return path
-    return Path(name)
 
 
 @app.command()
@@ -81,65 +63,53 @@ def _default_classes(n: int, num_classes: int | None, klass: int | None) -> tupl
 def run_sampling(
     checkpoint: str,
     *,
-    sampler: str,
-    steps: int,
     n: int | None,
-    seed: int,
-    cfg: float,
     klass: int | None,
     out: Path,
     gif: Path | None,
     overwrite: bool,
-    spacing: str | None = None,
-    device: str = "cpu",
     save_every: int = 0,
+    device: str = "cpu",
+    **settings: Any,
 ) -> list[Path]:
-    """Sample from a checkpoint with a progress bar; write a grid (and a GIF). Returns the paths."""
-    from tqdm.auto import tqdm
-
+    """A grid (one row per class) from a pixel model through the API, with a progress bar,
+    optionally a denoising GIF and saved intermediates. Returns the paths written."""
+    import noisecraft
     from noisecraft.io.atomic import check_writable
-    from noisecraft.io.native import load_pixel_diffusion
-    from noisecraft.pipelines import GenerateRequest, generate
-    from noisecraft.viz.images import (
-        DenoisingRecorder,
-        IntermediateWriter,
-        save_gif,
-        save_grid,
-    )
+    from noisecraft.viz.images import DenoisingRecorder, IntermediateWriter, save_gif, save_grid
 
     check_writable(out, overwrite=overwrite)
     if gif is not None:
         check_writable(gif, overwrite=overwrite)
-    model = load_pixel_diffusion(resolve_model(checkpoint), device=device)
-    k = model.num_classes
-    if n is None:
-        n = 8 * k if k else 64
-    classes, nrow = _default_classes(n, k, klass)
-    req = GenerateRequest(
-        n=n, sampler=sampler, steps=steps, spacing=spacing, cfg=cfg, classes=classes, seed=seed
-    )
-    req.validate(model)
-    recorder = DenoisingRecorder(nrow=nrow) if gif is not None else None
-    scale = max(1, 256 // (nrow * model.image_size)) if model.image_size < 64 else 1
     if save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {save_every}")
+    pipe = noisecraft.load(checkpoint, device=device)
+    if pipe.kind != "pixel":
+        raise ConfigError(
+            f"{checkpoint} is a text-to-image model; draw from it with noisecraft generate"
+        )
+    k = pipe.model.num_classes
+    n = (8 * k if k else 64) if n is None else n
+    classes, nrow = _default_classes(n, k, klass)
+    size = pipe.model.image_size
+    scale = max(1, 256 // (nrow * size)) if size < 64 else 1
+    recorder = DenoisingRecorder(nrow=nrow) if gif is not None else None
     inter = None
     if save_every:
         folder = out.with_name(out.stem + "_steps")
         inter = IntermediateWriter(folder, save_every, nrow, scale, overwrite=overwrite)
-    with tqdm(total=steps, desc=f"sampling {n} images ({sampler}, {steps} steps)") as bar:
 
-        def callback(d: dict) -> None:
-            bar.update(1)
-            if recorder is not None:
-                recorder(d)
-            if inter is not None:
-                inter(d)
+    def callback(d: dict) -> None:
+        for watcher in (recorder, inter):
+            if watcher is not None:
+                watcher(d)
 
-        images = generate(model, req, callback=callback)
+    result = pipe(n=n, class_label=classes, callback=callback, progress=True, **settings)
+    images = result.tensors
+    req = result.request
     text = {
-        "parameters": f"sampler: {sampler}, steps: {steps}, cfg: {cfg}, seed: {seed}, "
-        f"model: {checkpoint}"
+        "parameters": f"sampler: {req.sampler}, steps: {req.steps}, cfg: {req.cfg}, "
+        f"seed: {req.seed}, model: {checkpoint}"
     }
     written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
     if recorder is not None:
@@ -155,38 +125,33 @@ def sample(
     checkpoint: Annotated[
         str, typer.Argument(help="model .safetensors, or 'mnist' for the shipped model")
     ] = "mnist",
-    sampler: Annotated[str, typer.Option(help="see `noisecraft samplers`")] = "dpmpp_2m",
-    steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
+    sampler: o.Sampler = None,
+    steps: o.Steps = None,
     n: Annotated[int | None, typer.Option("--n", help="number of images")] = None,
-    seed: Annotated[int, typer.Option(help="random seed")] = 0,
-    cfg: Annotated[float, typer.Option(help="classifier-free guidance scale (1 = off)")] = 2.0,
+    seed: o.Seed = None,
+    cfg: o.Cfg = None,
     klass: Annotated[int | None, typer.Option("--class", help="draw only this class")] = None,
-    spacing: Annotated[
-        str | None, typer.Option(help="linspace | leading | trailing | karras | exponential")
-    ] = None,
+    schedule: o.Schedule = None,
     out: Annotated[Path, typer.Option(help="grid PNG to write")] = Path("grid.png"),
     gif: Annotated[Path | None, typer.Option(help="also write a denoising GIF here")] = None,
-    device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
+    device: o.Device = "cpu",
     save_every: Annotated[
         int, typer.Option(help="save x_t and predicted x0 every K steps into OUT_steps/")
     ] = 0,
-    overwrite: Annotated[bool, typer.Option(help="replace existing output files")] = False,
+    overwrite: o.Overwrite = False,
 ) -> None:
-    """Generate a grid of images from a checkpoint (one row per class)."""
+    """Generate a grid of images from a pixel model (one row per class)."""
+    settings = o.api_settings(locals(), ("sampler", "steps", "seed", "cfg", "schedule"))
     paths = run_sampling(
         checkpoint,
-        sampler=sampler,
-        steps=steps,
         n=n,
-        seed=seed,
-        cfg=cfg,
         klass=klass,
         out=out,
         gif=gif,
         overwrite=overwrite,
-        spacing=spacing,
-        device=device,
         save_every=save_every,
+        device=device,
+        **settings,
     )
     for p in paths:
         typer.echo(f"wrote {p}")
@@ -201,11 +166,13 @@ def demo(
         bool, typer.Option(help="replace earlier demo images instead of numbering new ones")
     ] = False,
 ) -> None:
-    """The main job: digits from the shipped MNIST model, a grid and a denoising GIF.
+    """The main job: digits from the shipped models -- a class grid, a denoising GIF, and
+    text-to-image digits.
 
     Earlier outputs are kept: a second run writes ``digits_2.png`` and so on
     unless ``--overwrite`` is given.
     """
+    from noisecraft.api.shipped import SHIPPED_MODELS
     from noisecraft.io.atomic import free_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -214,20 +181,20 @@ def demo(
         grid, gif = free_path(grid), free_path(gif)
     paths = run_sampling(
         "mnist",
-        sampler="dpmpp_2m",
-        steps=steps,
         n=None,
-        seed=seed,
-        cfg=2.0,
         klass=None,
         out=grid,
         gif=gif,
         overwrite=overwrite,
+        sampler="dpmpp_2m",
+        steps=steps,
+        seed=seed,
+        cfg=2.0,
     )
     typer.echo("one row per digit class 0-9 (classifier-free guidance 2.0, DPM++ 2M)")
     for p in paths:
         typer.echo(f"wrote {p.resolve()}")
-    if BUILTIN_MODELS["mnist-text"].is_file():
+    if SHIPPED_MODELS["mnist-text"].is_file():
         text = out_dir / "text_digits.png"
         written = text_demo(text if overwrite else free_path(text), steps, seed, overwrite)
         typer.echo('text-to-image (mini Stable Diffusion): row k is "a handwritten <k>"')
@@ -236,20 +203,15 @@ def demo(
 
 def text_demo(out: Path, steps: int, seed: int, overwrite: bool, per_row: int = 8) -> Path:
     """Ten prompts "a handwritten zero" ... "nine" through the shipped text-to-image model."""
-    from tqdm.auto import tqdm
-
-    from noisecraft.io.native import load_latent_diffusion
-    from noisecraft.pipelines import GenerateRequest, count_steps, generate
+    import noisecraft
     from noisecraft.training.captions import DIGIT_WORDS
     from noisecraft.viz.images import save_grid
 
-    model = load_latent_diffusion(BUILTIN_MODELS["mnist-text"])
+    pipe = noisecraft.load("mnist-text")
     prompts = [f"a handwritten {w}" for w in DIGIT_WORDS for _ in range(per_row)]
-    req = GenerateRequest(n=len(prompts), prompts=prompts, steps=steps, cfg=5.0, seed=seed)
-    with tqdm(total=count_steps(model, req), desc="text-to-image") as bar:
-        images = generate(model, req, callback=lambda d: bar.update(1))
+    result = pipe(prompts, n=len(prompts), steps=steps, cfg=5.0, seed=seed, progress=True)
     text = {"parameters": f"prompts: a handwritten zero..nine, steps: {steps}, cfg: 5.0"}
-    return save_grid(images, out, nrow=per_row, scale=4, overwrite=overwrite, text=text)
+    return save_grid(result.tensors, out, nrow=per_row, scale=4, overwrite=overwrite, text=text)
 
 
 @app.command("samplers")
@@ -327,9 +289,7 @@ def _main(argv: list[str] | None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except NoisecraftError as e:
-        from noisecraft.cli.options import flag_names
-
-        print(f"error: {e.render(flag_names(e.settings))}", file=sys.stderr)
+        print(f"error: {e.render(o.flag_names(e.settings))}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,15 +1,23 @@
-"""Command-line options shared by several commands (one definition, one help text)."""
+"""Command-line options, each written once, named as the Python API names the setting.
+
+A command declares a parameter as ``steps: Steps = None``; its name is the API setting
+(``noisecraft.load`` or ``Pipeline.__call__``), so :func:`api_settings` hands the given values
+to the API as they are. Errors from the API name settings; :func:`flag_names` shows them as
+the flags the user typed.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
+from noisecraft.errors import ConfigError
+
 #: Python API setting -> how the command line names it, where not ``--`` + the name with
-#: dashes (errors name settings; :func:`flag_names` shows them as the user typed them).
+#: dashes.
 FLAGS = {
     "prompt": "a prompt",
     "negative_prompt": "--negative",
@@ -17,7 +25,23 @@ FLAGS = {
     "class_label": "--class",
     "width": "--size",
     "height": "--size",
+    "source": "--from-png",
 }
+
+#: The settings of ``noisecraft.load`` that commands expose.
+LOAD_SETTINGS = (
+    "vae",
+    "device",
+    "dtype",
+    "low_memory",
+    "fast",
+    "offload",
+    "compile",
+    "tiny_decoder",
+    "prediction",
+    "arch",
+    "threads",
+)
 
 
 def flag_names(settings: Iterable[str]) -> dict[str, str]:
@@ -25,6 +49,72 @@ def flag_names(settings: Iterable[str]) -> dict[str, str]:
     return {s: FLAGS.get(s, "--" + s.replace("_", "-")) for s in settings}
 
 
+def api_settings(values: Mapping[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The given (not None) values among ``names``."""
+    return {k: values[k] for k in names if values.get(k) is not None}
+
+
+def parse_size(text: str | None) -> dict[str, int]:
+    """``"512x768"`` -> {"width": 512, "height": 768}; None -> {}."""
+    if text is None:
+        return {}
+    parts = text.lower().replace(" ", "").split("x")
+    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got '{text}'")
+    return {"width": int(parts[0]), "height": int(parts[1])}
+
+
+# ---------------------------------------------------------------------------- what to make
+Prompt = Annotated[
+    str | None, typer.Argument(help="what to draw (A1111 syntax: (word:1.2), BREAK)")
+]
+Negative = Annotated[str | None, typer.Option("--negative", help="negative prompt (what to avoid)")]
+Steps = Annotated[int | None, typer.Option(help="sampling steps (default 20; --fast: 10)")]
+Cfg = Annotated[
+    float | None, typer.Option(help="guidance scale (default 7; 2 for class models; 1 = off)")
+]
+Seed = Annotated[
+    int | None, typer.Option(help="seed of the first image; image i: seed+i; -1 = random")
+]
+Sampler = Annotated[
+    str | None,
+    typer.Option(help="see `noisecraft samplers`; A1111 names too (default dpmpp_2m)"),
+]
+Schedule = Annotated[
+    str | None,
+    typer.Option(
+        "--schedule",
+        "--spacing",
+        help="A1111 Schedule type: karras | exponential | uniform (linspace) | leading | "
+        "trailing; default: the sampler's own",
+    ),
+]
+Size = Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, multiples of 8")]
+Init = Annotated[Path | None, typer.Option("--init", help="init image for img2img / inpainting")]
+Strength = Annotated[
+    float | None, typer.Option(help="img2img strength in [0, 1] (default 0.8; inpainting 1)")
+]
+Mask = Annotated[Path | None, typer.Option(help="inpainting mask, white = repaint")]
+Count = Annotated[int, typer.Option("--n", help="number of images")]
+GuidanceRescale = Annotated[
+    float | None, typer.Option(help="guidance rescale phi in [0, 1] (Lin et al. 2023)")
+]
+ClassLabel = Annotated[int | None, typer.Option("--class", help="class label (class models)")]
+Tiling = Annotated[
+    bool | None,
+    typer.Option(
+        "--tiling/--no-tiling",
+        help="decode the VAE in tiles (less memory); default: only above 1024x1024",
+    ),
+]
+FastDecode = Annotated[
+    bool,
+    typer.Option(help="decode with a tiny TAESD-like decoder (fast, small quality cost)"),
+]
+Overwrite = Annotated[bool, typer.Option(help="replace existing output files")]
+
+# ---------------------------------------------------------------------------- how to load
+Device = Annotated[str, typer.Option(help="cpu | cuda")]
 VaeOption = Annotated[
     Path | None, typer.Option("--vae", help="a separate VAE file replacing the model's")
 ]
@@ -33,4 +123,41 @@ PredictionOption = Annotated[
 ]
 ArchOption = Annotated[
     str | None, typer.Option(help="override the detected SD family of a single file: sd1 | sd2")
+]
+Dtype = Annotated[
+    str, typer.Option(help="fp32 | fp16 | bf16 weights (half precision: CUDA; VAE fp32 for fp16)")
+]
+Offload = Annotated[
+    bool, typer.Option(help="keep weights in CPU memory, move each layer to --device to run it")
+]
+Fast = Annotated[
+    bool,
+    typer.Option(
+        help="fast mode: DeepCache, int8 Linear layers, DPM++ 2M Karras 10 steps (unless "
+        "--sampler/--steps), tiny decoder where one ships (docs/performance.md)"
+    ),
+]
+TinyDecoder = Annotated[
+    Path | None,
+    typer.Option(help="tiny decoder .safetensors for --fast-decode (shipped for mnist-text)"),
+]
+LowMemory = Annotated[
+    str | None,
+    typer.Option(
+        "--low-memory",
+        help="fp16 | int8: store the weights so, widen each layer to fp32 as it runs (CPU); "
+        "decodes in tiles unless --no-tiling",
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option(
+        help="torch.compile the U-Net (slower on CPU here, can pay on a GPU; docs/performance.md)"
+    ),
+]
+Threads = Annotated[
+    int,
+    typer.Option(
+        help="CPU threads (0: torch's default, one per core; 1 is faster on a busy machine)"
+    ),
 ]

@@ -225,7 +225,7 @@ def vlb_command(
     import torch
     from tqdm.auto import tqdm
 
-    from noisecraft.cli.main import resolve_model
+    from noisecraft.api.shipped import resolve_model
     from noisecraft.diffusion import vlb_terms
     from noisecraft.io.atomic import check_writable
     from noisecraft.io.native import load_pixel_diffusion

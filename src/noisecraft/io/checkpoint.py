@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from noisecraft import __version__
+from noisecraft._version import __version__
 from noisecraft.errors import CheckpointError
 from noisecraft.io.atomic import atomic_path, check_writable
 

@@ -251,8 +251,11 @@ class LatentDiffusion:
         ids = tok([prompt])
         return ids.reshape(-1, ids.shape[-1]), None
 
-    def encode_prompt(self, prompts: Sequence[str]) -> Tensor:
+    def encode_prompt(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         """Text encoder context of each prompt: (B, 77 * k, width).
+
+        ``clip_skip``: the text encoder layer to read, A1111's numbering (None = the model's
+        :attr:`clip_skip`, else its text encoder config's).
 
         Long prompts are split into 75-token chunks (A1111), each encoded on its own and
         concatenated, with A1111 emphasis weights when the tokenizer reads them. Within a
@@ -278,8 +281,17 @@ class LatentDiffusion:
             all_w.append(w)
         ids = torch.cat(all_ids).to(self.device)
         weights = torch.cat(all_w) if any_weights else None
-        z = encode_prompt_chunks(self.text_encoder, ids, weights, clip_skip=self.clip_skip)
+        skip = self.clip_skip if clip_skip is None else clip_skip
+        z = encode_prompt_chunks(self.text_encoder, ids, weights, clip_skip=skip)
         return z.reshape(len(prompts), -1, z.shape[-1])
+
+    def effective_clip_skip(self, clip_skip: int | None = None) -> int:
+        """The clip skip a prompt is encoded with: ``clip_skip``, else the model's, else its
+        text encoder config's (1 = the last layer)."""
+        for value in (clip_skip, self.clip_skip, self.text_encoder.config.clip_skip):
+            if value is not None:
+                return int(value)
+        return 1
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None):
         """The same model with its modules moved / cast in place (VAE: :func:`vae_dtype_for`);

@@ -139,6 +139,8 @@ class PixelModel:
         return self.model.unet.config.size_multiple
 
     def check_request(self, request: GenerateRequest) -> None:
+        if request.clip_skip is not None:
+            raise ConfigError("@clip_skip is for text-to-image models", settings=["clip_skip"])
         if request.prompts is not None or _any_text(request.negative_prompt):
             raise ConfigError(
                 "this model takes @class_label, not @prompt", settings=["class_label", "prompt"]
@@ -241,6 +243,14 @@ class LatentModel:
             raise ConfigError(
                 "this model takes @prompt, not @class_label", settings=["prompt", "class_label"]
             )
+        layers = self.model.text_encoder.config.layers
+        skip = request.clip_skip
+        if skip is not None and (not _is_int(skip) or not 1 <= skip <= layers):
+            raise ConfigError(
+                f"@clip_skip must be an integer in [1, {layers}] (1 = the text encoder's last "
+                f"layer), got {skip!r}",
+                settings=["clip_skip"],
+            )
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.downsample_factor
@@ -256,11 +266,15 @@ class LatentModel:
         """
         prompts = request.image_prompts()[start:stop]
         if request.cfg == 1.0:
-            return {"context": self.model.encode_prompt(prompts)}, None
+            return {"context": self.model.encode_prompt(prompts, request.clip_skip)}, None
         negatives = request.image_negative_prompts()[start:stop]
-        both = self.model.encode_prompt(prompts + negatives)
+        both = self.model.encode_prompt(prompts + negatives, request.clip_skip)
         cond, uncond = both.split(len(prompts))
         return {"context": cond}, {"context": uncond}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _any_text(value: str | Sequence[str]) -> bool:

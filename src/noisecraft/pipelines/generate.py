@@ -15,9 +15,10 @@ any model when ``request.seeds`` is given) image ``i`` has its own CPU generator
 ``seeds[i]`` (default ``seed + i``, as AUTOMATIC1111 numbers a batch), which draws, in
 diffusers' order, the VAE posterior sample of the init image, then the initial noise
 ``torch.randn((1, C, h, w))`` (``randn_tensor`` with a list of generators), then the
-posterior sample of the masked image (9-channel inpainting), then the sampler's noise. So
-image ``i`` is the same whether it is made alone or in a batch (stochastic samplers then run
-one image at a time, since a sampler takes one generator). Pixel models without ``seeds``
+posterior sample of the masked image (9-channel inpainting), then the sampler's noise (a
+stochastic sampler gets the list of the batch's generators and draws each image's noise
+from its own). So image ``i`` is the same whether it is made alone or in a batch. Pixel
+models without ``seeds``
 keep noisecraft's original rule: one generator seeded with ``seed`` draws the noise of all
 ``n`` images at once, and stochastic samplers share it across the batch.
 """
@@ -44,7 +45,7 @@ from noisecraft.pipelines.backends import DiffusionModel, as_model
 from noisecraft.pipelines.deepcache import deepcache
 from noisecraft.pipelines.fast import FastMode, as_fast_mode
 from noisecraft.pipelines.inpaint import InpaintDenoiser
-from noisecraft.samplers import SAMPLER_INFO, get_sampler, parse_sampler_name
+from noisecraft.samplers import get_sampler, parse_sampler_name
 from noisecraft.samplers.diffusers_schedulers import DiffusersSampling, for_sampler
 
 Denoiser = Callable[..., Tensor]
@@ -93,6 +94,8 @@ class GenerateRequest:
       interval 2, branch 2), or a :class:`~noisecraft.pipelines.fast.FastMode`; the U-Net
       then reuses its deep features on alternate calls. It does not change ``sampler`` /
       ``steps``: ``FAST.request(...)`` also picks the fast sampler and steps.
+    * ``clip_skip``: the text encoder layer the prompts are read from (A1111's "Clip skip";
+      None = the model's own); latent models only.
     """
 
     n: int = 16
@@ -117,6 +120,7 @@ class GenerateRequest:
     vae_tiling: bool | None = None
     fast_decode: bool = False
     fast: FastMode | bool | None = None
+    clip_skip: int | None = None
 
     # ------------------------------------------------------------------ derived values
     def image_seeds(self) -> list[int]:
@@ -203,12 +207,12 @@ class GenerateRequest:
                 )
             if self.init_image is None:
                 raise ConfigError(
-                    "@strength needs an init image (@init_image)",
+                    "@strength needs @init_image (the picture to change)",
                     settings=["strength", "init_image"],
                 )
         if self.mask is not None and self.init_image is None:
             raise ConfigError(
-                "@mask needs an init image (@init_image) to inpaint",
+                "@mask needs @init_image (the picture to inpaint)",
                 settings=["mask", "init_image"],
             )
         as_fast_mode(self.fast)
@@ -294,13 +298,6 @@ def _mask_batch(mask: Tensor, height: int, width: int, n: int) -> None:
 # ---------------------------------------------------------------------------- the core
 
 
-def _is_stochastic(name: str, eta: float | None) -> bool:
-    stochastic = SAMPLER_INFO[name][0]
-    if eta is not None:
-        return eta > 0
-    return stochastic
-
-
 @dataclass(frozen=True)
 class _Plan:
     sampler_name: str
@@ -326,7 +323,7 @@ def _plan(m: DiffusionModel, request: GenerateRequest) -> _Plan:
     name, sampler_spacing = parse_sampler_name(request.sampler)
     start = request.start_index()
     per_image = m.per_image_seeds or request.seeds is not None
-    size = 1 if per_image and _is_stochastic(name, request.eta) else request.batch_size
+    size = request.batch_size
     runs = [(s, min(s + size, request.n)) for s in range(0, request.n, size)]
     diffusers = request.diffusers_sampling()
     if diffusers is not None:
@@ -507,7 +504,7 @@ class _Run:
     known: Tensor | None  # clean init latents
     masked: Tensor | None  # latents of the masked init image (9-channel inpainting)
     mask: Tensor | None  # the mask at latent size (B, 1, h, w)
-    generator: torch.Generator | None  # for the sampler's own noise
+    generator: torch.Generator | list[torch.Generator] | None  # the sampler's, one per image
 
 
 def _draw(
@@ -539,9 +536,10 @@ def _draw(
             masked = m.encode(masked_image, g).expand(b, -1, -1, -1)
         generator = g
     else:
-        noises, knowns, maskeds = [], [], []
+        noises, knowns, maskeds, generators = [], [], [], []
         for j, seed in enumerate(seeds):
             g = torch.Generator().manual_seed(seed)
+            generators.append(g)
             if inputs.need_known():
                 knowns.append(m.encode(_row(image, j), g))
             noises.append(torch.randn((1, *shape), generator=g))
@@ -550,8 +548,7 @@ def _draw(
         noise = torch.cat(noises).to(device)
         known = torch.cat(knowns) if knowns else None
         masked = torch.cat(maskeds) if maskeds else None
-        # a batch of several images runs only with deterministic samplers (see _plan)
-        generator = g if len(seeds) == 1 else None
+        generator = generators[0] if len(generators) == 1 else generators
     if known is not None:
         known = known.to(device=device, dtype=noise.dtype)
     if masked is not None:

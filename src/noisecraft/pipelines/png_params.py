@@ -25,7 +25,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from noisecraft import __version__
+from noisecraft._version import __version__
 from noisecraft.errors import ConfigError
 from noisecraft.samplers import parse_sampler_name
 

@@ -14,7 +14,7 @@ given number of steps whatever the sampler's internal branches.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,12 +108,23 @@ def ancestral_step(sigma: float, sigma_next: float, eta: float = 1.0) -> tuple[f
     return down, up
 
 
-def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+def randn_like(x: torch.Tensor, generator: Generators) -> torch.Tensor:
     """Unit Gaussian noise shaped like ``x``, drawn from ``generator``.
 
     Drawn on the generator's device and then moved, as diffusers' ``randn_tensor`` does, so a
-    CPU generator gives the same noise whatever device ``x`` lives on.
+    CPU generator gives the same noise whatever device ``x`` lives on. A sequence of
+    generators (one per row of ``x``, as ``randn_tensor`` takes them) draws each row from its
+    own generator, so an image's noise does not depend on the batch it is made in.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        if len(generator) != x.shape[0]:
+            raise ConfigError(
+                f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per row"
+            )
+        return torch.cat([randn_like(x[i : i + 1], g) for i, g in enumerate(generator)])
     device = generator.device if generator is not None else x.device
     noise = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=device)
     return noise.to(x.device)

@@ -1,0 +1,13 @@
+"""The public Python API: ``noisecraft.load(...)`` -> :class:`Pipeline` -> images.
+
+Every surface (the CLI, the HTTP server, the web page, notebooks) is a thin shell over this
+package; the generation policy lives here (:mod:`noisecraft.api.pipeline`) and in the
+loading options (:mod:`noisecraft.api.loading`).
+"""
+
+from noisecraft.api.loading import load
+from noisecraft.api.options import LoadOptions
+from noisecraft.api.pipeline import Pipeline
+from noisecraft.api.result import GenerationResult
+
+__all__ = ["GenerationResult", "LoadOptions", "Pipeline", "load"]

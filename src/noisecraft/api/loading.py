@@ -1,0 +1,143 @@
+"""``noisecraft.load``: a model file (or a shipped model's name) to a ready :class:`Pipeline`.
+
+How a model is loaded is policy that every surface shares, so it lives here, once:
+
+* ``low_memory="fp16" | "int8"``: weights *stored* narrow and widened layer by layer on the
+  CPU (:mod:`noisecraft.pipelines.lowmem`); the VAE then decodes in tiles by default.
+* ``dtype="fp16" | "bf16"``: weights kept in half precision (for CUDA; the VAE stays fp32
+  under fp16, :func:`~noisecraft.models.latent_diffusion.vae_dtype_for`).
+* ``offload=True``: weights stay in CPU memory, each layer visits ``device`` for its forward
+  (:mod:`noisecraft.pipelines.offload`).
+* ``fast=True``: fast mode (docs/performance.md): int8 Linear layers on a float32 CPU model,
+  DeepCache while sampling, DPM++ 2M Karras in 10 steps unless asked otherwise, and the tiny
+  decoder where one ships.
+* ``tiny_decoder``: a TAESD-like decoder file for fast decoding (True: the shipped one).
+* ``compile=True``: the U-Net through ``torch.compile`` (:mod:`noisecraft.pipelines.compile`).
+* ``threads``: torch's CPU threads for this process (0 = torch's default).
+
+:class:`~noisecraft.api.options.LoadOptions` checks every one of them, and how they combine,
+before anything loads.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from noisecraft.api.options import LoadOptions
+from noisecraft.api.pipeline import Pipeline
+from noisecraft.api.shipped import DEFAULT_MODEL, resolve_model, shipped_tiny_decoder
+from noisecraft.errors import ConfigError
+from noisecraft.io.formats.auto import load_any
+from noisecraft.io.native import load_tiny_decoder
+from noisecraft.models import LatentDiffusion
+
+
+def load(
+    model: str | os.PathLike = DEFAULT_MODEL,
+    *,
+    vae: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: str = "fp32",
+    low_memory: str | None = None,
+    fast: bool = False,
+    offload: bool = False,
+    compile: bool = False,
+    tiny_decoder: str | os.PathLike | bool | None = None,
+    prediction: str | None = None,
+    arch: str | None = None,
+    threads: int = 0,
+) -> Pipeline:
+    """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
+
+    ``model``: a native ``.safetensors``, an SD 1.x / 2.x single file (``.safetensors`` /
+    ``.ckpt``), a diffusers folder, or a shipped model's name (``"mnist-text"``, the default,
+    or ``"mnist"``). The other options are described in the module docstring; ``vae``
+    replaces the model's VAE, ``prediction`` ("eps" / "v") and ``arch`` ("sd1" / "sd2")
+    override what is detected from a single file.
+    """
+    options = LoadOptions(
+        device=device,
+        dtype=dtype,
+        low_memory=low_memory,
+        fast=fast,
+        offload=offload,
+        compile=compile,
+        vae=vae,
+        tiny_decoder=tiny_decoder,
+        prediction=prediction,
+        arch=arch,
+        threads=threads,
+    )
+    if threads:
+        torch.set_num_threads(threads)
+    path = resolve_model(model)
+    net = _load_weights(path, options)
+    net = _with_tiny_decoder(net, model, options)
+    if compile:
+        from noisecraft.pipelines.compile import compile_unet
+
+        net = compile_unet(net)
+    return Pipeline(net, name=Path(model).stem, options=options)
+
+
+def _load_weights(path: Path, o: LoadOptions) -> Any:
+    """The model in the memory layout the options ask for (low memory, dtype, offload, int8)."""
+    if o.low_memory is not None:  # weights stored fp16 / int8, each layer widened as it runs
+        from noisecraft.pipelines.lowmem import load_low_memory
+
+        return load_low_memory(
+            path, o.low_memory, vae_path=o.vae, prediction=o.prediction, arch=o.arch
+        )
+    net = load_any(
+        path,
+        device="cpu" if o.offload else o.device,
+        vae=o.vae,
+        prediction=o.prediction,
+        arch=o.arch,
+    )
+    latent = isinstance(net, LatentDiffusion)
+    for name, used in (("fast", o.fast), ("dtype", o.dtype != "fp32"), ("offload", o.offload)):
+        if used and not latent:
+            raise ConfigError(
+                f"@{name} is for latent (Stable Diffusion-type) models", settings=[name]
+            )
+    if o.dtype != "fp32":  # weights stored in the dtype they run in (VAE: vae_dtype_for)
+        net = net.to(dtype=o.torch_dtype)
+    if o.offload:  # weights stay in CPU memory; each layer visits the device for its forward
+        from noisecraft.pipelines.offload import offload_latent_diffusion
+
+        net = offload_latent_diffusion(net, o.device)
+    if o.fast and o.dtype == "fp32" and not o.offload and o.device == "cpu":
+        net = net.int8(inplace=True)  # dynamic int8 Linear layers (a CPU kernel), no copy
+    return net
+
+
+def _with_tiny_decoder(net: Any, model: str | os.PathLike, o: LoadOptions) -> Any:
+    """``net`` with the tiny decoder asked for: a file, the shipped one (True, or None in fast
+    mode where one ships), or none."""
+    wanted = o.tiny_decoder
+    if wanted is None and o.fast:
+        wanted = shipped_tiny_decoder(model)
+    if wanted is None or wanted is False:
+        return net
+    if not isinstance(net, LatentDiffusion):
+        raise ConfigError(
+            "@tiny_decoder is for latent models (they have a VAE)", settings=["tiny_decoder"]
+        )
+    if wanted is True:
+        wanted = shipped_tiny_decoder(model)
+        if wanted is None:
+            raise ConfigError(
+                f"@fast_decode needs @tiny_decoder FILE for {model} (none ships with it; train "
+                "one: noisecraft train configs/mnist_tiny_decoder.toml with latent.vae set to "
+                "this model)",
+                settings=["fast_decode", "tiny_decoder"],
+            )
+    return net.replace(tiny_decoder=load_tiny_decoder(wanted, device=o.device))
+
+
+__all__ = ["load"]

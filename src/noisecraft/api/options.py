@@ -1,0 +1,82 @@
+"""How to load a model: the options of :func:`noisecraft.load`, checked once.
+
+The options themselves are described in :mod:`noisecraft.api.loading`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.pipelines.lowmem import WEIGHT_FORMATS
+
+#: ``dtype`` names -> torch dtypes
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model (module docstring); checked on creation."""
+
+    device: str = "cpu"
+    dtype: str = "fp32"
+    low_memory: str | None = None
+    fast: bool = False
+    offload: bool = False
+    compile: bool = False
+    vae: str | os.PathLike | None = None
+    tiny_decoder: str | os.PathLike | bool | None = None
+    prediction: str | None = None
+    arch: str | None = None
+    threads: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise unknown_name("dtype", self.dtype, DTYPES, setting="dtype")
+        if self.low_memory is not None:
+            if self.low_memory not in WEIGHT_FORMATS:
+                raise unknown_name(
+                    "weight format", self.low_memory, WEIGHT_FORMATS, setting="low_memory"
+                )
+            if self.dtype != "fp32" or self.offload or self.device != "cpu":
+                raise ConfigError(
+                    "@low_memory runs on the CPU in fp32: leave out @dtype, @offload, @device",
+                    settings=["low_memory", "dtype", "offload", "device"],
+                )
+        if self.compile and (self.fast or self.low_memory is not None or self.offload):
+            raise ConfigError(
+                "@compile does not mix with @fast, @low_memory or @offload (they run the "
+                "U-Net's layers one by one, outside the compiled graph); drop one of them",
+                settings=["compile", "fast", "low_memory", "offload"],
+            )
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(
+                f"@threads must be 0 (torch's default) or more, got {self.threads!r}",
+                settings=["threads"],
+            )
+        _check_device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"@device must be cpu or cuda (or cuda:N), got {device!r}", settings=["device"]
+        ) from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"@device {device}: this machine has no CUDA GPU; use cpu", settings=["device"]
+        )
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"@device must be cpu or cuda, got {device!r}", settings=["device"])
+
+
+__all__ = ["DTYPES", "LoadOptions"]

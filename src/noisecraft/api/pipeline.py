@@ -1,0 +1,337 @@
+"""The public generation API: a loaded model plus the policy every surface shares.
+
+>>> import noisecraft
+>>> pipe = noisecraft.load("mnist-text")                      # doctest: +SKIP
+>>> result = pipe("a handwritten 7", seed=1, n=4)            # doctest: +SKIP
+>>> result.images[0].save("seven.png")                       # doctest: +SKIP
+>>> again = pipe.replay(result.infotexts[3])                 # the fourth image, alone
+
+What this module decides, once, for the command line, the coming HTTP server and Python
+users alike: the defaults (DPM++ 2M, 20 steps, CFG 7 for text-to-image and 2 for the class
+model; fast mode's sampler and steps), which diffusers scheduler an imported Stable Diffusion
+model samples with (so a seed gives diffusers' image), how seeds number a batch (image ``i``
+has seed ``seed + i``, A1111's rule; ``-1`` draws a random one), the A1111 ``parameters``
+text of each image, and how such a text is replayed. Every check of a setting is made by the
+one validated :class:`~noisecraft.pipelines.generate.GenerateRequest` (and
+:class:`~noisecraft.api.options.LoadOptions` for loading); errors name the setting as it is
+called here, and the CLI shows its flag instead.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, open_image, to_pil
+from noisecraft.api.options import LoadOptions
+from noisecraft.api.result import GenerationResult
+from noisecraft.errors import ConfigError
+from noisecraft.io.formats.single_file import SingleFileInfo
+from noisecraft.models import LatentDiffusion
+from noisecraft.pipelines import GenerateRequest, count_steps, generate
+from noisecraft.pipelines.fast import FAST
+from noisecraft.pipelines.png_params import (
+    format_parameters,
+    parse_parameters,
+    sampler_display,
+    sampler_from_display,
+)
+from noisecraft.samplers import parse_sampler_name
+from noisecraft.samplers.diffusers_schedulers import DIFFUSERS_SAMPLERS, SD15_SCHEDULER_CONFIG
+
+DEFAULT_SAMPLER = "dpmpp_2m"
+DEFAULT_STEPS = 20
+#: Classifier-free guidance scale by model family (the class model was tuned at 2).
+DEFAULT_CFG = {"latent": 7.0, "pixel": 2.0}
+#: The largest seed A1111 draws for ``-1`` (``random.randrange(4294967294)``).
+RANDOM_SEED_RANGE = 4294967294
+
+
+class Pipeline:
+    """A loaded model that makes images (module docstring). Build it with
+    :func:`noisecraft.load`; ``model`` is the loaded
+    :class:`~noisecraft.models.LatentDiffusion` or :class:`~noisecraft.models.PixelDiffusion`,
+    ``name`` what the infotext calls it (``Model:``)."""
+
+    def __init__(self, model: Any, *, name: str = "model", options: LoadOptions | None = None):
+        self.model = model
+        self.name = name
+        self.options = options or LoadOptions()
+
+    def __repr__(self) -> str:
+        return f"Pipeline({self.name!r}, {self.kind}, device={self.options.device!r})"
+
+    @property
+    def kind(self) -> str:
+        """ "latent" (text-to-image) or "pixel" (class-conditional or unconditional)."""
+        return "latent" if isinstance(self.model, LatentDiffusion) else "pixel"
+
+    # ------------------------------------------------------------------ policy
+    def defaults(self) -> dict[str, Any]:
+        """Sampler, schedule, steps and CFG used where a call gives none."""
+        fast = self.options.fast
+        return {
+            "sampler": FAST.sampler if fast else DEFAULT_SAMPLER,
+            "schedule": FAST.spacing if fast else None,
+            "steps": FAST.steps if fast else DEFAULT_STEPS,
+            "cfg": DEFAULT_CFG[self.kind],
+        }
+
+    def scheduler_config(self, sampler: str) -> dict[str, Any] | None:
+        """The diffusers scheduler config an imported Stable Diffusion model samples with, so
+        that a seed gives the image diffusers gives: the folder's own
+        ``scheduler_config.json``, or SD 1.5's for a single file. None (noisecraft's own
+        rules) for native models and for samplers diffusers has no scheduler for."""
+        info = getattr(self.model, "info", None)
+        if info is None or parse_sampler_name(sampler)[0] not in DIFFUSERS_SAMPLERS:
+            return None
+        saved = info.diffusion.get("scheduler")
+        if saved:
+            return dict(saved["config"])
+        if isinstance(info, SingleFileInfo):
+            return dict(SD15_SCHEDULER_CONFIG)
+        return None
+
+    # ------------------------------------------------------------------ requests
+    def request(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        negative_prompt: str | Sequence[str] = "",
+        steps: int | None = None,
+        cfg: float | None = None,
+        seed: int = 0,
+        sampler: str | None = None,
+        schedule: str | None = None,
+        width: int | None = None,
+        height: int | None = None,
+        init_image: ImageLike | None = None,
+        strength: float | None = None,
+        mask: ImageLike | None = None,
+        n: int = 1,
+        guidance_rescale: float = 0.0,
+        clip_skip: int | None = None,
+        class_label: int | Sequence[int] | None = None,
+        eta: float | None = None,
+        tiling: bool | None = None,
+        fast_decode: bool | None = None,
+    ) -> GenerateRequest:
+        """The :class:`GenerateRequest` a call with these settings runs, defaults filled in
+        (see :meth:`__call__` for the settings)."""
+        d = self.defaults()
+        if sampler is None:
+            sampler, schedule = d["sampler"], schedule if schedule is not None else d["schedule"]
+        sampler_name, spacing = sampler_from_display(sampler, schedule)
+        seed = _seed(seed)
+        latent = self.kind == "latent"
+        prompts = None
+        if prompt is not None or latent:
+            prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else prompt
+        channels = self.model.vae.config.in_channels if latent else self.model.image_shape[0]
+        if fast_decode is None:
+            fast_decode = (
+                self.options.fast and getattr(self.model, "tiny_decoder", None) is not None
+            )
+        return GenerateRequest(
+            n=n,
+            sampler=sampler_name,
+            spacing=spacing,
+            scheduler_config=self.scheduler_config(sampler_name),
+            steps=d["steps"] if steps is None else steps,
+            cfg=d["cfg"] if cfg is None else cfg,
+            classes=_classes(class_label, n),
+            seed=seed,
+            seeds=[seed + i for i in range(n)] if _is_int(n) and n >= 1 else None,
+            eta=eta,
+            prompts=prompts,
+            negative_prompt=negative_prompt,
+            guidance_rescale=guidance_rescale,
+            clip_skip=clip_skip,
+            width=width,
+            height=height,
+            init_image=None if init_image is None else image_tensor(init_image, channels),
+            strength=strength,
+            mask=None if mask is None else mask_tensor(mask),
+            vae_tiling=tiling
+            if tiling is not None
+            else (True if self.options.low_memory else None),
+            fast=FAST if self.options.fast else None,
+            fast_decode=fast_decode,
+        )
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str] | None = None,
+        *,
+        callback: Callable[[dict], None] | None = None,
+        progress: bool = False,
+        **settings: Any,
+    ) -> GenerationResult:
+        """Make images. ``prompt`` (text-to-image models; one, or one per image) and:
+
+        * ``negative_prompt``: what to steer away from (the unconditional half of CFG);
+        * ``steps``, ``cfg`` (guidance scale; 1 = no guidance), ``sampler`` (noisecraft or
+          A1111 names, e.g. "DPM++ 2M Karras"; ``noisecraft samplers`` lists them) and
+          ``schedule`` (A1111's Schedule type: "karras", "exponential", ...);
+        * ``seed``: image ``i`` gets ``seed + i``; -1 draws a random seed;
+        * ``n`` images of ``width`` x ``height`` pixels (default: the model's size, or the
+          init image's);
+        * ``init_image`` (PIL image, path, array or tensor) with ``strength`` for img2img,
+          plus ``mask`` (white = repaint) for inpainting;
+        * ``guidance_rescale`` (Lin et al. 2023), ``clip_skip`` (A1111's), ``eta``;
+        * ``class_label``: the class (or one per image) of a class-conditional model;
+        * ``tiling``: decode in tiles (None = automatic), ``fast_decode``: decode with the
+          tiny decoder;
+        * ``callback(step)`` after every sampler step (``step`` holds ``i``, ``x``,
+          ``sigma``, ``denoised``, the run's ``start`` / ``stop`` images, ``step`` / ``total``
+          counted over the whole call); ``progress`` shows a progress bar.
+        """
+        req = self.request(prompt, **settings)
+        req.validate(self.model)  # every mistake is reported before any output starts
+        total = count_steps(self.model, req) if callback is not None or progress else 0
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=total, desc=f"generating {req.n} image(s) ({req.sampler}, {req.steps} steps)"
+            )
+        done = 0
+
+        def on_step(d: dict) -> None:
+            nonlocal done
+            done += 1
+            if bar is not None:
+                bar.update(1)
+            if callback is not None:
+                callback({**d, "step": done, "total": total})
+
+        try:
+            images = generate(self.model, req, callback=on_step if total else None)
+        finally:
+            if bar is not None:
+                bar.close()
+        return GenerationResult(
+            images=[to_pil(x) for x in images],
+            seeds=req.image_seeds(),
+            infotexts=[
+                self.infotext(req, i, x.shape[-1], x.shape[-2]) for i, x in enumerate(images)
+            ],
+            tensors=images,
+            request=req,
+        )
+
+    # ------------------------------------------------------------------ infotext
+    def infotext(self, req: GenerateRequest, i: int, width: int, height: int) -> str:
+        """Image ``i``'s A1111 ``parameters`` text."""
+        latent = self.kind == "latent"
+        display, schedule = sampler_display(req.sampler, req.spacing)
+        classes = req.classes
+        return format_parameters(
+            req.image_prompts()[i] if latent else "",
+            req.image_negative_prompts()[i] if latent else "",
+            steps=req.steps,
+            sampler=display,
+            schedule_type=schedule,
+            cfg_scale=req.cfg,
+            seed=req.image_seeds()[i],
+            width=width,
+            height=height,
+            model=self.name,
+            denoising_strength=req.effective_strength(),
+            clip_skip=self.model.effective_clip_skip(req.clip_skip) if latent else None,
+            guidance_rescale=req.guidance_rescale,
+            eta=req.eta,
+            extra={"Class": classes[i]} if classes is not None else None,
+        )
+
+    def replay(self, source: str | os.PathLike | Image.Image, **overrides: Any) -> GenerationResult:
+        """Make the image an A1111 ``parameters`` text describes again: ``source`` is the text
+        itself, a PNG that carries it, or a PIL image read from one. ``overrides`` (any
+        setting of :meth:`__call__`; None = keep the PNG's) replace what it says; an image
+        made by img2img needs its ``init_image`` (and ``mask``) again."""
+        params = parse_parameters(_infotext(source))
+        settings = self._settings_of(params)
+        settings.update({k: v for k, v in overrides.items() if v is not None})
+        if settings.get("init_image") is None and params.get("denoising_strength") is not None:
+            raise ConfigError(
+                f"this image was made by img2img (Denoising strength: "
+                f"{params['denoising_strength']}); give the same @init_image (and @mask) again",
+                settings=["init_image", "mask"],
+            )
+        if settings.get("init_image") is None:
+            settings.pop("strength", None)
+        return self(**settings)
+
+    def _settings_of(self, params: Mapping[str, Any]) -> dict[str, Any]:
+        """Call settings from a parsed infotext."""
+        out: dict[str, Any] = {}
+        if self.kind == "latent":
+            out["prompt"] = params.get("prompt", "")
+            out["negative_prompt"] = params.get("negative_prompt", "")
+        if "sampler" in params:
+            out["sampler"], out["schedule"] = sampler_from_display(
+                params["sampler"], params.get("schedule_type")
+            )
+        keys = {
+            "steps": "steps",
+            "cfg_scale": "cfg",
+            "seed": "seed",
+            "width": "width",
+            "height": "height",
+            "denoising_strength": "strength",
+            "clip_skip": "clip_skip",
+            "guidance_rescale": "guidance_rescale",
+            "eta": "eta",
+        }
+        out.update({ours: params[theirs] for theirs, ours in keys.items() if theirs in params})
+        klass = params.get("extra", {}).get("Class")
+        if klass is not None:
+            try:
+                out["class_label"] = int(klass)
+            except ValueError:
+                raise ConfigError(f"PNG parameters: Class '{klass}' is not an integer") from None
+        return out
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _seed(seed: Any) -> int:
+    """``seed`` as an int; -1 = a random seed (A1111's convention)."""
+    if not _is_int(seed):
+        raise ConfigError(f"@seed must be an integer, got {seed!r}", settings=["seed"])
+    return random.randrange(RANDOM_SEED_RANGE) if seed == -1 else seed
+
+
+def _classes(class_label: int | Sequence[int] | None, n: Any) -> list[int] | None:
+    if class_label is None:
+        return None
+    if _is_int(class_label):
+        return [class_label] * n if _is_int(n) and n >= 1 else [class_label]
+    return list(class_label)
+
+
+def _infotext(source: str | os.PathLike | Image.Image) -> str:
+    """The ``parameters`` text of an infotext string, a PNG file or a PIL image."""
+    if isinstance(source, str) and "\n" not in source and Path(source).suffix.lower() == ".png":
+        source = Path(source)
+    if isinstance(source, str):
+        return source
+    im = source if isinstance(source, Image.Image) else open_image(source, "source")
+    text = getattr(im, "text", {}).get("parameters") or im.info.get("parameters")
+    if not text:
+        raise ConfigError(
+            "the image has no 'parameters' text chunk; give a PNG written by noisecraft "
+            "(or AUTOMATIC1111)"
+        )
+    return text
+
+
+__all__ = ["DEFAULT_CFG", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Pipeline"]
