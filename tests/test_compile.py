@@ -35,7 +35,7 @@ def test_compile_refuses_a_model_without_unet():
 
 
 def test_fast_mode_and_compile_do_not_mix():
-    """DeepCache calls the U-Net's blocks directly: a compiled forward would never run."""
+    """DeepCache changes which U-Net blocks run from call to call: not for a compiled graph."""
     model = compile_unet(tiny_model())
     try:
         generate(model, FAST.request(prompts=["the cat"], n=1, steps=2))

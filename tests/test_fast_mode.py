@@ -108,6 +108,63 @@ def test_shallow_calls_reuse_the_stale_deep_feature(unet):
     assert (state.full_calls, state.shallow_calls) == (3, 3)
 
 
+class _Planted:
+    """A :class:`~noisecraft.models.unet.FeatureCache` that records what the U-Net stores and
+    hands back ``plant`` (when set) to make a call shallow."""
+
+    def __init__(self, branch: int):
+        self.branch, self.stored, self.plant = branch, [], None
+
+    def reuse(self, x):
+        return self.plant
+
+    def store(self, feature):
+        self.stored.append(feature)
+
+
+@torch.no_grad()
+def test_the_unet_forward_hook_runs_full_or_shallow_on_the_given_feature(unet):
+    """The one block loop: ``UNet.forward(..., cache=)`` with no planted feature is the plain
+    forward bit for bit and stores the feature entering output block K - branch; a shallow
+    call runs on the planted feature (another feature, another output) and never reaches the
+    deep blocks (their weights do not matter)."""
+    x, t, ctx = _inputs()
+    plain = unet(x, t, context=ctx)
+    k = len(unet.input_blocks)
+    for branch in (1, 2, 3):
+        cache = _Planted(branch)
+        assert torch.equal(unet(x, t, context=ctx, cache=cache), plain)
+        (feature,) = cache.stored
+        assert feature.shape[1] + unet.skip_channels[branch - 1] == (
+            unet.output_blocks[k - branch][0].in_layers[0].num_channels
+        )
+        cache.plant = feature
+        assert torch.equal(unet(x, t, context=ctx, cache=cache), plain)  # same input
+        x2, t2, c2 = _inputs(seed=7)
+        shallow = unet(x2, t2, context=c2, cache=cache)
+        assert not torch.allclose(shallow, unet(x2, t2, context=c2))
+        deep = copy.deepcopy(unet)
+        for block in (deep.middle_block, deep.input_blocks[branch], deep.output_blocks[0]):
+            for p in block.parameters():
+                p.mul_(-3.0)
+        assert torch.equal(deep(x2, t2, context=c2, cache=cache), shallow)
+        assert not torch.allclose(deep(x2, t2, context=c2), unet(x2, t2, context=c2))
+        cache.plant = feature + 1.0
+        assert not torch.allclose(unet(x2, t2, context=c2, cache=cache), shallow)
+        assert len(cache.stored) == 1  # shallow calls store nothing
+    with pytest.raises(ConfigError, match="branch 4 does not fit: choose 1..3"):
+        unet(x, t, context=ctx, cache=_Planted(4))
+
+
+def test_nested_deepcache_is_refused(unet):
+    with (
+        deepcache(unet, DeepCacheConfig()),
+        pytest.raises(ConfigError, match="already runs with DeepCache"),
+    ):
+        deepcache(unet, DeepCacheConfig()).__enter__()
+    assert not unet._forward_pre_hooks
+
+
 def test_bad_branch_is_a_config_error(unet):
     bad = DeepCacheConfig(interval=2, branch=4)
     with pytest.raises(ConfigError, match="branch 4 does not fit this U-Net: choose 1..3"):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -175,6 +175,29 @@ class EmbedSequential(nn.Sequential):
         return x
 
 
+class FeatureCache(Protocol):
+    """A hook into :meth:`UNet.forward`'s block loop that reuses a deep feature across calls
+    (DeepCache, Ma et al. 2023; :mod:`noisecraft.pipelines.deepcache` implements it).
+
+    With ``branch`` = b and ``K`` input blocks, a *shallow* call runs only input blocks
+    ``0..b-1`` (their outputs are the skips it needs), then output blocks ``K-b..K-1`` on the
+    cached feature and the output head; a *full* call runs everything and hands the cache the
+    feature entering output block ``K-b``.
+    """
+
+    @property
+    def branch(self) -> int: ...
+
+    def reuse(self, x: Tensor) -> Tensor | None:
+        """Called once per forward, before any block runs, with its input: the feature to
+        reuse (a shallow call) or None (a full call, which then calls :meth:`store`)."""
+        ...
+
+    def store(self, feature: Tensor) -> None:
+        """On a full call: the feature entering output block ``K - branch``."""
+        ...
+
+
 class UNet(nn.Module):
     """Noise / v / x0 prediction network ``f(x, t, class_labels, context)``.
 
@@ -321,6 +344,7 @@ class UNet(nn.Module):
         *,
         down_residuals: Sequence[Tensor] | None = None,
         mid_residual: Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
         """Predict from noisy ``x`` (B, C, H, W) at timesteps ``t`` (B,) or 0-d, maybe fractional.
 
@@ -328,22 +352,37 @@ class UNet(nn.Module):
         class-conditional model mean the null class. ``context`` (B, L, context_dim) for
         cross-attention. ``down_residuals`` (one per skip, shapes from ``skip_channels``) and
         ``mid_residual`` are added to the skips and the middle output (ControlNet).
+
+        ``cache``: a :class:`FeatureCache` that may turn this call into a shallow one; then
+        only the residuals of the skips that the shallow branch uses are added (the deep ones
+        and ``mid_residual`` act through the cached feature).
         """
         self._check(x, class_labels, context)
+        k = len(self.input_blocks)
+        if down_residuals is not None and len(down_residuals) != k:
+            raise ConfigError(f"expected {k} down residuals, got {len(down_residuals)}")
+        branch = k if cache is None else cache.branch
+        if cache is not None and not 1 <= branch < k:
+            raise ConfigError(f"feature cache branch {branch} does not fit: choose 1..{k - 1}")
         emb = self.embedding(x, t, class_labels)
+        feature = None if cache is None else cache.reuse(x)
 
         hs = []
         h = x
-        for block in self.input_blocks:
+        for block in self.input_blocks if feature is None else self.input_blocks[:branch]:
             h = block(h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
-        if down_residuals is not None:
-            if len(down_residuals) != len(hs):
-                raise ConfigError(f"expected {len(hs)} down residuals, got {len(down_residuals)}")
-            hs = [a + r for a, r in zip(hs, down_residuals, strict=True)]
-        if mid_residual is not None:
-            h = h + mid_residual
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        if down_residuals is not None:  # on a shallow call, the first ``branch`` only
+            hs = [a + r for a, r in zip(hs, down_residuals, strict=False)]
+        if feature is None:
+            h = self.middle_block(h, emb, context)
+            if mid_residual is not None:
+                h = h + mid_residual
+            first = 0
+        else:
+            h, first = feature, k - branch
+        for j in range(first, k):
+            if cache is not None and feature is None and j == k - branch:
+                cache.store(h)
+            h = self.output_blocks[j](torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h)
