@@ -37,7 +37,8 @@ class UNetConfig:
     """Size and conditioning of a :class:`UNet`; JSON-able through ``to_dict`` / ``from_dict``.
 
     * ``channel_mult[i] * model_channels`` channels at level ``i``; level ``i`` works at
-      ``1 / 2**i`` of the input size, so inputs must be multiples of ``2**(levels - 1)``.
+      ``1 / 2**i`` of the input size, rounded up: any input size goes (an odd side ``n``
+      halves to ``ceil(n / 2)``, and the up path returns to each skip connection's size).
     * ``attention_levels``: indices into ``channel_mult`` of the levels with attention
       (0 = full resolution). The middle block always has attention.
     * Heads: ``head_channels != -1`` takes precedence and gives ``channels // head_channels``
@@ -115,11 +116,6 @@ class UNetConfig:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
-    def size_multiple(self) -> int:
-        """Height and width of inputs must be multiples of this (``2**(levels - 1)``)."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
     def output_channels(self) -> int:
         """Channels of the network output: ``out_channels``, doubled with ``learn_sigma``."""
         return self.out_channels * (2 if self.learn_sigma else 1)
@@ -162,14 +158,23 @@ class UNetConfig:
 
 
 class EmbedSequential(nn.Sequential):
-    """``nn.Sequential`` that hands the embedding to ResBlocks and ``context`` to transformers."""
+    """``nn.Sequential`` that hands the embedding to ResBlocks, ``context`` to transformers
+    and the output ``size`` (height, width) to upsampling layers (None = 2x)."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, size)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
@@ -287,13 +292,8 @@ class UNet(nn.Module):
             raise ConfigError(
                 f"U-Net input must be (batch, {c.in_channels}, height, width), got {tuple(x.shape)}"
             )
-        m = c.size_multiple
-        h, w = x.shape[-2:]
-        if h % m or w % m:
-            raise ConfigError(
-                f"image size {h}x{w} does not fit this U-Net: height and width must be "
-                f"multiples of {m}; resize or pad the image"
-            )
+        if min(x.shape[-2:]) < 1:
+            raise ConfigError(f"U-Net input {tuple(x.shape)} is empty: give height and width")
         if class_labels is not None and c.num_classes is None:
             raise ConfigError("this U-Net is unconditional: pass no class labels")
         if c.context_dim is not None and context is None:
@@ -353,6 +353,9 @@ class UNet(nn.Module):
         cross-attention. ``down_residuals`` (one per skip, shapes from ``skip_channels``) and
         ``mid_residual`` are added to the skips and the middle output (ControlNet).
 
+        Any height and width: each upsampling returns to the size of the skip connection it
+        is concatenated with (diffusers' ``forward_upsample_size``).
+
         ``cache``: a :class:`FeatureCache` that may turn this call into a shallow one; then
         only the residuals of the skips that the shallow branch uses are added (the deep ones
         and ``mid_residual`` act through the cached feature).
@@ -384,5 +387,7 @@ class UNet(nn.Module):
         for j in range(first, k):
             if cache is not None and feature is None and j == k - branch:
                 cache.store(h)
-            h = self.output_blocks[j](torch.cat([h, hs.pop()], dim=1), emb, context)
+            skip = hs.pop()
+            size = hs[-1].shape[-2:] if hs else None  # where a level ends: the next skip's
+            h = self.output_blocks[j](torch.cat([h, skip], dim=1), emb, context, size)
         return self.out(h)
