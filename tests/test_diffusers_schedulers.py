@@ -288,9 +288,13 @@ def imported(request, sd, tmp_path_factory):
     return model, parts, init, x
 
 
-def _pair(sd, name, mode, *, seeds=(21,), steps=None, eta=None, scheduler_config=None):
-    """(ours, diffusers') images in [0, 1] for SD15_SCHEDULERS[name] and ``mode``."""
+def _pair(sd, name, mode, *, seeds=(21,), steps=None, eta=None, scheduler_config=None, size=None):
+    """(ours, diffusers') images in [0, 1] for SD15_SCHEDULERS[name] and ``mode``; ``size``
+    (height, width): another size than H x W (img2img: of a new init image)."""
     model, parts, init, x = sd
+    height, width = size or (H, W)
+    if size is not None:
+        init, x = _init_image(size)
     cls, cfg = SD15_SCHEDULERS[name]
     steps = steps or STEPS[mode]
     kw = dict(
@@ -318,8 +322,8 @@ def _pair(sd, name, mode, *, seeds=(21,), steps=None, eta=None, scheduler_config
     pipe_parts = {**parts, "scheduler": _scheduler(cls, cfg)}
     if mode == "txt2img":
         pipe = diffusers.StableDiffusionPipeline(**pipe_parts)
-        kw.update(height=H, width=W)
-        req.update(height=H, width=W)
+        kw.update(height=height, width=width)
+        req.update(height=height, width=width)
     else:
         pipe = diffusers.StableDiffusionImg2ImgPipeline(**pipe_parts)
         kw.update(image=init, strength=STRENGTH)
@@ -331,6 +335,15 @@ def _pair(sd, name, mode, *, seeds=(21,), steps=None, eta=None, scheduler_config
         del req["scheduler_config"]
     got = (generate(model, GenerateRequest(**req)) / 2 + 0.5).clamp(0, 1)
     return got, want
+
+
+def _init_image(size: tuple[int, int]) -> tuple[object, torch.Tensor]:
+    """A random init image of ``size`` (height, width): as PIL (diffusers) and as the tensor
+    of its 8-bit pixels in [-1, 1] (ours)."""
+    g = torch.Generator().manual_seed(3)
+    init = _pil(torch.rand((1, 3, *size), generator=g) * 2 - 1)
+    x = torch.from_numpy(np.asarray(init, dtype="float32")).permute(2, 0, 1)[None] / 127.5 - 1
+    return init, x
 
 
 def _check(got, want):
@@ -367,6 +380,22 @@ def test_stochastic_and_batched_with_per_image_generators(sd, name, mode, seeds,
     _check(got, want)
     if len(seeds) == 2:
         assert (got[0] - got[1]).abs().max() > 0.05  # two different images
+
+
+# The tiny U-Net has two levels (latents h x w, then ceil(h / 2) x ceil(w / 2)):
+# 128x96 -> latents 16x12, level 1 8x6 (every level even; SD 1.5's 4 levels refuse it before);
+# 136x104 -> latents 17x13, level 1 9x7: level 0 is odd, so the U-Net upsamples 9x7 to 17x13
+# (diffusers' forward_upsample_size); 120x88 -> 15x11 and 8x6: odd, and level 1 even.
+@pytest.mark.parametrize(
+    "size", [(96, 128), (104, 136), (88, 120)], ids=lambda s: "x".join(map(str, s[::-1]))
+)
+@pytest.mark.parametrize(
+    ("name", "mode"), [("dpmpp_2m", "txt2img"), ("euler_ancestral", "txt2img"), ("ddim", "img2img")]
+)
+def test_same_image_as_diffusers_at_any_multiple_of_8(sd, name, mode, size):
+    got, want = _pair(sd, name, mode, size=size)
+    assert got.shape[-2:] == size
+    _check(got, want)
 
 
 @pytest.mark.parametrize("steps", [3, 11])

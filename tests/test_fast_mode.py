@@ -31,6 +31,8 @@ from noisecraft.pipelines.deepcache import (
 )
 from noisecraft.pipelines.fast import FAST, FastMode
 from noisecraft.training.captions import DIGIT_WORDS
+from test_latent_pipeline import _req as tiny_request
+from test_latent_pipeline import tiny_model
 
 TINY = UNetConfig(
     in_channels=4,
@@ -110,6 +112,94 @@ def test_shallow_calls_reuse_the_stale_deep_feature(unet):
     assert (state.full_calls, state.shallow_calls) == (3, 3)
 
 
+def _odd_inputs(b: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """9x7 latents: level 1 is 5x4, so the up path returns to an odd skip (9x7)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, 4, 9, 7, generator=g), torch.tensor([500.0, 250.0][:b]), _inputs()[2]
+
+
+class _Planted:
+    """A :class:`~noisecraft.models.unet.FeatureCache` that records what the U-Net stores and
+    hands back ``plant`` (when set) to make a call shallow."""
+
+    def __init__(self, branch: int):
+        self.branch, self.stored, self.plant = branch, [], None
+
+    def reuse(self, x):
+        return self.plant
+
+    def store(self, feature):
+        self.stored.append(feature)
+
+
+@torch.no_grad()
+def test_the_unet_forward_hook_runs_full_or_shallow_on_the_given_feature(unet):
+    """The one block loop: ``UNet.forward(..., cache=)`` with no planted feature is the plain
+    forward bit for bit and stores the feature entering output block K - branch; a shallow
+    call runs on the planted feature (another feature, another output) and never reaches the
+    deep blocks (their weights do not matter)."""
+    x, t, ctx = _inputs()
+    plain = unet(x, t, context=ctx)
+    k = len(unet.input_blocks)
+    for branch in (1, 2, 3):
+        cache = _Planted(branch)
+        assert torch.equal(unet(x, t, context=ctx, cache=cache), plain)
+        (feature,) = cache.stored
+        assert feature.shape[1] + unet.skip_channels[branch - 1] == (
+            unet.output_blocks[k - branch][0].in_layers[0].num_channels
+        )
+        cache.plant = feature
+        assert torch.equal(unet(x, t, context=ctx, cache=cache), plain)  # same input
+        x2, t2, c2 = _inputs(seed=7)
+        shallow = unet(x2, t2, context=c2, cache=cache)
+        assert not torch.allclose(shallow, unet(x2, t2, context=c2))
+        deep = copy.deepcopy(unet)
+        for block in (deep.middle_block, deep.input_blocks[branch], deep.output_blocks[0]):
+            for p in block.parameters():
+                p.mul_(-3.0)
+        assert torch.equal(deep(x2, t2, context=c2, cache=cache), shallow)
+        assert not torch.allclose(deep(x2, t2, context=c2), unet(x2, t2, context=c2))
+        cache.plant = feature + 1.0
+        assert not torch.allclose(unet(x2, t2, context=c2, cache=cache), shallow)
+        assert len(cache.stored) == 1  # shallow calls store nothing
+    with pytest.raises(ConfigError, match="branch 4 does not fit: choose 1..3"):
+        unet(x, t, context=ctx, cache=_Planted(4))
+
+
+@pytest.mark.parametrize("branch", [1, 2, 3])
+@torch.no_grad()
+def test_deepcache_at_an_odd_size(unet, branch):
+    """9x7 latents (an odd level): interval 1 is the plain U-Net bit for bit, and a shallow
+    call on the cached input equals the full pass bit for bit (the upsampling inside the
+    shallow branch, branch 3, returns to the odd skip's size)."""
+    x, t, ctx = _odd_inputs()
+    plain = unet(x, t, context=ctx)
+    one = DeepCacheState(DeepCacheConfig(interval=1, branch=branch))
+    assert torch.equal(deepcache_forward(unet, one, x, t, context=ctx), plain)
+    with deepcache(unet, DeepCacheConfig(interval=2, branch=branch)) as state:
+        first, second = unet(x, t, context=ctx), unet(x, t, context=ctx)
+    assert (state.full_calls, state.shallow_calls) == (1, 1)
+    assert torch.equal(first, plain) and torch.equal(second, plain)
+    assert not unet._forward_pre_hooks  # the hook is gone
+
+
+@torch.no_grad()
+def test_int8_unet_at_an_odd_size_is_close_to_float32(unet):
+    x, t, ctx = _odd_inputs()
+    ref, out = unet(x, t, context=ctx), quantize_int8(unet)(x, t, context=ctx)
+    assert out.shape == ref.shape
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_nested_deepcache_is_refused(unet):
+    with (
+        deepcache(unet, DeepCacheConfig()),
+        pytest.raises(ConfigError, match="already runs with DeepCache"),
+    ):
+        deepcache(unet, DeepCacheConfig()).__enter__()
+    assert not unet._forward_pre_hooks
+
+
 def test_bad_branch_is_a_config_error(unet):
     bad = DeepCacheConfig(interval=2, branch=4)
     with pytest.raises(ConfigError, match="branch 4 does not fit this U-Net: choose 1..3"):
@@ -155,6 +245,23 @@ def test_fast_interval_one_equals_plain_generate(shipped):
     plain = generate(shipped, GenerateRequest(**req))
     one = generate(shipped, GenerateRequest(**req, fast=FastMode(DeepCacheConfig(interval=1))))
     assert torch.equal(plain, one)
+
+
+def test_fast_mode_and_int8_at_an_odd_size():
+    """136x104 on the tiny random SD model (latents 17x13, its U-Net's level 1 9x7): interval
+    1 is the plain image bit for bit, interval 2 runs every other call shallow, and the int8
+    model stays close (measured max 0.016, DeepCache interval 2 branch 1: 0.032)."""
+    model = tiny_model()
+    req = tiny_request(height=104, width=136, steps=4)
+    plain = generate(model, req)
+    one = generate(model, dataclasses.replace(req, fast=FastMode(DeepCacheConfig(interval=1))))
+    assert plain.shape[-2:] == (104, 136) and torch.equal(one, plain)
+    calls, full, _ = _count_calls(model, dataclasses.replace(req, fast=True))
+    assert (calls, full) == (4, 2)
+    fast = generate(model, dataclasses.replace(req, fast=FastMode(DeepCacheConfig(2, 1))))
+    assert 0 < (fast - plain).abs().max() < 0.1
+    q = generate(model.int8(), req)
+    assert 0 < (q - plain).abs().max() < 0.1
 
 
 def test_fast_request_fills_in_the_fast_sampler():

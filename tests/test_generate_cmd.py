@@ -386,6 +386,25 @@ def test_fast_mode_flag(tmp_path, capsys):
     assert rc == 2 and "--fast is for latent" in err
 
 
+@pytest.mark.parametrize("size", ["136x104", "36x44"])
+def test_any_size_on_the_shipped_text_model(tmp_path, capsys, size):
+    """The shipped mnist-text model (32x32, VAE factor 4, a two-level U-Net) at 136x104
+    (latents 34x26) and 36x44 (latents 9x11, odd: its U-Net upsamples 5x6 back to 9x11; once
+    refused as not a multiple of 8); the PNG records the size. A side that is not a multiple
+    of the VAE's factor is still a one-line error."""
+    out = tmp_path / "seven.png"
+    args = ["generate", "a handwritten 7", "--steps", "2", "--size", size, "--out", str(out)]
+    rc, _, err = _run(args, capsys)
+    assert rc == 0, err
+    w, h = (int(v) for v in size.split("x"))
+    im = Image.open(out)
+    assert im.size == (w, h) and _pixels(out).std() > 10
+    p = parse_parameters(im.text["parameters"])
+    assert (p["width"], p["height"]) == (w, h)
+    rc, _, err = _run([*args[:-3], "38x44", "--out", str(tmp_path / "bad.png")], capsys)
+    assert rc == 2 and "not a multiple of 4" in err and err.count("\n") == 1
+
+
 def test_compile_and_threads_flags(files, tmp_path, capsys):
     """--compile (torch.compile'd U-Net) draws the eager image; --threads sets torch's
     thread count for the run."""

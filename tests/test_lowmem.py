@@ -84,6 +84,30 @@ def test_fp16_storage_changes_images_by_rounding_only(reference):
     assert (int8 - reference).abs().max() <= 0.1
 
 
+@pytest.mark.parametrize("fmt", ["fp16", "int8"])
+def test_an_odd_size_gives_the_image_of_the_widened_weights(fmt):
+    """136x104 (latents 17x13; the tiny U-Net upsamples 9x7 back to 17x13): the model in
+    low-memory mode makes the image of the plain model holding its widened weights (fp16
+    rounded, int8 dequantised) -- the hooks change where weights live, not which blocks run
+    or at what size (float rounding only: the narrow Upsample weights take the reference
+    upsample path instead of the sub-pixel kernel)."""
+    req = _req(height=104, width=136)
+    model = low_memory(tiny_model(), fmt, vae=fmt, min_elements=0)
+    ref = tiny_model()
+    with torch.no_grad():
+        for part in ("unet", "text_encoder", "vae"):
+            params = dict(getattr(ref, part).named_parameters())
+            buffers = dict(getattr(model, part).named_buffers())
+            for name, b in buffers.items():
+                if b.dtype == torch.float16:
+                    params[name].copy_(b.float())
+                elif b.dtype == torch.int8:
+                    params[name].copy_(dequantize(b, buffers[name + "_scale"]))
+    got = generate(model, req)
+    assert got.shape[-2:] == (104, 136)
+    torch.testing.assert_close(got, generate(ref, req), atol=1e-4, rtol=0)
+
+
 def test_workspace_widening_is_exact():
     """Widening into the reused workspace gives bit-identical images to fresh allocations."""
     for fmt in ("fp16", "int8"):

@@ -314,6 +314,19 @@ def test_offloaded_latent_model_generates_the_same_image():
     off.offload.remove()
 
 
+def test_offloaded_latent_model_at_an_odd_size():
+    """136x104 (latents 17x13, an odd U-Net level): the offloaded model (float64 fake device)
+    makes the plain model's image."""
+    model = tiny_model()
+    req = _req(steps=2, height=104, width=136)
+    ref = generate(model, req)
+    off = offload_latent_diffusion(model, "cpu", dtype=torch.float64)
+    out = generate(off, req)
+    off.offload.remove()
+    assert out.shape[-2:] == (104, 136)
+    torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
+
+
 # ---------------------------------------------------------------------------- VAE tiling
 
 

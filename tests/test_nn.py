@@ -152,6 +152,26 @@ def test_down_and_upsample():
     torch.testing.assert_close(up(x), ref)
 
 
+def test_odd_sides_halve_to_ceil_and_come_back():
+    """An odd side n: the stride-2 conv and the pooling give ceil(n / 2) (the pooling's last
+    window averages the one row it covers); upsampling to (n, m) is the 2x map cropped."""
+    x = torch.randn(1, 4, 7, 6)
+    assert Downsample(4)(x).shape == (1, 4, 4, 3)
+    pooled = Downsample(4, use_conv=False)(x)
+    torch.testing.assert_close(pooled[..., :3, :], F.avg_pool2d(x, 2))
+    torch.testing.assert_close(pooled[..., 3, :], (x[..., 6, 0::2] + x[..., 6, 1::2]) / 2)
+    plain = Upsample(4, use_conv=False)
+    small = torch.randn(1, 4, 4, 3)
+    doubled = small.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    assert torch.equal(plain(small, (7, 5)), doubled[..., :7, :5])
+    emb = torch.randn(1, 12)
+    up = jitter(ResBlock(4, 12, norm_groups=4, up=True), std=0.1)
+    down = ResBlock(4, 12, norm_groups=4, down=True)
+    assert down(x, emb).shape == (1, 4, 4, 3)
+    assert up(small, emb, (7, 6)).shape == (1, 4, 7, 6)
+    assert up(small, emb).shape == (1, 4, 8, 6)
+
+
 # ---------------------------------------------------------------- attention
 
 
@@ -353,22 +373,33 @@ def _naive_train_resblock(block: ResBlock, x, emb, groups):
 
 
 @needs_onednn
+@pytest.mark.parametrize("crop", [(0, 0), (1, 0), (0, 1), (1, 1)], ids=str)
 @pytest.mark.parametrize(("channels", "size", "channels_last"), [(8, 5, False), (6, 6, True)])
-def test_upsample_conv_phases_equal_upsample_then_conv(channels, size, channels_last):
-    """Nearest 2x upsampling + 3x3 conv == four interleaved 2x2 convs of the input."""
+def test_upsample_conv_phases_equal_upsample_then_conv(channels, size, channels_last, crop):
+    """Nearest upsampling (2x, or to one less row / column: a U-Net's odd skip) + 3x3 conv ==
+    four interleaved 2x2 convs of the input, minus the dropped row's / column's taps."""
     torch.manual_seed(0)
     up = Upsample(channels, channels + 1)
     x = torch.randn(2, channels, size, size + 3)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    ref = up.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+    out_size = (2 * size - crop[0], 2 * (size + 3) - crop[1])
+    ref = up.conv(F.interpolate(x, size=out_size, mode="nearest"))
     assert kernels.upsample_path(x.shape, up.conv.weight.shape) == "subpixel"
     with torch.no_grad():
-        direct = kernels.upsample_conv2d(x, up.conv.weight, up.conv.bias)
-        out = up(x)
+        direct = kernels.upsample_conv2d(x, up.conv.weight, up.conv.bias, out_size)
+        out = up(x, out_size)
+        with kernels.fast_kernels(False):
+            plain = up(x, out_size)
+    torch.testing.assert_close(plain, ref, rtol=0, atol=0)  # no fast path: the reference ops
     for y in (direct, out):
         assert y.shape == ref.shape
         torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
     assert out.is_contiguous(memory_format=torch.channels_last) == channels_last
+    if crop == (0, 0):
+        with torch.no_grad():
+            assert torch.equal(up(x, None), out) and torch.equal(up(x), out)
+    with pytest.raises(ValueError, match="cannot upsample"):
+        up(x, (2 * size + 1, 2 * size))
     # few pixels, many channels: upsample, then the im2col conv path
     assert kernels.upsample_path((1, 320, 2, 2), (320, 320, 3, 3)) == "upsample"

@@ -4,6 +4,7 @@ stage) on tiny configs, captions, and the one-line errors of their configs."""
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -219,6 +220,18 @@ def test_text_latent_model_must_fit_the_vae_and_text_encoder(tmp_path, tiny_vae_
     bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, in_channels=4))
     with pytest.raises(ConfigError, match="2 latent channels"):
         Trainer(bad)
+
+
+def test_text_latent_takes_a_unet_deeper_than_its_latents_halve_evenly(tmp_path, tiny_vae_file):
+    """8x8 digits -> 4x4 latents through four U-Net levels (4, 2, 1, 1): the U-Net takes any
+    size, so only the VAE's factor constrains data.image_size (once "a multiple of 16")."""
+    cfg = text_config(tmp_path / "run", tiny_vae_file, max_steps=1)
+    deep = dataclasses.replace(cfg.model, channel_mult=(1, 2, 2, 2))
+    losses = Trainer(dataclasses.replace(cfg, model=deep)).train().losses
+    assert len(losses) == 1 and math.isfinite(losses[0])
+    odd = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=7))
+    with pytest.raises(ConfigError, match="image_size = 7 must be a multiple of 2"):
+        Trainer(odd)
 
 
 @pytest.mark.parametrize("name", ["mnist_vae", "mnist_text"])

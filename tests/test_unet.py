@@ -19,7 +19,7 @@ from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
 from helpers import jitter
 from noisecraft.errors import ConfigError
 from noisecraft.models import UNet, UNetConfig
-from noisecraft.nn import SpatialTransformer
+from noisecraft.nn import SpatialTransformer, Upsample
 
 TINY = UNetConfig(
     in_channels=2,
@@ -64,14 +64,24 @@ def test_output_shapes_non_square(learn_sigma):
     assert model.config.output_channels == out.shape[1]
 
 
-def test_odd_sizes_raise_config_error():
-    model = UNet(UNetConfig(model_channels=8, channel_mult=(1, 2, 2), norm_groups=4))
-    with pytest.raises(ConfigError, match="multiples of 4"):
-        model(torch.randn(1, 1, 30, 28), torch.tensor([1]))
-    with pytest.raises(ConfigError, match="multiples of 4"):
-        model(torch.randn(1, 1, 28, 26), torch.tensor([1]))
-    with pytest.raises(ConfigError, match=r"\(batch, 1, height, width\)"):
-        model(torch.randn(1, 3, 28, 28), torch.tensor([1]))
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"channel_mult": (1, 2, 2, 2)},
+        {"channel_mult": (1, 2, 2), "resblock_updown": True, "use_scale_shift_norm": True},
+    ],
+)
+@pytest.mark.parametrize("size", [(13, 10), (12, 9), (7, 5), (1, 1), (30, 26)])
+def test_any_size_goes_through_every_level(overrides, size):
+    """Odd sides halve to ceil(n / 2) and the up path returns to each skip's size: the output
+    has the input's size at any depth (e.g. 13 -> 7 -> 4 -> 2 and back)."""
+    torch.manual_seed(0)
+    model = jitter(UNet(dataclasses.replace(TINY, **overrides)))
+    x = torch.randn(2, 2, *size)
+    assert model(x, torch.tensor([3, 500])).shape == x.shape
+    with pytest.raises(ConfigError, match=r"\(batch, 2, height, width\)"):
+        model(torch.randn(1, 3, *size), torch.tensor([1]))
 
 
 def test_timesteps_broadcast_fractional_and_channels_last():
@@ -122,11 +132,12 @@ def test_class_embedding_null_class():
         {"context_dim": 6, "transformer_depth": 2, "use_linear_projection": True},
     ],
 )
-def test_gradients_reach_every_parameter(overrides):
+@pytest.mark.parametrize("size", [(8, 8), (9, 7)])
+def test_gradients_reach_every_parameter(overrides, size):
     torch.manual_seed(0)
     cfg = dataclasses.replace(TINY, attention_levels=(0, 1), **overrides)
     model = jitter(UNet(cfg), freeze=False)
-    x, t = torch.randn(2, 2, 8, 8), torch.tensor([3.0, 250.5])
+    x, t = torch.randn(2, 2, *size), torch.tensor([3.0, 250.5])
     kw = {}
     if cfg.num_classes:
         kw["class_labels"] = torch.tensor([0, 3])
@@ -304,6 +315,139 @@ def test_cross_attention_unet_parity_with_diffusers(use_linear):
             mid_block_additional_residual=mid,
         ).sample
         torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def _sd_three_levels() -> tuple[UNetConfig, UNet2DConditionModel]:
+    cfg = UNetConfig(
+        in_channels=4,
+        out_channels=4,
+        model_channels=16,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=1,
+        attention_levels=(0,),
+        num_heads=2,
+        norm_groups=8,
+        context_dim=24,
+    )
+    ref = UNet2DConditionModel(
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(16, 32, 32),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=24,
+        attention_head_dim=2,
+        norm_num_groups=8,
+    )
+    return cfg, ref.eval()
+
+
+def _level_sizes(h: int, w: int, levels: int) -> list[tuple[int, int]]:
+    """Each level's size: a stride-2 conv with padding 1 halves n to ceil(n / 2)."""
+    sizes = [(h, w)]
+    for _ in range(levels - 1):
+        sizes.append((-(-sizes[-1][0] // 2), -(-sizes[-1][1] // 2)))
+    return sizes
+
+
+# (13, 10): levels 13x10, 7x5, 4x3 -- odd heights at levels 0 and 1, an odd width at level 1
+# (12, 9): 12x9, 6x5, 3x3 -- even heights, odd widths; (5, 3): 5x3, 3x2, 2x1; (16, 12): even
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-kernels", "reference-ops"])
+@pytest.mark.parametrize("size", [(13, 10), (12, 9), (5, 3), (16, 12)])
+def test_cross_attention_unet_parity_with_diffusers_at_any_size(size, fast):
+    """diffusers upsamples to the skip's size where a level is odd (``forward_upsample_size``);
+    so must we, with the fused sub-pixel upsampling kernel and with the reference ops."""
+    from noisecraft.nn.kernels import fast_kernels
+
+    torch.manual_seed(0)
+    cfg, ref = _sd_three_levels()
+    ours = jitter(UNet(cfg), freeze=False)
+    ref.load_state_dict(_to_diffusers(ours, 1), strict=True)
+    levels = _level_sizes(*size, 3)
+    x, t, ctx = torch.randn(2, 4, *size), torch.tensor([10.0, 500.5]), torch.randn(2, 7, 24)
+    # skips: conv_in + 1 per level at full size, then each downsample's output at the next
+    skip_levels = [0, 0, 1, 1, 2, 2]
+    res = [
+        torch.randn(2, c, *levels[lv]) * 0.1
+        for c, lv in zip(ours.skip_channels, skip_levels, strict=True)
+    ]
+    mid = torch.randn(2, 32, *levels[2]) * 0.1
+    with torch.no_grad(), fast_kernels(fast):
+        got = ours(x, t, context=ctx, down_residuals=res, mid_residual=mid)
+        want = ref(
+            x,
+            t,
+            encoder_hidden_states=ctx,
+            down_block_additional_residuals=tuple(res),
+            mid_block_additional_residual=mid,
+        ).sample
+        assert got.shape == x.shape
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            ours(x, t, context=ctx), ref(x, t, encoder_hidden_states=ctx).sample, atol=1e-4, rtol=0
+        )
+
+
+def _diffusers_pixel_forward(ref: UNet2DModel, x, t, y) -> torch.Tensor:
+    """``UNet2DModel.forward`` with every upsampler returning to the next skip's size, as
+    ``UNet2DConditionModel`` does (``forward_upsample_size``); UNet2DModel itself only
+    doubles, so it cannot take odd sizes."""
+    emb = ref.time_embedding(ref.time_proj(t).to(x.dtype)) + ref.class_embedding(y)
+    h = ref.conv_in(x)
+    skips = [h]
+    for block in ref.down_blocks:
+        h, res = block(hidden_states=h, temb=emb)
+        skips += res
+    h = ref.mid_block(h, emb)
+    for block in ref.up_blocks:
+        attentions = getattr(block, "attentions", [None] * len(block.resnets))
+        for resnet, attn in zip(block.resnets, attentions, strict=True):
+            h = resnet(torch.cat([h, skips.pop()], dim=1), emb)
+            h = h if attn is None else attn(h)
+        if block.upsamplers is not None:
+            h = block.upsamplers[0](h, skips[-1].shape[-2:])
+    return ref.conv_out(ref.conv_act(ref.conv_norm_out(h)))
+
+
+def test_pixel_unet_at_odd_sizes_matches_diffusers_blocks():
+    """Pixel U-Nets take any size too: our class-conditional pixel U-Net against diffusers'
+    UNet2DModel blocks driven with the skip sizes (checked first against UNet2DModel itself
+    at an even size). 11x9: levels 11x9, 6x5, 3x3."""
+    torch.manual_seed(0)
+    ours = jitter(UNet(PIXEL), freeze=False)
+    ref = _diffusers_pixel().eval()
+    ref.load_state_dict(_pixel_to_diffusers(ours), strict=True)
+    t, y = torch.tensor([10.0, 500.5]), torch.tensor([0, 10])
+    with torch.no_grad():
+        x = torch.randn(2, 3, 16, 12)
+        torch.testing.assert_close(
+            _diffusers_pixel_forward(ref, x, t, y), ref(x, t, class_labels=y).sample
+        )
+        for size in [(11, 9), (6, 7)]:
+            x = torch.randn(2, 3, *size)
+            got = ours(x, t, y)
+            assert got.shape == (2, 2, *size)
+            torch.testing.assert_close(
+                got, _diffusers_pixel_forward(ref, x, t, y), atol=1e-4, rtol=0
+            )
+
+
+def test_stable_diffusion_unet_takes_1360x768():
+    """SD 1.5's U-Net on the meta device (shapes only) at 1360x768: latents 170x96 go down
+    through 85x48, 43x24 and 22x12, and each upsampling returns to its skip's size (once
+    refused: not a multiple of 64)."""
+    with torch.device("meta"):
+        unet = UNet(UNetConfig.sd15())
+        ups = []
+        for block in unet.output_blocks:
+            if isinstance(block[-1], Upsample):
+                block[-1].register_forward_hook(lambda m, i, o: ups.append(tuple(o.shape[-2:])))
+        out = unet(
+            torch.randn(2, 4, 96, 170), torch.tensor([1.0, 2.0]), context=torch.randn(2, 77, 768)
+        )
+    assert out.shape == (2, 4, 96, 170)
+    assert ups == [(24, 43), (48, 85), (96, 170)]
 
 
 @pytest.mark.parametrize("version", ["sd15", "sd2"])

@@ -25,7 +25,7 @@ from noisecraft.models.vae import (
     from_diffusers_state_dict,
     to_diffusers_state_dict,
 )
-from noisecraft.models.vae_tiling import tile_starts, tiled_decode, tiled_encode
+from noisecraft.models.vae_tiling import decode_latents, tile_starts, tiled_decode, tiled_encode
 from noisecraft.training.vae_loss import (
     VAELoss,
     VAELossConfig,
@@ -445,6 +445,33 @@ def test_tiled_decode_close_to_untiled():
     err = (tiled - full).abs()
     assert float(err.max()) < 0.15 * span and float(err.mean()) < 0.02 * span
     assert float(err.mean()) < float((hard - full).abs().mean())
+
+
+def test_odd_latent_sizes_decode_whole_and_in_tiles():
+    """A U-Net now takes any latent size, so the VAE gets odd ones (SD: a side of 8 x an odd
+    number). Whole: encode and decode equal diffusers' at 7x5 latents; tiled: 47x45 latents
+    (uneven tile starts) decode close to the untiled image, as even ones do."""
+    ours = _vae(TINY)
+    ref = _diffusers_vae(TINY).eval()
+    ref.load_state_dict(ours.to_diffusers_state_dict(), strict=True)
+    x = torch.rand(1, 3, 14, 10, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    z = torch.randn(1, 4, 7, 5, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        post = ours.encode(x)
+        assert post.mean.shape == (1, 4, 7, 5)
+        torch.testing.assert_close(post.mean, ref.encode(x).latent_dist.mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ours.decode(z), ref.decode(z).sample, atol=1e-5, rtol=0)
+    vae = _vae(SMALL)
+    z = torch.randn(1, 4, 47, 45, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = vae.decode(z)
+        tiled = tiled_decode(vae, z, tile_latent=24, overlap_latent=8)
+        forced = decode_latents(vae, vae.scale_latents(z), tiled=True)  # forced_tile: 32
+    assert tiled.shape == forced.shape == full.shape == (1, 3, 94, 90)
+    span = float(full.max() - full.min())
+    for out in (tiled, forced):
+        err = (out - full).abs()
+        assert float(err.max()) < 0.15 * span and float(err.mean()) < 0.02 * span
 
 
 def test_tiled_encode_close_to_untiled():

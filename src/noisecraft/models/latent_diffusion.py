@@ -164,10 +164,6 @@ class LatentDiffusion:
         return self.vae.config.downsample_factor
 
     @property
-    def size_multiple(self) -> int:
-        return self.unet.config.size_multiple
-
-    @property
     def per_image_seeds(self) -> bool:
         return True
 

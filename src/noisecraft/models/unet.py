@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -37,7 +37,8 @@ class UNetConfig:
     """Size and conditioning of a :class:`UNet`; JSON-able through ``to_dict`` / ``from_dict``.
 
     * ``channel_mult[i] * model_channels`` channels at level ``i``; level ``i`` works at
-      ``1 / 2**i`` of the input size, so inputs must be multiples of ``2**(levels - 1)``.
+      ``1 / 2**i`` of the input size, rounded up: any input size goes (an odd side ``n``
+      halves to ``ceil(n / 2)``, and the up path returns to each skip connection's size).
     * ``attention_levels``: indices into ``channel_mult`` of the levels with attention
       (0 = full resolution). The middle block always has attention.
     * Heads: ``head_channels != -1`` takes precedence and gives ``channels // head_channels``
@@ -115,11 +116,6 @@ class UNetConfig:
             raise ConfigError(f"UNetConfig.dropout must be in [0, 1), got {self.dropout!r}")
 
     @property
-    def size_multiple(self) -> int:
-        """Height and width of inputs must be multiples of this (``2**(levels - 1)``)."""
-        return 2 ** (len(self.channel_mult) - 1)
-
-    @property
     def output_channels(self) -> int:
         """Channels of the network output: ``out_channels``, doubled with ``learn_sigma``."""
         return self.out_channels * (2 if self.learn_sigma else 1)
@@ -162,17 +158,49 @@ class UNetConfig:
 
 
 class EmbedSequential(nn.Sequential):
-    """``nn.Sequential`` that hands the embedding to ResBlocks and ``context`` to transformers."""
+    """``nn.Sequential`` that hands the embedding to ResBlocks, ``context`` to transformers
+    and the output ``size`` (height, width) to upsampling layers (None = 2x)."""
 
-    def forward(self, x: Tensor, emb: Tensor, context: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        emb: Tensor,
+        context: Tensor | None = None,
+        size: tuple[int, int] | None = None,
+    ) -> Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
-                x = layer(x, emb)
+                x = layer(x, emb, size)
             elif isinstance(layer, SpatialTransformer):
                 x = layer(x, context)
+            elif isinstance(layer, Upsample):
+                x = layer(x, size)
             else:
                 x = layer(x)
         return x
+
+
+class FeatureCache(Protocol):
+    """A hook into :meth:`UNet.forward`'s block loop that reuses a deep feature across calls
+    (DeepCache, Ma et al. 2023; :mod:`noisecraft.pipelines.deepcache` implements it).
+
+    With ``branch`` = b and ``K`` input blocks, a *shallow* call runs only input blocks
+    ``0..b-1`` (their outputs are the skips it needs), then output blocks ``K-b..K-1`` on the
+    cached feature and the output head; a *full* call runs everything and hands the cache the
+    feature entering output block ``K-b``.
+    """
+
+    @property
+    def branch(self) -> int: ...
+
+    def reuse(self, x: Tensor) -> Tensor | None:
+        """Called once per forward, before any block runs, with its input: the feature to
+        reuse (a shallow call) or None (a full call, which then calls :meth:`store`)."""
+        ...
+
+    def store(self, feature: Tensor) -> None:
+        """On a full call: the feature entering output block ``K - branch``."""
+        ...
 
 
 class UNet(nn.Module):
@@ -264,13 +292,8 @@ class UNet(nn.Module):
             raise ConfigError(
                 f"U-Net input must be (batch, {c.in_channels}, height, width), got {tuple(x.shape)}"
             )
-        m = c.size_multiple
-        h, w = x.shape[-2:]
-        if h % m or w % m:
-            raise ConfigError(
-                f"image size {h}x{w} does not fit this U-Net: height and width must be "
-                f"multiples of {m}; resize or pad the image"
-            )
+        if min(x.shape[-2:]) < 1:
+            raise ConfigError(f"U-Net input {tuple(x.shape)} is empty: give height and width")
         if class_labels is not None and c.num_classes is None:
             raise ConfigError("this U-Net is unconditional: pass no class labels")
         if c.context_dim is not None and context is None:
@@ -321,6 +344,7 @@ class UNet(nn.Module):
         *,
         down_residuals: Sequence[Tensor] | None = None,
         mid_residual: Tensor | None = None,
+        cache: FeatureCache | None = None,
     ) -> Tensor:
         """Predict from noisy ``x`` (B, C, H, W) at timesteps ``t`` (B,) or 0-d, maybe fractional.
 
@@ -328,22 +352,42 @@ class UNet(nn.Module):
         class-conditional model mean the null class. ``context`` (B, L, context_dim) for
         cross-attention. ``down_residuals`` (one per skip, shapes from ``skip_channels``) and
         ``mid_residual`` are added to the skips and the middle output (ControlNet).
+
+        Any height and width: each upsampling returns to the size of the skip connection it
+        is concatenated with (diffusers' ``forward_upsample_size``).
+
+        ``cache``: a :class:`FeatureCache` that may turn this call into a shallow one; then
+        only the residuals of the skips that the shallow branch uses are added (the deep ones
+        and ``mid_residual`` act through the cached feature).
         """
         self._check(x, class_labels, context)
+        k = len(self.input_blocks)
+        if down_residuals is not None and len(down_residuals) != k:
+            raise ConfigError(f"expected {k} down residuals, got {len(down_residuals)}")
+        branch = k if cache is None else cache.branch
+        if cache is not None and not 1 <= branch < k:
+            raise ConfigError(f"feature cache branch {branch} does not fit: choose 1..{k - 1}")
         emb = self.embedding(x, t, class_labels)
+        feature = None if cache is None else cache.reuse(x)
 
         hs = []
         h = x
-        for block in self.input_blocks:
+        for block in self.input_blocks if feature is None else self.input_blocks[:branch]:
             h = block(h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb, context)
-        if down_residuals is not None:
-            if len(down_residuals) != len(hs):
-                raise ConfigError(f"expected {len(hs)} down residuals, got {len(down_residuals)}")
-            hs = [a + r for a, r in zip(hs, down_residuals, strict=True)]
-        if mid_residual is not None:
-            h = h + mid_residual
-        for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
+        if down_residuals is not None:  # on a shallow call, the first ``branch`` only
+            hs = [a + r for a, r in zip(hs, down_residuals, strict=False)]
+        if feature is None:
+            h = self.middle_block(h, emb, context)
+            if mid_residual is not None:
+                h = h + mid_residual
+            first = 0
+        else:
+            h, first = feature, k - branch
+        for j in range(first, k):
+            if cache is not None and feature is None and j == k - branch:
+                cache.store(h)
+            skip = hs.pop()
+            size = hs[-1].shape[-2:] if hs else None  # where a level ends: the next skip's
+            h = self.output_blocks[j](torch.cat([h, skip], dim=1), emb, context, size)
         return self.out(h)

@@ -19,7 +19,7 @@ reads the request (prompts or class labels) and calls the model:
 - ``preview(denoised, mode)``: a cheap RGB picture of an x0 estimate, for progress previews;
 - ``c_skip(sigma)``: ``a`` in ``x0 = a x + b * output`` (for guidance rescale);
 - attributes ``schedule``, ``device``, ``x0_range``, ``downsample_factor``,
-  ``size_multiple``, ``per_image_seeds``, ``inpaint_unet``, ``tiny_decoder`` and
+  ``per_image_seeds``, ``inpaint_unet``, ``tiny_decoder`` and
   ``check_request(request)`` for the family's own one-line errors.
 
 The models stay free of requests: models/ never imports pipelines/.
@@ -64,9 +64,6 @@ class DiffusionModel(Protocol):
 
     @property
     def downsample_factor(self) -> int: ...
-
-    @property
-    def size_multiple(self) -> int: ...
 
     @property
     def per_image_seeds(self) -> bool: ...
@@ -133,10 +130,6 @@ class PixelModel:
     @property
     def image_channels(self) -> int:
         return self.model.unet.config.in_channels
-
-    @property
-    def size_multiple(self) -> int:
-        return self.model.unet.config.size_multiple
 
     def check_request(self, request: GenerateRequest) -> None:
         if request.clip_skip is not None:
@@ -213,7 +206,6 @@ class LatentModel:
     default_size = property(lambda self: self.model.default_size)
     image_channels = property(lambda self: self.model.image_channels)
     downsample_factor = property(lambda self: self.model.downsample_factor)
-    size_multiple = property(lambda self: self.model.size_multiple)
     inpaint_unet = property(lambda self: self.model.inpaint_unet)
 
     def denoiser(self, spacing: str) -> Denoiser:

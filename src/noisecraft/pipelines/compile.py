@@ -10,8 +10,9 @@ switch (``noisecraft generate --compile``), off by default.
 the compiled graph; the module, its type and its state dict stay as they are), one static
 graph per input shape. On the CPU it turns on inductor's ``freezing`` (weights folded into the
 graph as constants and pre-packed for oneDNN), without which the compiled U-Net's linear layers
-run 2.3x slower (measured with ``bench/sd_speed.py --compile``). Calls that bypass
-``unet.forward`` (DeepCache's shallow calls, ControlNet's blocks) stay eager.
+run 2.3x slower (measured with ``bench/sd_speed.py --compile``). Any image size compiles (one
+graph per size; odd U-Net levels included). DeepCache is refused with it: its feature cache
+changes which blocks ``UNet.forward`` runs from call to call.
 """
 
 from __future__ import annotations

@@ -23,9 +23,11 @@ batch or size) is a full pass and restarts the count.
 to the full U-Net. ``interval = 1`` runs the full U-Net on every call and gives exactly the
 plain U-Net's output.
 
-The U-Net itself is not changed: :func:`deepcache_forward` calls its blocks (the same loop as
-:meth:`~noisecraft.models.unet.UNet.forward`), and :func:`deepcache` installs it for the
-duration of a ``with`` block (one sampling run), as an instance attribute over ``forward``.
+The U-Net runs its own block loop: :class:`DeepCacheState` is the
+:class:`~noisecraft.models.unet.FeatureCache` that ``UNet.forward(..., cache=state)`` asks,
+once per call, whether to run shallow (and with which feature), and hands the deep feature of
+each full call. :func:`deepcache` passes a fresh state to every call of the U-Net for the
+duration of a ``with`` block (one sampling run), through a forward pre-hook.
 """
 
 from __future__ import annotations
@@ -33,10 +35,9 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
 
-import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from noisecraft.errors import ConfigError
 from noisecraft.models.unet import UNet
@@ -69,10 +70,40 @@ class DeepCacheState:
     since_full: int = 0
     feature: Tensor | None = field(default=None, repr=False)
     key: tuple | None = None
+    _pending: tuple | None = field(default=None, repr=False)
 
     @property
     def shallow_calls(self) -> int:
         return self.calls - self.full_calls
+
+    @property
+    def branch(self) -> int:
+        return self.config.branch
+
+    def reuse(self, x: Tensor) -> Tensor | None:
+        """Count this call; the cached feature if it is a shallow one, else None (a full
+        call: the first, one whose input has another shape / dtype / device than the cached
+        feature's, and every ``interval``-th)."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        full = (
+            self.config.interval == 1
+            or self.feature is None
+            or self.key != key
+            or self.since_full + 1 >= self.config.interval
+        )
+        self.calls += 1
+        if full:
+            self.full_calls += 1
+            self.since_full = 0
+            self._pending = key
+            return None
+        self.since_full += 1
+        return self.feature
+
+    def store(self, feature: Tensor) -> None:
+        """Keep the deep feature of a full call (not with ``interval`` 1: never reused)."""
+        if self.config.interval > 1:
+            self.feature, self.key = feature, self._pending
 
 
 def check_branch(unet: UNet, branch: int) -> None:
@@ -96,74 +127,53 @@ def deepcache_forward(
     down_residuals: Sequence[Tensor] | None = None,
     mid_residual: Tensor | None = None,
 ) -> Tensor:
-    """:meth:`UNet.forward` with DeepCache (module docstring); same arguments and output.
+    """``unet(...)`` with DeepCache (module docstring): ``UNet.forward`` with ``cache=state``.
 
     ControlNet residuals: on shallow calls only the residuals of the skips that the branch
     uses are added (the deep ones and ``mid_residual`` act through the cached feature)."""
-    unet._check(x, class_labels, context)
-    cfg = state.config
-    b = cfg.branch
-    check_branch(unet, b)
-    emb = unet.embedding(x, t, class_labels)
-    k = len(unet.input_blocks)
-    key = (tuple(x.shape), x.dtype, x.device)
-    full = (
-        cfg.interval == 1
-        or state.feature is None
-        or state.key != key
-        or state.since_full + 1 >= cfg.interval
+    check_branch(unet, state.config.branch)
+    return unet(
+        x,
+        t,
+        class_labels,
+        context,
+        down_residuals=down_residuals,
+        mid_residual=mid_residual,
+        cache=state,
     )
-    state.calls += 1
-    state.since_full = 0 if full else state.since_full + 1
-    if down_residuals is not None and len(down_residuals) != k:
-        raise ConfigError(f"expected {k} down residuals, got {len(down_residuals)}")
 
-    hs = []
-    h = x
-    blocks = unet.input_blocks if full else unet.input_blocks[:b]
-    for block in blocks:
-        h = block(h, emb, context)
-        hs.append(h)
-    if down_residuals is not None:
-        hs = [a + r for a, r in zip(hs, down_residuals, strict=False)]
-    if full:
-        state.full_calls += 1
-        h = unet.middle_block(h, emb, context)
-        if mid_residual is not None:
-            h = h + mid_residual
-        for block in unet.output_blocks[: k - b]:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
-        if cfg.interval > 1:
-            state.feature, state.key = h, key
-    else:
-        h = state.feature
-    for block in unet.output_blocks[k - b :]:
-        h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
-    return unet.out(h)
+
+class _PassCache:
+    """Forward pre-hook that gives every call of the U-Net ``cache=state`` (unless the call
+    names a cache itself)."""
+
+    def __init__(self, state: DeepCacheState):
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        return args, {"cache": self.state, **kwargs}
 
 
 @contextmanager
 def deepcache(unet: UNet, config: DeepCacheConfig) -> Iterator[DeepCacheState]:
-    """Within the block, ``unet(...)`` runs :func:`deepcache_forward` with a fresh state
-    (yielded, to read the call counts); the plain forward is restored on exit."""
+    """Within the block, every ``unet(...)`` call gets ``cache=state``, one fresh
+    :class:`DeepCacheState` for the block (yielded, to read the call counts); on exit the
+    hook is removed and the cached feature dropped."""
     check_branch(unet, config.branch)
     if is_compiled(unet):
         raise ConfigError(
-            "--fast (DeepCache) and --compile do not mix: DeepCache calls the U-Net's blocks "
-            "directly, so the compiled forward would never run; drop one of them"
+            "@fast (DeepCache) and @compile do not mix: DeepCache changes which U-Net "
+            "blocks run from call to call, which a compiled graph does not follow; drop one",
+            settings=["fast", "compile"],
         )
-    if "forward" in vars(unet):
+    if any(isinstance(h, _PassCache) for h in unet._forward_pre_hooks.values()):
         raise ConfigError("this U-Net already runs with DeepCache (nested deepcache blocks)")
     state = DeepCacheState(config)
-
-    def forward(*args: Any, **kwargs: Any) -> Tensor:
-        return deepcache_forward(unet, state, *args, **kwargs)
-
-    unet.forward = forward  # type: ignore[method-assign]
+    handle: RemovableHandle = unet.register_forward_pre_hook(_PassCache(state), with_kwargs=True)
     try:
         yield state
     finally:
-        del unet.forward
+        handle.remove()
         state.feature = None
 
 

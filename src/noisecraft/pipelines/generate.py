@@ -74,7 +74,7 @@ class GenerateRequest:
     * ``seeds``: one seed per image; None = ``seed + i`` for image ``i`` (latent models) or the
       whole-batch rule of pixel models (module docstring).
     * ``width`` / ``height``: image size; None = the init image's size, else the model's.
-      Latent models need multiples of the VAE factor (8) times the U-Net's own multiple.
+      Latent models need multiples of the VAE factor (8 for SD); the U-Net takes any size.
     * ``init_image``: (1 or n, C, H, W) in [-1, 1] for img2img / inpainting.
     * ``strength``: img2img denoising strength in [0, 1]; None = 0.8 for img2img, 1.0 for
       inpainting. Steps run = ``int(steps * strength)`` (diffusers' ``get_timesteps``).
@@ -256,12 +256,6 @@ def _check_size(m: DiffusionModel, height: int, width: int) -> None:
         raise ConfigError(
             f"size {width}x{height} is not a multiple of {f} (the VAE's downsampling factor); "
             f"choose a width and height divisible by {f}"
-        )
-    k = f * m.size_multiple
-    if height % k or width % k:
-        raise ConfigError(
-            f"size {width}x{height}: this model needs width and height that are multiples "
-            f"of {k}" + (f" ({f} for the VAE x {m.size_multiple} for the U-Net)" if f > 1 else "")
         )
 
 

@@ -650,7 +650,7 @@ def probe_prediction(unet: UNet, context: Tensor, *, num_steps: int = 1000) -> t
     models trained here.) Inpainting U-Nets get a full mask and empty masked-image latents.
     """
     c = unet.config
-    size = max(8, 2 * c.size_multiple)
+    size = max(8, 2 ** len(c.channel_mult))  # the deepest level 2x2 (SD: 16x16 latents)
     param = next(unet.parameters())
     g = torch.Generator().manual_seed(0)
     x = torch.randn((1, c.out_channels, size, size), generator=g)

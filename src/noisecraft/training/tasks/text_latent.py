@@ -149,10 +149,9 @@ class TextLatentTask(TimestepSamplerState):
                 f"{c}; set data.channels = {v.in_channels}"
             )
         f = v.downsample_factor
-        if size % f or (size // f) % m.size_multiple:
+        if size % f:
             raise ConfigError(
-                f"data.image_size = {size} must be a multiple of {f * m.size_multiple} "
-                f"({f} for the VAE x {m.size_multiple} for the U-Net's levels)"
+                f"data.image_size = {size} must be a multiple of {f}, the VAE's downsampling factor"
             )
         if m.in_channels != v.z_channels or m.out_channels != v.z_channels:
             raise ConfigError(
