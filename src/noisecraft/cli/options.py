@@ -89,7 +89,9 @@ Schedule = Annotated[
         "trailing; default: the sampler's own",
     ),
 ]
-Size = Annotated[str | None, typer.Option(help="WIDTHxHEIGHT, multiples of 8")]
+Size = Annotated[
+    str | None, typer.Option(help="WIDTHxHEIGHT, multiples of the VAE factor (8 for SD)")
+]
 Init = Annotated[Path | None, typer.Option("--init", help="init image for img2img / inpainting")]
 Strength = Annotated[
     float | None, typer.Option(help="img2img strength in [0, 1] (default 0.8; inpainting 1)")
