@@ -216,6 +216,23 @@ def test_errors_name_the_setting_and_the_cli_shows_the_flag(files, pipe, tmp_pat
     assert not list(tmp_path.iterdir())  # nothing written
 
 
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"seed": 2**64}, r"seed must be in \[0, 2\^64\)"),
+        ({"seed": -2}, r"seed must be in \[0, 2\^64\)"),
+        ({"seed": "7"}, "seed must be an integer"),
+        ({"cfg": float("nan")}, "cfg must be a finite number"),
+        ({"cfg": float("inf")}, "cfg must be a finite number"),
+        ({"n": 1.5}, "n must be an integer"),
+        ({"steps": "3"}, "steps must be an integer"),
+    ],
+)
+def test_bad_numbers_are_refused_before_any_work(pipe, settings, match):
+    with pytest.raises(ConfigError, match=match):
+        pipe("a cat", **settings)
+
+
 def test_replay_of_img2img_needs_the_init_image(files, pipe):
     made = pipe("a cat", init_image=files / "init.png", strength=0.5, **COMMON)
     with pytest.raises(ConfigError, match="made by img2img.*give the same init_image"):

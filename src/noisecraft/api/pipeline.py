@@ -146,7 +146,7 @@ class Pipeline:
             cfg=d["cfg"] if cfg is None else cfg,
             classes=_classes(class_label, n),
             seed=seed,
-            seeds=[seed + i for i in range(n)] if _is_int(n) and n >= 1 else None,
+            seeds=[seed + i for i in range(n)] if _is_int(n) and n >= 1 and _is_int(seed) else None,
             eta=eta,
             prompts=prompts,
             negative_prompt=negative_prompt,
@@ -303,11 +303,9 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _seed(seed: Any) -> int:
-    """``seed`` as an int; -1 = a random seed (A1111's convention)."""
-    if not _is_int(seed):
-        raise ConfigError(f"@seed must be an integer, got {seed!r}", settings=["seed"])
-    return random.randrange(RANDOM_SEED_RANGE) if seed == -1 else seed
+def _seed(seed: Any) -> Any:
+    """-1 = a random seed (A1111's convention); any other value is checked by the request."""
+    return random.randrange(RANDOM_SEED_RANGE) if _is_int(seed) and seed == -1 else seed
 
 
 def _classes(class_label: int | Sequence[int] | None, n: Any) -> list[int] | None:

@@ -26,6 +26,7 @@ keep noisecraft's original rule: one generator seeded with ``seed`` draws the no
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -177,10 +178,14 @@ class GenerateRequest:
         diffusers = self.diffusers_sampling()
         if diffusers is not None:
             diffusers.sampler_options(m.schedule, eta=self.eta)  # eta only where diffusers has it
-        if self.n < 1:
-            raise ConfigError(f"@n must be at least 1, got {self.n}", settings=["n"])
-        if self.steps < 1:
-            raise ConfigError(f"@steps must be at least 1, got {self.steps}", settings=["steps"])
+        _check_int("n", self.n, 1)
+        _check_int("steps", self.steps, 1)
+        for seed in self.image_seeds() if self.seeds is not None else [self.seed]:
+            _check_int("seed", seed, 0, 2**64)
+        if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)):
+            raise ConfigError(f"@cfg must be a number, got {self.cfg!r}", settings=["cfg"])
+        if not math.isfinite(self.cfg):
+            raise ConfigError(f"@cfg must be a finite number, got {self.cfg}", settings=["cfg"])
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
@@ -229,6 +234,16 @@ class GenerateRequest:
             _image_batch(self.init_image, m.image_channels, height, width, self.n, "init image")
         if self.mask is not None:
             _mask_batch(self.mask, height, width, self.n)
+
+
+def _check_int(setting: str, value: Any, lo: int, hi: int | None = None) -> None:
+    """A one-line error unless ``value`` is an integer in [lo, hi)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"@{setting} must be an integer, got {value!r}", settings=[setting])
+    if value < lo or (hi is not None and value >= hi):
+        top = "2^64" if hi == 2**64 else hi
+        bound = f"at least {lo}" if hi is None else f"in [{lo}, {top})"
+        raise ConfigError(f"@{setting} must be {bound}, got {value}", settings=[setting])
 
 
 def img2img_start(steps: int, strength: float) -> int:
