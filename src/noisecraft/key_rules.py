@@ -118,7 +118,7 @@ class _Pattern:
 
     text: str
     pieces: tuple[tuple[bool, str], ...]  # (is_field, literal text or field name)
-    regex: re.Pattern[str]
+    regex: re.Pattern[str] | None  # None for a literal key
     fields: frozenset[str]
     bucket: str  # literal text before the first field, up to its last "." (index key)
 
@@ -153,8 +153,10 @@ def _compile(text: str, regexes: Mapping[str, str]) -> _Pattern:
     if pos < len(text):
         pieces.append((False, text[pos:]))
         parts.append(re.escape(text[pos:]))
-    head = text if not names else text[: text.index("{")]
-    bucket = head if not names else head[: head.rfind(".") + 1]
+    if not names:
+        return _Pattern(text, tuple(pieces), None, frozenset(), text)
+    head = text[: text.index("{")]
+    bucket = head[: head.rfind(".") + 1]
     return _Pattern(text, tuple(pieces), re.compile("".join(parts)), frozenset(names), bucket)
 
 
@@ -251,7 +253,7 @@ class _Index:
             for i, pattern, r in self.buckets.get(key[:start], ()):
                 if i >= best_i:
                     break
-                m = pattern.regex.fullmatch(key)
+                m = pattern.regex.fullmatch(key)  # type: ignore[union-attr]
                 if m is not None:
                     best_i, best = i, (r, m.groupdict())
                     break
@@ -343,6 +345,9 @@ def _apply(table: Table, state_dict: Mapping[str, Tensor], *, reading: bool) -> 
         assert target is not None
         t = r.transform
         if isinstance(t, Split) and reading:
+            if value.ndim <= t.dim or value.shape[t.dim] % len(t.parts):
+                unmapped.add(key)  # cannot hold the parts
+                continue
             for part, piece in zip(t.parts, t.split(value), strict=True):
                 out.append((key, target.write({**values, t.field: part}), piece))
         elif isinstance(t, Split):
