@@ -42,10 +42,10 @@ from noisecraft.models.prompt_weights import BREAK, parse_prompt_attention
 from noisecraft.models.tokenizer_files import (
     DEFAULT_VOCAB_ASSET,
     OPENAI_NUM_MERGES,
-    configured_pad_token,
     default_vocab,
     parse_bpe_gz,
     read_vocab_files,
+    special_token,
     write_vocab_files,
 )
 from noisecraft.models.tokenizer_text import (
@@ -193,7 +193,7 @@ class CLIPTokenizer:
             )
         vocab, merges = read_vocab_files(folder / "vocab.json", folder / "merges.txt")
         if "pad_token_id" not in kwargs:
-            pad = configured_pad_token(folder)
+            pad = special_token(folder, "pad_token")
             if pad is not None and pad in vocab:
                 kwargs["pad_token_id"] = vocab[pad]
         return cls(vocab, merges, **kwargs)

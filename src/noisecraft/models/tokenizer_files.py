@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_VOCAB_ASSET",
     "OPENAI_NUM_MERGES",
-    "configured_pad_token",
     "default_vocab",
     "parse_bpe_gz",
     "read_vocab_files",
+    "special_token",
     "write_vocab_files",
 ]
 
@@ -116,20 +116,21 @@ def default_vocab() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str],
     return parse_bpe_gz(data, DEFAULT_VOCAB_ASSET, OPENAI_NUM_MERGES)
 
 
-def configured_pad_token(folder: Path) -> str | None:
-    """The pad token named by a transformers tokenizer folder, if any."""
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = folder / name
+def special_token(folder: Path, name: str) -> str | None:
+    """The special token ``name`` (``"pad_token"``, ``"bos_token"``, ...) that a transformers
+    tokenizer folder names in ``special_tokens_map.json`` or ``tokenizer_config.json``."""
+    for file in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = folder / file
         if not path.is_file():
             continue
         try:
-            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
+            value = json.loads(path.read_text(encoding="utf-8")).get(name)
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
             continue
-        if isinstance(pad, dict):
-            pad = pad.get("content")
-        if isinstance(pad, str):
-            return pad
+        if isinstance(value, dict):
+            value = value.get("content")
+        if isinstance(value, str):
+            return value
     return None
 
 

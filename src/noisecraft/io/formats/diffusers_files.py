@@ -1,18 +1,13 @@
-"""The files of a diffusers folder: JSON configs, each part's weights (``.safetensors`` or
-``.bin``, variants such as ``fp16``, sharded with an index), and a folder written atomically.
-
-``.bin`` files are read with ``torch.load(weights_only=True)`` only.
+"""The files of a diffusers folder: JSON configs and each part's weights (``.safetensors`` or
+``.bin``, variants such as ``fp16``, sharded with an index). ``.bin`` files are read with
+``torch.load(weights_only=True)`` only. The folder itself is written atomically by
+:func:`noisecraft.io.atomic.atomic_folder`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import pickle
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +24,6 @@ __all__ = [
     "one_line",
     "read_json",
     "read_weights",
-    "staging_folder",
     "write_json",
 ]
 
@@ -124,37 +118,3 @@ def _load_tensors(path: Path) -> dict[str, Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise CheckpointError(f"{path} does not hold a state dict of tensors")
     return state
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-@contextlib.contextmanager
-def staging_folder(path: Path) -> Iterator[Path]:
-    """A temporary folder beside ``path``, renamed onto ``path`` on success.
-
-    A directory cannot be renamed over a non-empty one, so an existing ``path`` is first
-    moved aside, then removed once the new folder is in place (restored if that fails).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would not
-    try:
-        yield tmp
-        if path.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-            os.replace(path, old / "folder")
-            try:
-                os.replace(tmp, path)
-            except OSError:
-                os.replace(old / "folder", path)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)

@@ -9,31 +9,15 @@ Written: the transformers 4 files, which both versions read.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 from typing import Any
 
 from noisecraft.errors import CheckpointError, NoisecraftError
 from noisecraft.io.formats.diffusers_files import read_json, write_json
 from noisecraft.models.tokenizer import CLIPTokenizer
+from noisecraft.models.tokenizer_files import special_token
 
 __all__ = ["read_tokenizer", "write_tokenizer"]
-
-
-def _special_token(folder: Path, name: str) -> str | None:
-    for file in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = folder / file
-        if not path.is_file():
-            continue
-        try:
-            value = json.loads(path.read_text(encoding="utf-8")).get(name)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(value, dict):
-            value = value.get("content")
-        if isinstance(value, str):
-            return value
-    return None
 
 
 def read_tokenizer(folder: Path, max_positions: int) -> CLIPTokenizer:
@@ -44,7 +28,7 @@ def read_tokenizer(folder: Path, max_positions: int) -> CLIPTokenizer:
     those, the ``tokenizer.json`` of the `tokenizers` library (all transformers 5 writes).
     """
     kwargs: dict[str, Any] = {"cleanup": "transformers", "context_length": max_positions}
-    specials = {n: _special_token(folder, n) for n in ("bos_token", "eos_token", "pad_token")}
+    specials = {n: special_token(folder, n) for n in ("bos_token", "eos_token", "pad_token")}
     for name in ("bos_token", "eos_token"):
         if specials[name] is not None:
             kwargs[name] = specials[name]

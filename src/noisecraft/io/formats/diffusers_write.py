@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from noisecraft.errors import ConfigError, OutputExistsError
+from noisecraft.io.atomic import atomic_folder
 from noisecraft.io.formats.diffusers_configs.scheduler import (
     DEFAULT_SCHEDULER,
     schedule_to_diffusers,
@@ -27,7 +28,7 @@ from noisecraft.io.formats.diffusers_configs.text_encoder import (
 )
 from noisecraft.io.formats.diffusers_configs.unet import unet_config_to_diffusers
 from noisecraft.io.formats.diffusers_configs.vae import vae_config_to_diffusers
-from noisecraft.io.formats.diffusers_files import DIFFUSERS_VERSION, staging_folder, write_json
+from noisecraft.io.formats.diffusers_files import DIFFUSERS_VERSION, write_json
 from noisecraft.io.formats.diffusers_tokenizer import write_tokenizer
 from noisecraft.io.formats.keys import clip as clip_keys
 from noisecraft.io.formats.keys import unet as unet_keys
@@ -71,7 +72,7 @@ def save_diffusers_folder(
             f"{type(model.tokenizer).__name__}"
         )
     parts = _diffusers_parts(model)  # every config error before anything is written
-    with staging_folder(path) as tmp:
+    with atomic_folder(path) as tmp:
         for name, (config, tensors, weights_name) in parts.items():
             (tmp / name).mkdir()
             write_json(tmp / name / "config.json", config)
