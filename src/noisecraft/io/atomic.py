@@ -2,13 +2,15 @@
 
 Every file noisecraft writes goes through :func:`atomic_path`: the content is
 written to a temporary file in the same directory, flushed, and renamed over
-the target in one ``os.replace`` (atomic on POSIX and Windows).
+the target in one ``os.replace`` (atomic on POSIX and Windows). A folder (a
+diffusers model) is written the same way by :func:`atomic_folder`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,3 +68,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``path``, renamed onto ``path`` on success.
+
+    A directory cannot be renamed over a non-empty one, so an existing ``path`` is first
+    moved aside, then removed once the new folder is in place (restored if that fails).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a plain mkdir would not
+    try:
+        yield tmp
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
+            os.replace(path, old / "folder")
+            try:
+                os.replace(tmp, path)
+            except OSError:
+                os.replace(old / "folder", path)
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,37 +1,9 @@
 """CLIP's byte-level BPE tokenizer, written from the algorithm (no transformers at runtime).
 
-Text -> token ids in four steps, as OpenAI's ``clip/simple_tokenizer.py``:
+Text -> token ids in four steps, as OpenAI's ``clip/simple_tokenizer.py``: clean-up,
+pre-tokenisation into words and the byte-level alphabet (steps 1-3, :mod:`.tokenizer_text`),
+then
 
-1. **Clean-up.** CLIP runs ``ftfy.fix_text``, then ``html.unescape`` twice, collapses
-   runs of whitespace to one space, strips, and lower-cases. ftfy is optional here:
-   with ``use_ftfy=None`` (the default) it is used when installed; without it the
-   text is only NFC-normalised (ftfy's last step), so the mojibake and typography
-   repairs of ftfy (curly quotes -> straight, full-width -> ASCII, ligatures
-   split, ...) are not made. ``cleanup="transformers"`` instead reproduces
-   transformers' ``CLIPTokenizer`` (>= 5, the `tokenizers` backend used by
-   diffusers): NFC, whitespace collapse and a per-character lower-case, **no HTML
-   unescaping** (``"&amp;"`` stays four characters) and no final-sigma rule
-   (``"Σ"`` is always ``"σ"``, where Python's ``str.lower`` gives ``"ς"`` at a
-   word's end). The start / end token strings typed in a prompt become their ids:
-   CLIP finds them as words of the cleaned text (so ``"<|ENDOFTEXT|>"`` counts too),
-   transformers in the raw text before clean-up (so ``"x,<|endoftext|>"`` counts too).
-2. **Pre-tokenisation.** CLIP's pattern
-   ``<|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+``
-   splits the text into words. ``\\p{L}`` and ``\\p{N}`` need the third-party ``regex``
-   module; here they are written with the standard ``re``: Python's ``\\w`` is exactly
-   letters, numbers and ``_``, ``\\d`` is exactly ``Nd``, so letters are ``[^\\W\\d_]+``
-   minus the other numbers (``Nl``, ``No``: ``²``, ``½``, ``Ⅻ``), which are split off
-   as one-character words afterwards, and the punctuation class is
-   ``(?:[^\\w\\s]|_)+``. ``\\s`` is spelled out as Unicode ``White_Space`` (Python's own
-   ``\\s`` also matches the separators U+001C..U+001F, ``regex`` and Rust do not).
-   OpenAI compiles the pattern case-insensitively (``"'ſ"`` with a long s is then a
-   contraction), transformers does not; each cleanup mode follows its reference.
-   Characters that the running Python's Unicode database (3.11: Unicode 14) does not
-   know yet may be classed differently from a newer ``regex`` / Rust build.
-3. **Bytes -> symbols.** Each word's UTF-8 bytes are mapped to 256 printable
-   characters (the GPT-2 byte-level table, Radford et al. 2019), so every string is
-   representable without an unknown token; the last symbol of a word gets the
-   suffix ``</w>``.
 4. **BPE.** Byte-pair encoding (Sennrich, Haddow & Birch 2016, "Neural Machine
    Translation of Rare Words with Subword Units"): repeatedly merge the adjacent
    pair with the lowest merge rank, all its occurrences left to right, until no
@@ -50,36 +22,51 @@ pads with ``<|endoftext|>``; SD 2.x (OpenCLIP) pads with id 0 (``"!"``): pass
 ``pad_token_id=0``. Longer prompts are never cut silently: :meth:`CLIPTokenizer.__call__`
 raises unless ``truncation=True``, and :meth:`~CLIPTokenizer.encode_chunks` /
 :meth:`~CLIPTokenizer.encode_weighted` split them into 75-token chunks the way the
-AUTOMATIC1111 web UI does (see :mod:`noisecraft.models.prompt_weights` for its
-``(word:1.3)`` emphasis syntax).
+AUTOMATIC1111 web UI does (:mod:`.prompt_chunks`; :mod:`.prompt_weights` parses its
+``(word:1.3)`` emphasis syntax). Vocabulary files are read and written by
+:mod:`.tokenizer_files`. The public names of those modules are importable from here.
 """
 
 from __future__ import annotations
 
-import gzip
-import html
-import json
 import re
-import unicodedata
-import zlib
 from collections.abc import Iterable, Mapping, Sequence
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal, NamedTuple
 
 import torch
 
-from noisecraft.errors import CheckpointError, ConfigError, OutputExistsError, unknown_name
+from noisecraft.errors import CheckpointError, ConfigError, unknown_name
+from noisecraft.models.prompt_chunks import COMMA_BACKTRACK, WeightedTokens, chunk_segments
 from noisecraft.models.prompt_weights import BREAK, parse_prompt_attention
+from noisecraft.models.tokenizer_files import (
+    DEFAULT_VOCAB_ASSET,
+    OPENAI_NUM_MERGES,
+    default_vocab,
+    parse_bpe_gz,
+    read_vocab_files,
+    special_token,
+    write_vocab_files,
+)
+from noisecraft.models.tokenizer_text import (
+    BOS_TOKEN,
+    CLEANUPS,
+    EOS_TOKEN,
+    EOW,
+    Cleanup,
+    bytes_to_unicode,
+    clean_text,
+    pretokenize,
+)
 
 __all__ = [
     "BOS_TOKEN",
     "CHUNK_LENGTH",
     "COMMA_BACKTRACK",
     "CONTEXT_LENGTH",
+    "DEFAULT_VOCAB_ASSET",
     "EOS_TOKEN",
+    "OPENAI_NUM_MERGES",
     "CLIPTokenizer",
     "Cleanup",
     "WeightedTokens",
@@ -88,126 +75,14 @@ __all__ = [
     "write_vocab_files",
 ]
 
-BOS_TOKEN = "<|startoftext|>"
-EOS_TOKEN = "<|endoftext|>"
 #: Ids a CLIP text encoder reads: start + 75 tokens + end.
 CONTEXT_LENGTH = 77
 CHUNK_LENGTH = CONTEXT_LENGTH - 2
-#: A1111's ``comma_padding_backtrack`` default: how far back a chunk may break at a comma.
-COMMA_BACKTRACK = 20
-#: Merges OpenAI reads from ``bpe_simple_vocab_16e6.txt.gz``: ``merges[1 : 49152 - 256 - 2 + 1]``.
-OPENAI_NUM_MERGES = 49152 - 256 - 2
-DEFAULT_VOCAB_ASSET = "clip_bpe_simple_vocab_16e6.txt.gz"
-_EOW = "</w>"
-
-Cleanup = Literal["clip", "transformers"]
-_CLEANUPS = ("clip", "transformers")
-
-# Unicode White_Space (what `regex`'s and Rust's \s match); Python's \s adds U+001C..U+001F.
-_WS = r"\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
-_RE_WS = re.compile(f"[{_WS}]+")
-_WORD_PATTERN = (
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-    r"|[^\W\d_]+"  # letters, plus Nl/No numbers that are split off in _pretokenize
-    r"|\d"  # Nd, one digit per word
-    rf"|(?:[^\w{_WS}]|_)+"  # neither whitespace nor letter nor number
-)
-# OpenAI compiles its pattern with IGNORECASE (so "'ſ", long s, is a contraction);
-# transformers' is case-sensitive. Both run on lower-cased text.
-_RE_WORD = {
-    "clip": re.compile(_WORD_PATTERN, re.IGNORECASE),
-    "transformers": re.compile(_WORD_PATTERN),
-}
+_pretokenize = pretokenize  # the name the tests and earlier code import
 
 # GPT-2's split (letters / numbers / other runs) of a CLIP word; only the special
 # token strings are CLIP words that it splits further.
 _RE_GPT2_SPLIT = re.compile(r"[^\W\d_]+|\d+|(?:[^\w\s]|_)+")
-
-
-@cache
-def bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character table, in CLIP's vocabulary order.
-
-    The 188 printable Latin-1 bytes map to themselves; the other 68 (controls,
-    space, soft hyphen, ...) map to U+0100 onwards. The insertion order (printable
-    bytes first) is the order of the first 256 vocabulary entries.
-    """
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    table = {b: chr(b) for b in printable}
-    n = 0
-    for b in range(256):
-        if b not in table:
-            table[b] = chr(256 + n)
-            n += 1
-    return table
-
-
-def _ftfy_available() -> bool:
-    try:
-        import ftfy  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def clean_text(text: str, *, cleanup: Cleanup = "clip", use_ftfy: bool | None = None) -> str:
-    """Normalise a prompt the way CLIP (``"clip"``) or transformers (``"transformers"``) does.
-
-    ``"clip"``: ``ftfy.fix_text`` (or NFC only, when ftfy is not used), ``html.unescape``
-    twice, whitespace collapse, strip, ``str.lower``; as OpenAI's ``basic_clean`` +
-    ``whitespace_clean``. ``"transformers"``: NFC, whitespace collapse, per-character
-    lower-case; as the normaliser of transformers' ``CLIPTokenizer`` (no HTML
-    unescaping, no final sigma). ``use_ftfy=None`` uses ftfy when it is installed.
-    """
-    if cleanup == "clip":
-        if use_ftfy is None:
-            use_ftfy = _ftfy_available()
-        if use_ftfy:
-            import ftfy
-
-            text = ftfy.fix_text(text)
-        else:
-            text = unicodedata.normalize("NFC", text)
-        text = html.unescape(html.unescape(text))
-        return _RE_WS.sub(" ", text).strip().lower()
-    if cleanup == "transformers":
-        text = _RE_WS.sub(" ", unicodedata.normalize("NFC", text))
-        # Rust lower-cases char by char; only Σ has a context rule in str.lower.
-        return "".join(c.lower() for c in text) if "Σ" in text else text.lower()
-    raise unknown_name("tokenizer cleanup", str(cleanup), _CLEANUPS)
-
-
-def _pretokenize(text: str, cleanup: Cleanup = "clip") -> list[str]:
-    """CLIP's word split of already cleaned text (see the module docstring)."""
-    words: list[str] = []
-    for word in _RE_WORD[cleanup].findall(text):
-        if len(word) > 1 and word.isalnum() and not word.isalpha():
-            # A [^\W\d_]+ match holding Nl/No numbers: letters stay runs, numbers single.
-            run: list[str] = []
-            for c in word:
-                if c.isalpha():
-                    run.append(c)
-                else:
-                    if run:
-                        words.append("".join(run))
-                        run = []
-                    words.append(c)
-            if run:
-                words.append("".join(run))
-        else:
-            words.append(word)
-    return words
-
-
-class WeightedTokens(NamedTuple):
-    """Chunked token ids and A1111 emphasis weights, both of shape (n_chunks, 77)."""
-
-    ids: torch.Tensor
-    weights: torch.Tensor
 
 
 class CLIPTokenizer:
@@ -254,8 +129,8 @@ class CLIPTokenizer:
                     f"the vocabulary has no {name} token '{token}'; "
                     f"pass the vocab.json of a CLIP tokenizer or {name[0]}os_token="
                 )
-        if cleanup not in _CLEANUPS:
-            raise unknown_name("tokenizer cleanup", str(cleanup), _CLEANUPS)
+        if cleanup not in CLEANUPS:
+            raise unknown_name("tokenizer cleanup", str(cleanup), CLEANUPS)
         if context_length < 3:
             raise ConfigError(
                 f"context_length must be >= 3 (start, a token, end), got {context_length}"
@@ -274,7 +149,7 @@ class CLIPTokenizer:
         self.cleanup: Cleanup = cleanup
         self.use_ftfy: bool | None = use_ftfy
         #: Id of ``",</w>"`` (the comma A1111 breaks chunks at), or None.
-        self.comma_token_id: int | None = self._encoder.get("," + _EOW)
+        self.comma_token_id: int | None = self._encoder.get("," + EOW)
         self._specials = {bos_token: self.bos_token_id, eos_token: self.eos_token_id}
         # Where the start / end token strings are recognised in a prompt: CLIP finds them
         # as words of the cleaned (lower-cased) text; transformers in the raw text, before
@@ -294,7 +169,7 @@ class CLIPTokenizer:
     @classmethod
     def from_files(cls, vocab_path: str | Path, merges_path: str | Path, **kwargs) -> CLIPTokenizer:
         """Read a transformers-style ``vocab.json`` and ``merges.txt``."""
-        vocab, merges = _read_vocab_files(Path(vocab_path), Path(merges_path))
+        vocab, merges = read_vocab_files(Path(vocab_path), Path(merges_path))
         return cls(vocab, merges, **kwargs)
 
     @classmethod
@@ -316,9 +191,9 @@ class CLIPTokenizer:
                 f"no vocab.json in {path} or {path / 'tokenizer'}; pass a CLIP tokenizer folder "
                 "holding vocab.json and merges.txt (or use CLIPTokenizer.default())"
             )
-        vocab, merges = _read_vocab_files(folder / "vocab.json", folder / "merges.txt")
+        vocab, merges = read_vocab_files(folder / "vocab.json", folder / "merges.txt")
         if "pad_token_id" not in kwargs:
-            pad = _configured_pad_token(folder)
+            pad = special_token(folder, "pad_token")
             if pad is not None and pad in vocab:
                 kwargs["pad_token_id"] = vocab[pad]
         return cls(vocab, merges, **kwargs)
@@ -339,13 +214,13 @@ class CLIPTokenizer:
                 f"CLIP BPE file not found: {path}; pass the path of a bpe_simple_vocab_16e6.txt.gz "
                 "(or use CLIPTokenizer.default())"
             )
-        vocab, merges = _parse_bpe_gz(path.read_bytes(), str(path), num_merges)
+        vocab, merges = parse_bpe_gz(path.read_bytes(), str(path), num_merges)
         return cls(dict(vocab), merges, **kwargs)
 
     @classmethod
     def default(cls, **kwargs) -> CLIPTokenizer:
         """OpenAI CLIP's vocabulary shipped with noisecraft (SD 1.x / 2.x text encoders)."""
-        vocab, merges = _default_vocab()
+        vocab, merges = default_vocab()
         return cls(dict(vocab), merges, **kwargs)
 
     # ------------------------------------------------------------------ properties
@@ -375,7 +250,7 @@ class CLIPTokenizer:
 
     def bpe(self, word: str) -> list[str]:
         """Byte-pair-encode one byte-level word (its last symbol gets ``</w>``)."""
-        symbols = [*word[:-1], word[-1] + _EOW]
+        symbols = [*word[:-1], word[-1] + EOW]
         ranks = self._ranks
         while len(symbols) > 1:
             best: tuple[str, str] | None = None
@@ -434,7 +309,7 @@ class CLIPTokenizer:
             if special is not None:
                 ids.append(special)
                 continue
-            for word in _pretokenize(self.clean(part), self.cleanup):
+            for word in pretokenize(self.clean(part), self.cleanup):
                 ids.extend(self._word_ids(word))
         return ids
 
@@ -461,7 +336,7 @@ class CLIPTokenizer:
             else:
                 pieces.append(bytes(self._byte_decoder.get(c, ord("?")) for c in token))
         text = b"".join(pieces).decode("utf-8", errors="replace")
-        return re.sub(" +", " ", text.replace(_EOW, " ")).strip()
+        return re.sub(" +", " ", text.replace(EOW, " ")).strip()
 
     def wrap(self, ids: Sequence[int]) -> list[int]:
         """``[start, *ids, end, pad, ...]`` of length ``context_length`` (ids must fit)."""
@@ -547,172 +422,10 @@ class CLIPTokenizer:
         self, segments: Iterable[tuple[list[int], float] | None], comma_backtrack: int
     ) -> tuple[list[list[int]], list[list[float]]]:
         """A1111's chunking over (ids, weight) segments; None is a BREAK."""
-        size = self.chunk_length
-        comma = self.comma_token_id
-        out_ids: list[list[int]] = []
-        out_weights: list[list[float]] = []
-        tokens: list[int] = []
-        weights: list[float] = []
-        last_comma = -1
-
-        def close(tokens: list[int], weights: list[float]) -> None:
-            out_ids.append(self.wrap(tokens))
-            out_weights.append([1.0, *weights, 1.0] + [1.0] * (size - len(weights)))
-
-        for segment in segments:
-            if segment is None:
-                close(tokens, weights)
-                tokens, weights, last_comma = [], [], -1
-                continue
-            ids, weight = segment
-            for token in ids:
-                if token == comma:
-                    last_comma = len(tokens)
-                elif (
-                    comma_backtrack
-                    and len(tokens) == size
-                    and last_comma != -1
-                    and len(tokens) - last_comma <= comma_backtrack
-                ):
-                    cut = last_comma + 1
-                    close(tokens[:cut], weights[:cut])
-                    tokens, weights, last_comma = tokens[cut:], weights[cut:], -1
-                if len(tokens) == size:
-                    close(tokens, weights)
-                    tokens, weights, last_comma = [], [], -1
-                tokens.append(token)
-                weights.append(weight)
-        if tokens or not out_ids:
-            close(tokens, weights)
-        return out_ids, out_weights
-
-
-# ---------------------------------------------------------------------- file formats
-
-
-def _read_text(path: Path, kind: str) -> str:
-    if not path.is_file():
-        raise CheckpointError(
-            f"CLIP tokenizer {kind} not found: {path}; pass the vocab.json and merges.txt "
-            "of a CLIP tokenizer (e.g. a diffusers model's tokenizer/ folder) or use "
-            "CLIPTokenizer.default()"
+        return chunk_segments(
+            segments,
+            size=self.chunk_length,
+            comma=self.comma_token_id,
+            comma_backtrack=comma_backtrack,
+            wrap=self.wrap,
         )
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"cannot read {path} ({e}); pass a UTF-8 CLIP {kind}") from None
-
-
-def _read_vocab_files(
-    vocab_path: Path, merges_path: Path
-) -> tuple[dict[str, int], list[tuple[str, str]]]:
-    text = _read_text(vocab_path, "vocab.json")
-    try:
-        vocab = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(
-            f"{vocab_path} is not valid JSON ({e}); pass a CLIP vocab.json"
-        ) from None
-    if not isinstance(vocab, dict) or not all(type(v) is int for v in vocab.values()):
-        raise CheckpointError(f"{vocab_path} is not a token -> id mapping; pass a CLIP vocab.json")
-    merges = _parse_merges(_read_text(merges_path, "merges.txt").split("\n"), merges_path)
-    return vocab, merges
-
-
-def _parse_merges(lines: Iterable[str], where: str | Path) -> list[tuple[str, str]]:
-    merges: list[tuple[str, str]] = []
-    for n, line in enumerate(lines):
-        if (n == 0 and line.startswith("#version")) or not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 2:
-            raise CheckpointError(
-                f"{where}: line {n + 1} is not a merge 'a b': {line[:40]!r}; pass a BPE merges file"
-            )
-        merges.append((parts[0], parts[1]))
-    return merges
-
-
-def _parse_bpe_gz(
-    data: bytes, where: str, num_merges: int | None
-) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    try:
-        lines = gzip.decompress(data).decode("utf-8").split("\n")
-    except (OSError, EOFError, zlib.error, UnicodeDecodeError) as e:
-        raise CheckpointError(
-            f"{where} is not a gzip BPE file ({e}); pass OpenAI's bpe_simple_vocab_16e6.txt.gz"
-        ) from None
-    body = lines[1:] if num_merges is None else lines[1 : num_merges + 1]
-    merges = _parse_merges(body, where)
-    if num_merges is not None and len(merges) != num_merges:
-        raise CheckpointError(
-            f"{where} has {len(merges)} merges, not {num_merges}; pass num_merges=None to read all"
-        )
-    byte_symbols = list(bytes_to_unicode().values())
-    tokens = [*byte_symbols, *(s + _EOW for s in byte_symbols)]
-    tokens += ["".join(m) for m in merges]
-    tokens += [BOS_TOKEN, EOS_TOKEN]
-    return tuple((t, i) for i, t in enumerate(tokens)), tuple(merges)
-
-
-@cache
-def _default_vocab() -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, str], ...]]:
-    asset = resources.files("noisecraft").joinpath("assets", DEFAULT_VOCAB_ASSET)
-    try:
-        data = asset.read_bytes()
-    except (FileNotFoundError, OSError):
-        raise CheckpointError(
-            f"the CLIP vocabulary {DEFAULT_VOCAB_ASSET} is missing from the noisecraft install; "
-            "reinstall noisecraft or use CLIPTokenizer.from_folder() with a CLIP tokenizer folder"
-        ) from None
-    return _parse_bpe_gz(data, DEFAULT_VOCAB_ASSET, OPENAI_NUM_MERGES)
-
-
-def _configured_pad_token(folder: Path) -> str | None:
-    """The pad token named by a transformers tokenizer folder, if any."""
-    for name in ("special_tokens_map.json", "tokenizer_config.json"):
-        path = folder / name
-        if not path.is_file():
-            continue
-        try:
-            pad = json.loads(path.read_text(encoding="utf-8")).get("pad_token")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            continue
-        if isinstance(pad, dict):
-            pad = pad.get("content")
-        if isinstance(pad, str):
-            return pad
-    return None
-
-
-def write_vocab_files(
-    tokenizer: CLIPTokenizer, folder: str | Path, *, overwrite: bool = False
-) -> tuple[Path, Path]:
-    """Write ``vocab.json``, ``merges.txt`` and ``special_tokens_map.json`` into ``folder``.
-
-    The transformers layout, so that ``transformers.CLIPTokenizer.from_pretrained(folder)``
-    and :meth:`CLIPTokenizer.from_folder` read the same vocabulary (e.g. to convert
-    OpenAI's ``.txt.gz``). Returns the vocab and merges paths.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab_path, merges_path = folder / "vocab.json", folder / "merges.txt"
-    specials_path = folder / "special_tokens_map.json"
-    if not overwrite:
-        for path in (vocab_path, merges_path, specials_path):
-            if path.exists():
-                raise OutputExistsError(f"{path} exists; pass overwrite=True to replace it")
-    decoder = tokenizer._decoder
-    bos, eos = decoder[tokenizer.bos_token_id], decoder[tokenizer.eos_token_id]
-    specials = {
-        "bos_token": bos,
-        "eos_token": eos,
-        "unk_token": eos,
-        "pad_token": decoder[tokenizer.pad_token_id],
-    }
-    vocab_path.write_text(json.dumps(dict(tokenizer.vocab), ensure_ascii=False), encoding="utf-8")
-    merges_path.write_text(
-        "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in tokenizer.merges), encoding="utf-8"
-    )
-    specials_path.write_text(json.dumps(specials, ensure_ascii=False, indent=2), encoding="utf-8")
-    return vocab_path, merges_path

@@ -17,31 +17,47 @@ the keys Stable Diffusion single-file checkpoints store under ``first_stage_mode
 ``decoder.{norm_out,conv_out}``. LDM indexes the decoder's ``up`` list by resolution level
 (``up.0`` is full resolution, ``up.{n-1}`` the lowest), although it runs them lowest first.
 
-:func:`from_diffusers_state_dict` / :func:`to_diffusers_state_dict` map these names to and
-from diffusers' ``AutoencoderKL`` by rules, not a table.
+This module holds the config, the posterior and the autoencoder; the blocks are in
+:mod:`.vae_blocks`, and :func:`from_diffusers_state_dict` / :func:`to_diffusers_state_dict`
+(diffusers' ``AutoencoderKL`` names, a key-rule table) in :mod:`.vae_keys`; all are
+importable from here.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from noisecraft.config_dict import config_from_dict, config_to_dict
-from noisecraft.errors import CheckpointError, ConfigError
-from noisecraft.nn.attention import attention
+from noisecraft.errors import ConfigError
+from noisecraft.models.vae_blocks import (
+    Decoder,
+    Encoder,
+    VAEAttnBlock,
+    VAEDownsample,
+    VAEResnetBlock,
+)
+from noisecraft.models.vae_keys import from_diffusers_state_dict, to_diffusers_state_dict
 from noisecraft.nn.kernels import Conv2d
-from noisecraft.nn.resnet import Upsample, group_norm
 
-#: LDM's ``Normalize``: GroupNorm with eps 1e-6 (the U-Net's ResBlocks use 1e-5).
-_EPS = 1e-6
+__all__ = [
+    "AutoencoderKL",
+    "Decoder",
+    "DiagonalGaussian",
+    "Encoder",
+    "VAEAttnBlock",
+    "VAEConfig",
+    "VAEDownsample",
+    "VAEResnetBlock",
+    "from_diffusers_state_dict",
+    "to_diffusers_state_dict",
+]
 
 
 def _is_int(v: Any) -> bool:
@@ -224,166 +240,6 @@ class DiagonalGaussian:
         )
 
 
-# ---------------------------------------------------------------- blocks
-
-
-class VAEResnetBlock(nn.Module):
-    """LDM's ``ResnetBlock`` without a timestep embedding (``temb_channels=0``).
-
-    ``h = conv1(SiLU(norm1(x)))``; ``h = conv2(dropout(SiLU(norm2(h))))``; output
-    ``nin_shortcut(x) + h`` (a 1x1 conv when the channel count changes, else the identity).
-    The SiLUs overwrite the GroupNorm outputs (autograd allows it: GroupNorm's backward needs
-    its input, not its output), one full-size tensor less at the decoder's peak.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, *, groups: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm1 = group_norm(in_channels, groups, eps=_EPS)
-        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = group_norm(out_channels, groups, eps=_EPS)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nin_shortcut: nn.Module = (
-            Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x), inplace=True))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h), inplace=True)))
-        return self.nin_shortcut(x) + h
-
-
-class VAEAttnBlock(nn.Module):
-    """LDM's ``AttnBlock``: single-head self-attention over the h*w positions, plus the input.
-
-    ``q``, ``k``, ``v``, ``proj_out`` are 1x1 convs (diffusers stores them as Linear weights);
-    ``softmax(q k^T / sqrt(C)) v`` is one ``scaled_dot_product_attention`` call (in query
-    slices when :func:`~noisecraft.nn.attention.set_attention_slicing` asks for it).
-    """
-
-    def __init__(self, channels: int, *, groups: int):
-        super().__init__()
-        self.norm = group_norm(channels, groups, eps=_EPS)
-        self.q = Conv2d(channels, channels, 1)
-        self.k = Conv2d(channels, channels, 1)
-        self.v = Conv2d(channels, channels, 1)
-        self.proj_out = Conv2d(channels, channels, 1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        b, c, h, w = x.shape
-        n = self.norm(x)
-        q, k, v = (m(n).reshape(b, 1, c, h * w).transpose(-1, -2) for m in (self.q, self.k, self.v))
-        out = attention(q, k, v)  # (B, 1, h*w, C)
-        return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
-
-
-class VAEDownsample(nn.Module):
-    """Halve the size: pad right and bottom by one (``(0, 1, 0, 1)``), 3x3 conv with stride 2.
-
-    The asymmetric padding is LDM's (and diffusers' ``padding=0`` Downsample2D), unlike the
-    U-Net's symmetric ``padding=1``; the weights are not interchangeable between the two.
-    """
-
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv(F.pad(x, (0, 1, 0, 1), mode="constant", value=0.0))
-
-
-class _Mid(nn.Module):
-    """``block_1``, ``attn_1`` (optional), ``block_2`` at the lowest resolution."""
-
-    def __init__(self, channels: int, *, groups: int, dropout: float, attention: bool):
-        super().__init__()
-        self.block_1 = VAEResnetBlock(channels, channels, groups=groups, dropout=dropout)
-        self.attn_1: nn.Module = (
-            VAEAttnBlock(channels, groups=groups) if attention else nn.Identity()
-        )
-        self.block_2 = VAEResnetBlock(channels, channels, groups=groups, dropout=dropout)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-class _Level(nn.Module):
-    """One resolution level: ``block`` (a list of ResnetBlocks) and an optional resampler."""
-
-    def __init__(self, blocks: list[VAEResnetBlock]):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-
-
-class Encoder(nn.Module):
-    """``x`` (B, in, H, W) -> moments (B, 2z or z, H/f, W/f), before ``quant_conv``."""
-
-    def __init__(self, c: VAEConfig):
-        super().__init__()
-        g, ch = c.norm_groups, c.base_channels
-        self.conv_in = Conv2d(c.in_channels, ch, 3, padding=1)
-        self.down = nn.ModuleList()
-        block_in = ch
-        for i, mult in enumerate(c.channel_mult):
-            block_out = ch * mult
-            blocks = []
-            for _ in range(c.num_res_blocks):
-                blocks.append(VAEResnetBlock(block_in, block_out, groups=g, dropout=c.dropout))
-                block_in = block_out
-            level = _Level(blocks)
-            if i != len(c.channel_mult) - 1:
-                level.downsample = VAEDownsample(block_in)
-            self.down.append(level)
-        self.mid = _Mid(block_in, groups=g, dropout=c.dropout, attention=c.mid_attention)
-        self.norm_out = group_norm(block_in, g, eps=_EPS)
-        out = 2 * c.z_channels if c.double_z else c.z_channels
-        self.conv_out = Conv2d(block_in, out, 3, padding=1)
-
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
-
-
-class Decoder(nn.Module):
-    """``z`` (B, z, h, w) after ``post_quant_conv`` -> image (B, out, f*h, f*w)."""
-
-    def __init__(self, c: VAEConfig):
-        super().__init__()
-        g, ch = c.norm_groups, c.base_channels
-        block_in = ch * c.channel_mult[-1]
-        self.conv_in = Conv2d(c.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, groups=g, dropout=c.dropout, attention=c.mid_attention)
-        levels: list[_Level] = []
-        for i in reversed(range(len(c.channel_mult))):
-            block_out = ch * c.channel_mult[i]
-            blocks = []
-            for _ in range(c.num_res_blocks + 1):
-                blocks.append(VAEResnetBlock(block_in, block_out, groups=g, dropout=c.dropout))
-                block_in = block_out
-            level = _Level(blocks)
-            if i != 0:
-                level.upsample = Upsample(block_in)
-            levels.insert(0, level)  # LDM: up[i] is level i, built lowest resolution first
-        self.up = nn.ModuleList(levels)
-        self.norm_out = group_norm(block_in, g, eps=_EPS)
-        self.conv_out = Conv2d(block_in, c.out_channels, 3, padding=1)
-
-    def forward(self, z: Tensor) -> Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            for block in level.block:
-                h = block(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=True))
-
-
 # ---------------------------------------------------------------- the autoencoder
 
 
@@ -493,145 +349,3 @@ class AutoencoderKL(nn.Module):
     ) -> Any:
         """Load weights saved under diffusers' names (see :func:`from_diffusers_state_dict`)."""
         return self.load_state_dict(from_diffusers_state_dict(state_dict), strict=strict)
-
-
-# ---------------------------------------------------------------- diffusers names
-
-_Rules = list[tuple[str, Callable[[re.Match[str], int], str]]]
-
-# LDM (ours) <-> diffusers block names, one pair per module kind, read in both directions.
-# Fields: {i} {j} any index; {r} a decoder level, reversed between the two
-# (``up.{r}`` <-> ``up_blocks.{n-1-r}``, which needs the level count n); {m} a mid-block
-# resnet (``block_{m}`` <-> ``resnets.{m-1}``); {e} encoder | decoder; {rest} the leaf path.
-_BLOCK_PAIRS = [
-    ("encoder.down.{i}.block.{j}.{rest}", "encoder.down_blocks.{i}.resnets.{j}.{rest}"),
-    ("encoder.down.{i}.downsample.{rest}", "encoder.down_blocks.{i}.downsamplers.0.{rest}"),
-    ("decoder.up.{r}.block.{j}.{rest}", "decoder.up_blocks.{r}.resnets.{j}.{rest}"),
-    ("decoder.up.{r}.upsample.{rest}", "decoder.up_blocks.{r}.upsamplers.0.{rest}"),
-    ("{e}.mid.block_{m}.{rest}", "{e}.mid_block.resnets.{m}.{rest}"),
-    ("{e}.mid.attn_1.{rest}", "{e}.mid_block.attentions.0.{rest}"),
-    ("{e}.norm_out.{rest}", "{e}.conv_norm_out.{rest}"),
-]
-_FIELD_PATTERNS = {"e": "encoder|decoder", "rest": ".+"}
-
-
-def _template_regex(template: str) -> str:
-    out = re.escape(template)
-    for field in re.findall(r"\{(\w+)\}", template):
-        body = _FIELD_PATTERNS.get(field, r"\d+")
-        out = out.replace(re.escape("{" + field + "}"), f"(?P<{field}>{body})", 1)
-    return out
-
-
-def _pair_rules(to_diffusers: bool) -> _Rules:
-    m_shift = -1 if to_diffusers else 1
-
-    def convert(groups: dict[str, str], n: int) -> dict[str, str | int]:
-        out: dict[str, str | int] = dict(groups)
-        if "r" in groups:
-            out["r"] = n - 1 - int(groups["r"])
-        if "m" in groups:
-            out["m"] = int(groups["m"]) + m_shift
-        return out
-
-    rules: _Rules = []
-    for ours, theirs in _BLOCK_PAIRS:
-        src, dst = (ours, theirs) if to_diffusers else (theirs, ours)
-        rules.append(
-            (_template_regex(src), lambda m, n, dst=dst: dst.format(**convert(m.groupdict(), n)))
-        )
-    return rules
-
-
-_TO_DIFFUSERS = _pair_rules(to_diffusers=True)
-_FROM_DIFFUSERS = _pair_rules(to_diffusers=False)
-# leaf names inside a block: ResnetBlock shortcut and attention projections
-_LEAF_TO_DIFFUSERS = {
-    "nin_shortcut": "conv_shortcut",
-    "norm": "group_norm",
-    "q": "to_q",
-    "k": "to_k",
-    "v": "to_v",
-    "proj_out": "to_out.0",
-}
-# older diffusers checkpoints name the attention projections query / key / value / proj_attn
-_LEAF_FROM_DIFFUSERS = {
-    "conv_shortcut": "nin_shortcut",
-    "group_norm": "norm",
-    "to_q": "q",
-    "to_k": "k",
-    "to_v": "v",
-    "to_out.0": "proj_out",
-    "query": "q",
-    "key": "k",
-    "value": "v",
-    "proj_attn": "proj_out",
-}
-_PASS_THROUGH = re.compile(r"(quant_conv|post_quant_conv|(encoder|decoder)\.(conv_in|conv_out))\.")
-_ATTN_PROJ = re.compile(r"\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
-
-
-def _levels(keys: list[str], pattern: str) -> int:
-    found = {int(m[1]) for k in keys if (m := re.match(pattern, k))}
-    return max(found) + 1 if found else 0
-
-
-def _rename(key: str, rules: _Rules, leaves: Mapping[str, str], n: int) -> str | None:
-    if _PASS_THROUGH.match(key):
-        return key
-    for pattern, build in rules:
-        m = re.fullmatch(pattern, key)
-        if m is None:
-            continue
-        new = build(m, n)
-        head, _, param = new.rpartition(".")  # "...<leaf>.weight"
-        for old, rep in leaves.items():
-            suffix = "." + old
-            if head.endswith(suffix):
-                head = head[: -len(suffix)] + "." + rep
-                break
-        return f"{head}.{param}"
-    return None
-
-
-def to_diffusers_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """LDM-named VAE weights (ours, ``first_stage_model.`` stripped) -> diffusers' names.
-
-    Rules: ``down.{i}.block.{j}`` -> ``down_blocks.{i}.resnets.{j}``, ``downsample`` ->
-    ``downsamplers.0``, ``up.{i}`` -> ``up_blocks.{n-1-i}`` (reversed), ``mid.block_{k}`` ->
-    ``mid_block.resnets.{k-1}``, ``mid.attn_1.{norm,q,k,v,proj_out}`` ->
-    ``mid_block.attentions.0.{group_norm,to_q,to_k,to_v,to_out.0}`` (1x1 conv weights become
-    Linear weights), ``nin_shortcut`` -> ``conv_shortcut``, ``norm_out`` -> ``conv_norm_out``.
-    Tensors are shared with the input, not copied.
-    """
-    keys = list(state_dict)
-    n = _levels(keys, r"decoder\.up\.(\d+)\.")
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new = _rename(key, _TO_DIFFUSERS, _LEAF_TO_DIFFUSERS, n)
-        if new is None:
-            raise CheckpointError(f"'{key}' is not a key of an LDM AutoencoderKL state dict")
-        if _ATTN_PROJ.search(key) and value.ndim == 4:
-            value = value[:, :, 0, 0]
-        out[new] = value
-    return out
-
-
-def from_diffusers_state_dict(state_dict: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """Diffusers ``AutoencoderKL`` weights -> LDM names (ours); inverse of the above.
-
-    Also reads the older diffusers attention names (``query``, ``key``, ``value``,
-    ``proj_attn``). Linear attention weights become 1x1 conv weights. Tensors are shared
-    with the input, not copied.
-    """
-    keys = list(state_dict)
-    n = _levels(keys, r"decoder\.up_blocks\.(\d+)\.")
-    out: dict[str, Tensor] = {}
-    for key, value in state_dict.items():
-        new = _rename(key, _FROM_DIFFUSERS, _LEAF_FROM_DIFFUSERS, n)
-        if new is None:
-            raise CheckpointError(f"'{key}' is not a key of a diffusers AutoencoderKL state dict")
-        if _ATTN_PROJ.search(new) and value.ndim == 2:
-            value = value[:, :, None, None]
-        out[new] = value
-    return out
