@@ -283,3 +283,19 @@ def test_readme_python_section_runs(tmp_path, monkeypatch):
     for block in code:
         exec(compile(block, "README.md", "exec"), {})
     assert sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+def test_a_vae_given_as_the_model_points_to_the_vae_setting(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from noisecraft.models.vae import AutoencoderKL, VAEConfig
+
+    vae = AutoencoderKL(VAEConfig(base_channels=8, channel_mult=(1, 2), norm_groups=4))
+    path = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(path))
+    with pytest.raises(NoisecraftError, match="is a VAE, not a whole model; pass it as vae$"):
+        noisecraft.load(path)
+    rc, err = _cli(
+        ["generate", "a cat", "--model", str(path), "--out", str(tmp_path / "x.png")], capsys
+    )
+    assert rc == 2 and err.strip().endswith("is a VAE, not a whole model; pass it as --vae")

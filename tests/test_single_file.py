@@ -437,7 +437,7 @@ OTHER_KINDS = {
             "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight": _t(4, 8),
             "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha": _t(),
         },
-        "is a LoRA, not a model; pass it with --lora",
+        "is a LoRA, not a model; pass it as lora",
     ),
     "lora_peft": ({"unet.down_blocks.0.to_q.lora_A.weight": _t(4, 8)}, "is a LoRA"),
     "vae": (
@@ -446,7 +446,7 @@ OTHER_KINDS = {
             "decoder.conv_in.weight": _t(8, 4, 3, 3),
             "quant_conv.weight": _t(8, 8, 1, 1),
         },
-        "is a VAE, not a whole model; pass it with --vae",
+        "is a VAE, not a whole model; pass it as vae",
     ),
     "vae_diffusers": (
         {"encoder.down_blocks.0.resnets.0.conv1.weight": _t(2), "decoder.conv_in.weight": _t(2)},
@@ -508,7 +508,7 @@ def test_vae_file_replaces_the_checkpoints(files, tmp_path):
     save_file(
         {k: v for k, v in tensors.items() if not k.startswith("first_stage_model.")}, str(no_vae)
     )
-    with pytest.raises(CheckpointError, match="has no VAE.*--vae"):
+    with pytest.raises(CheckpointError, match="has no VAE.*pass a VAE file as vae"):
         load_single_file(no_vae)
     for main in (files["sd1"], no_vae):
         for vae in (ldm, diffusers_named):

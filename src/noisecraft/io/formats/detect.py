@@ -57,9 +57,11 @@ def key_examples(sd: Mapping[str, Any], n: int = 3) -> str:
 class OtherKind:
     """A kind of file that is not an SD 1.x / 2.x model: it matches when a key starts with
     one of ``prefixes``, contains one of ``contains``, is one of ``keys``, or ``test`` says
-    so; ``message`` (``{source}``: the file) says what it is and what to do."""
+    so; ``message`` (``{source}``: the file) says what it is and what to do, naming the
+    ``settings`` it points to as ``@name``."""
 
     message: str
+    settings: tuple[str, ...] = ()
     prefixes: tuple[str, ...] = ()
     contains: tuple[str, ...] = ()
     keys: tuple[str, ...] = ()
@@ -85,7 +87,8 @@ _SD = "(use an SD 1.x or 2.x model)"
 #: Files refused even when they hold U-Net-like keys, in the order they are tested.
 OTHER_MODELS: tuple[OtherKind, ...] = (
     OtherKind(
-        "{source} is a LoRA, not a model; pass it with --lora",
+        "{source} is a LoRA, not a model; pass it as @lora",
+        settings=("lora",),
         prefixes=("lora_unet_", "lora_te", "lora_"),
         contains=(".lora_down.", ".lora_up.", ".lora_A.", ".lora_B.", ".hada_w1", ".lokr_w1"),
     ),
@@ -117,7 +120,11 @@ OTHER_MODELS: tuple[OtherKind, ...] = (
 
 #: One part of a model alone (tested when the file has no ``model.diffusion_model.*``).
 PARTS_ALONE: tuple[OtherKind, ...] = (
-    OtherKind("{source} is a VAE, not a whole model; pass it with --vae", test=is_vae_state_dict),
+    OtherKind(
+        "{source} is a VAE, not a whole model; pass it as @vae",
+        settings=("vae",),
+        test=is_vae_state_dict,
+    ),
     OtherKind(
         "{source} is a text encoder only, not a whole model; expected the U-Net "
         "(model.diffusion_model.*), VAE (first_stage_model.*) and text encoder in one file",
@@ -137,12 +144,12 @@ def refuse_other_kinds(sd: Mapping[str, Tensor], source: str) -> None:
     U-Net is refused too."""
     for kind in OTHER_MODELS:
         if kind.matches(sd):
-            raise CheckpointError(kind.message.format(source=source))
+            raise CheckpointError(kind.message.format(source=source), settings=kind.settings)
     if any(k.startswith(UNET_PREFIX) for k in sd):
         return
     for kind in PARTS_ALONE:
         if kind.matches(sd):
-            raise CheckpointError(kind.message.format(source=source))
+            raise CheckpointError(kind.message.format(source=source), settings=kind.settings)
     raise CheckpointError(
         f"{source} does not look like a Stable Diffusion checkpoint: found keys like "
         f"{key_examples(sd)}; expected model.diffusion_model.*, first_stage_model.* and "

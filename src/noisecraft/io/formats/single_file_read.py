@@ -140,7 +140,8 @@ def load_single_file(
         vae_module = build(lambda: AutoencoderKL(detected.vae), parts.vae, "VAE")
     else:
         raise CheckpointError(
-            f"{source} has no VAE (first_stage_model.*); pass a VAE file with --vae"
+            f"{source} has no VAE (first_stage_model.*); pass a VAE file as @vae",
+            settings=["vae"],
         )
 
     # --- tokenizer, schedule, prediction
