@@ -9,12 +9,15 @@ values read from the PNG.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from noisecraft.cli.options import ArchOption, PredictionOption, VaeOption
 from noisecraft.errors import ConfigError, unknown_name
+
+if TYPE_CHECKING:
+    from noisecraft.samplers import SamplerSpec
 
 DEFAULTS: dict[str, Any] = {"steps": 20, "sampler": "dpmpp_2m", "seed": 0}
 DEFAULT_CFG = {"latent": 7.0, "pixel": 2.0}
@@ -240,17 +243,17 @@ def generate_command(
         typer.echo(f"wrote {p}")
 
 
-def diffusers_scheduler_config(net: Any, sampler: str) -> dict[str, Any] | None:
+def diffusers_scheduler_config(net: Any, sampler: str | SamplerSpec) -> dict[str, Any] | None:
     """The diffusers scheduler config an imported Stable Diffusion model samples with, so
     that a seed gives the image diffusers gives: the folder's own ``scheduler_config.json``,
     or SD 1.5's for a single file. None (noisecraft's own rules) for native models and for
     samplers diffusers has no scheduler for (e.g. heun)."""
     from noisecraft.io.formats.single_file import SingleFileInfo
-    from noisecraft.samplers import parse_sampler_name
-    from noisecraft.samplers.diffusers_schedulers import DIFFUSERS_SAMPLERS, SD15_SCHEDULER_CONFIG
+    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+    from noisecraft.samplers import as_spec
 
     info = getattr(net, "info", None)
-    if info is None or parse_sampler_name(sampler)[0] not in DIFFUSERS_SAMPLERS:
+    if info is None or as_spec(sampler).record.diffusers_scheduler is None:
         return None
     saved = info.diffusion.get("scheduler")
     if saved:
@@ -325,6 +328,7 @@ def run_generate(
         sampler_display,
         sampler_from_display,
     )
+    from noisecraft.samplers import parse_sampler
 
     png: dict[str, Any] = read_png_parameters(from_png) if from_png is not None else {}
     if model is None:
@@ -406,14 +410,19 @@ def run_generate(
         net = compile_unet(net)
     if latent and png.get("clip_skip") is not None:
         net = net.replace(clip_skip=int(png["clip_skip"]))
-    if sampler is not None:
-        sampler_name, spacing = sampler, None
+    if sampler is not None:  # the sampler choice, parsed once
+        spec = parse_sampler(sampler)
     elif "sampler" in png:
-        sampler_name, spacing = sampler_from_display(png["sampler"], png.get("schedule_type"))
+        spec = sampler_from_display(
+            png["sampler"],
+            png.get("schedule_type"),
+            version=png.get("version"),
+            discard=png.get("discard_penultimate_sigma"),
+        )
     elif fast:
-        sampler_name, spacing = FAST.sampler, FAST.spacing
+        spec = parse_sampler(FAST.sampler, FAST.spacing)
     else:
-        sampler_name, spacing = DEFAULTS["sampler"], None
+        spec = parse_sampler(DEFAULTS["sampler"])
     default_steps = FAST.steps if fast else DEFAULTS["steps"]
     prompt = prompt if prompt is not None else png.get("prompt")
     negative = negative if negative is not None else png.get("negative_prompt", "")
@@ -442,9 +451,8 @@ def run_generate(
         mask_image = load_mask(mask)
     req = GenerateRequest(
         n=n,
-        sampler=sampler_name,
-        scheduler_config=diffusers_scheduler_config(net, sampler_name),
-        spacing=spacing,
+        sampler=spec,
+        scheduler_config=diffusers_scheduler_config(net, spec),
         steps=steps if steps is not None else png.get("steps", default_steps),
         fast=FAST if fast else None,
         vae_tiling=tiling,
@@ -472,7 +480,8 @@ def run_generate(
     ) as bar:
         images = generate(net, req, callback=lambda d: bar.update(1))
 
-    display, schedule = sampler_display(req.sampler, req.spacing)
+    diffusers = req.scheduler_config is not None
+    display, schedule = sampler_display(req.spec, diffusers=diffusers)
     clip_skip = None
     if latent:
         clip_skip = net.clip_skip or net.text_encoder.config.clip_skip
@@ -493,6 +502,7 @@ def run_generate(
             clip_skip=clip_skip,
             guidance_rescale=req.guidance_rescale,
             eta=req.eta,
+            discard_penultimate_sigma=req.spec.discard_note(diffusers),
             extra={"Class": klass} if klass is not None else None,
         )
         written.append(write_png(image, path, text, overwrite=overwrite))
