@@ -37,17 +37,8 @@ from typing import Any
 
 from noisecraft import __version__
 from noisecraft.errors import ConfigError, NoisecraftError
-from noisecraft.samplers import (
-    RECORDS,
-    SCHEDULE_LABELS,
-    SamplerSpec,
-    as_spec,
-    parse_sampler,
-)
+from noisecraft.samplers import SCHEDULE_LABELS, SamplerSpec, as_spec, parse_sampler
 from noisecraft.samplers.spec import schedule_from_text
-
-#: noisecraft sampler name -> AUTOMATIC1111's display name (from the sampler records).
-A1111_SAMPLER_NAMES = {r.name: r.display for r in RECORDS}
 
 #: The ``Version`` prefix of infotexts noisecraft writes.
 NOISECRAFT_VERSION_PREFIX = "noisecraft"
@@ -268,7 +259,6 @@ def _typed(key: str, value: str) -> Any:
 
 
 __all__ = [
-    "A1111_SAMPLER_NAMES",
     "format_parameters",
     "parse_parameters",
     "quote",
