@@ -14,6 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	# test-only FID reference; --no-deps: its torchvision would replace the pinned torch
 	$(BIN)/python -m pip install -q --no-deps pytorch-fid==0.3.0
+	# test-only sampler reference (tests/test_kdiffusion_parity.py); --no-deps: its own
+	# requirements pull torchvision and training code; trampoline keeps diffusers' torchsde
+	# import (DPMSolverSDEScheduler) working
+	$(BIN)/python -m pip install -q --no-deps k-diffusion==0.1.1.post1 torchsde==0.2.6 torchdiffeq==0.2.5 trampoline==0.1.2
 	touch $(STAMP)
 
 setup: $(STAMP)

@@ -227,7 +227,7 @@ def diffusers_pipeline(
     """
     import diffusers
 
-    from noisecraft.samplers.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 
     parts = dict(parts or {})
     unet = parts.get("unet") or diffusers_unet(model.unet)

@@ -39,7 +39,10 @@ def quality(args: argparse.Namespace) -> None:
     extractor = mnist_extractor()
     dc2, dc3, dc21 = (FastMode(DeepCacheConfig(*nb)) for nb in ((2, 2), (3, 2), (2, 1)))
     settings = {  # name: (request fields, int8)
-        "DPM++ 2M 20 steps (reference)": (dict(sampler="dpmpp_2m", steps=20), False),
+        "DPM++ 2M Uniform 20 steps (reference)": (
+            dict(sampler="dpmpp_2m", spacing="linspace", steps=20),
+            False,
+        ),
         "DPM++ 2M Karras 10 steps": (dict(sampler="dpmpp_2m", spacing="karras", steps=10), False),
         "  + DeepCache N=2 b=2 (FAST)": (
             dict(sampler="dpmpp_2m", spacing="karras", steps=10, fast=dc2),

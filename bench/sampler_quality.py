@@ -10,9 +10,13 @@ recommendation). DDPM at 1000 steps is the reference row.
     python bench/sampler_quality.py                   # CPU: slow (hours at the defaults)
     python bench/sampler_quality.py --device cuda     # a GPU: minutes
 
-Steps per budget: ``steps = max(1, NFE // nfe_per_step)`` from ``SAMPLER_INFO``
-(Heun and DPM2 use two evaluations per step; their last step to sigma 0 is a
-single Euler evaluation, so they spend one NFE less than the budget).
+Steps per budget: ``steps = max(1, NFE // nfe_per_step)`` from the sampler records
+(Heun, DPM2 and the other 2-call samplers use two evaluations per step; their last step
+to sigma 0 is a single Euler evaluation, so they spend one NFE less than the budget).
+
+``--spacings``: a named spacing runs every sampler on that grid as it is (without
+AUTOMATIC1111's discard-penultimate-sigma rule); ``auto`` runs each sampler on its own A1111
+default grid ("Schedule type: Automatic", with the discard rule where the sampler has it).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from noisecraft.io.native import load_pixel_diffusion
 from noisecraft.metrics.features import mnist_extractor
 from noisecraft.metrics.frechet import fid_from_features
 from noisecraft.pipelines import GenerateRequest, generate
-from noisecraft.samplers import SAMPLER_INFO
+from noisecraft.samplers import REGISTRY, parse_sampler
 from noisecraft.training.config import DataConfig
 from noisecraft.training.data import load_dataset
 
@@ -54,11 +58,12 @@ def main() -> None:
     ap.add_argument("--model", default=str(ASSET))
     ap.add_argument("--n", type=int, default=2000, help="samples per cell")
     ap.add_argument("--nfe", default="5,10,20,50,100")
-    ap.add_argument("--samplers", default=",".join(SAMPLER_INFO))
+    ap.add_argument("--samplers", default=",".join(REGISTRY))
     ap.add_argument(
         "--spacings",
         default="linspace,karras",
-        help="sigma spacings to try for every sampler (one table row each)",
+        help="sigma spacings to try for every sampler (one table row each); 'auto' = the "
+        "sampler's A1111 default grid",
     )
     ap.add_argument("--cfg", type=float, default=2.0)
     ap.add_argument("--device", default="cpu")
@@ -78,11 +83,14 @@ def main() -> None:
     classes = [i % k for i in range(args.n)] if model.num_classes else None
 
     def fid_of(sampler: str, steps: int, spacing: str = "linspace") -> tuple[float, float]:
+        if spacing == "auto":
+            spec = parse_sampler(sampler)
+        else:  # the grid as named, without A1111's discard rule
+            spec = parse_sampler(sampler, spacing, discard_penultimate_sigma=False)
         req = GenerateRequest(
             n=args.n,
-            sampler=sampler,
+            sampler=spec,
             steps=steps,
-            spacing=spacing,
             cfg=args.cfg,
             classes=classes,
             seed=0,
@@ -97,7 +105,7 @@ def main() -> None:
     results: dict[str, dict[int, dict]] = {}
     for spacing in args.spacings.split(","):
         for sampler in args.samplers.split(","):
-            per_step = SAMPLER_INFO[sampler][2]
+            per_step = REGISTRY[sampler].nfe_per_step
             name = sampler if spacing == "linspace" else f"{sampler} ({spacing})"
             results[name] = {}
             for nfe in budgets:
@@ -146,12 +154,13 @@ def write_report(args, budgets, results, reference) -> None:
         f"FID (features of the shipped MNIST classifier, {args.n} class-balanced samples vs the "
         f"5,000 MNIST digits) of the shipped model `{Path(args.model).name}`, "
         f"classifier-free guidance {args.cfg}, seed 0; rows without a suffix use linspace "
-        "sigma spacing, the others the spacing named. "
+        "sigma spacing, the others the spacing named (as it is, without A1111's "
+        "discard-penultimate-sigma rule; 'auto': the sampler's A1111 default grid). "
         "Lower is better. Regenerate with:",
         "",
         "```bash",
         f"python bench/sampler_quality.py --n {args.n} --nfe {args.nfe} --cfg {args.cfg} "
-        f"--spacings {args.spacings} --device {args.device}",
+        f"--spacings {args.spacings} --samplers {args.samplers} --device {args.device}",
         "```",
         "",
         "| sampler | " + " | ".join(f"NFE {b}" for b in budgets) + " |",

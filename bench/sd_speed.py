@@ -313,7 +313,7 @@ def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Met
     import torch
 
     from noisecraft.pipelines import GenerateRequest, generate
-    from noisecraft.samplers.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 
     parts = _sd15.build_ours(args.tiny, device=device, dtype=dtype)
     model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])

@@ -14,7 +14,8 @@ size), float32 on the CPU, no gradients:
 Quality (``--quality``): the shipped text-to-image model (assets/mnist_text.safetensors) and
 the shipped tiny decoder (assets/mnist_text_tiny_decoder.safetensors). The latents of
 ``--fid-n`` generated images (prompts "a handwritten <digit>", digits in turn, DPM++ 2M 20
-steps, CFG 5, seeds 0..n-1; the first 100 are tests/test_shipped_text_model.py's) are decoded
+steps on the linspace grid, CFG 5, seeds 0..n-1; the first 100 are the prompts and seeds of
+tests/test_shipped_text_model.py, which runs DPM++ 2M's default Karras grid) are decoded
 by the VAE and by the tiny decoder; reported: the digit accuracy of the MNIST classifier on
 both, FID with the MNIST features (noisecraft.metrics) of each against the 5,000 MNIST digits
 of ``data.name = "mnist"`` (the training set of the VAE, the U-Net and the tiny decoder: there
@@ -116,7 +117,13 @@ def quality(args: argparse.Namespace) -> None:
     digits[:100] = [d for d in range(10) for _ in range(10)]  # the shipped-model test's 100
     prompts = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]
     req = GenerateRequest(
-        n=len(prompts), prompts=prompts, sampler="dpmpp_2m", steps=20, cfg=5.0, seed=0
+        n=len(prompts),
+        prompts=prompts,
+        sampler="dpmpp_2m",
+        spacing="linspace",  # the grid docs/performance.md's numbers were measured on
+        steps=20,
+        cfg=5.0,
+        seed=0,
     )
     t0 = time.perf_counter()
     latents = generate(model, req, decode=False)

@@ -239,6 +239,18 @@ def test_eval_prints_table_and_writes_json(trained, capsys):
     assert doc["metrics"]["fid"] > 0 and doc["metrics"]["bpd"] > 0
 
 
+def test_eval_records_the_schedule_it_sampled_on(trained):
+    """--spacing picks the grid; without it DPM++ 2M runs on its A1111 default, Karras."""
+    import json
+
+    model = str(trained / "run" / "model.safetensors")
+    out = trained / "eval_spacing.json"
+    base = ["eval", model, "--metrics", "fid", "--n", "100", "--steps", "2", "--overwrite"]
+    for extra, schedule in ([], "karras"), (["--spacing", "Uniform"], "linspace"):
+        assert main([*base, *extra, "--out", str(out)]) == 0
+        assert json.loads(out.read_text())["schedule"] == schedule
+
+
 @pytest.mark.parametrize(
     "extra, needle",
     [

@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from noisecraft.cli.main import main
 from noisecraft.io.formats.auto import detect_format, load_any
-from noisecraft.samplers.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 from test_diffusers_folder import H, W, _build_pipeline
 
 diffusers = pytest.importorskip("diffusers")

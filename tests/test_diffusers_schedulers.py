@@ -29,8 +29,7 @@ import torch
 from noisecraft.diffusion import DiscreteDenoiser, NoiseSchedule
 from noisecraft.errors import ConfigError, UnknownNameError
 from noisecraft.pipelines import GenerateRequest, generate
-from noisecraft.samplers import SAMPLERS
-from noisecraft.samplers.diffusers_schedulers import (
+from noisecraft.pipelines.diffusers_schedulers import (
     DIFFUSERS_SAMPLERS,
     SD15_SCHEDULER_CONFIG,
     SD15_SCHEDULERS,
@@ -39,6 +38,7 @@ from noisecraft.samplers.diffusers_schedulers import (
     from_diffusers,
     scheduler_for,
 )
+from noisecraft.samplers import SAMPLERS
 from test_latent_pipeline import H, W, _diffusers_components, _image, _pil, tiny_model
 
 diffusers = pytest.importorskip("diffusers")

@@ -315,7 +315,7 @@ def _digit_accuracy(model: LatentDiffusion, request: GenerateRequest) -> float:
 
 def test_fast_mode_keeps_the_digits(shipped):
     """FAST: DeepCache N = 2, branch 2 + DPM++ 2M Karras 10 steps, CFG 5: measured 1.00 (plain
-    20 steps: 1.00; branch 1: 1.00)."""
+    DPM++ 2M Uniform 20 steps: 1.00; branch 1: 1.00)."""
     assert _digit_accuracy(shipped, FAST.request(cfg=5.0, seed=0)) >= 0.9
 
 

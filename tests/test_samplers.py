@@ -16,28 +16,33 @@ import torch
 
 from noisecraft.errors import ConfigError, NoisecraftError, UnknownNameError
 from noisecraft.samplers import (
-    SAMPLER_INFO,
+    REGISTRY,
     SAMPLERS,
     get_sampler,
     parse_sampler_name,
     sample_ddim,
     sample_ddpm,
+    sample_dpm2,
+    sample_dpm2_ancestral,
     sample_dpmpp_2m,
     sample_dpmpp_2m_sde,
+    sample_dpmpp_2m_sde_heun,
+    sample_dpmpp_2s_ancestral,
+    sample_dpmpp_sde,
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
     sample_unipc,
 )
+from noisecraft.samplers.dpmpp import _brownian_pair
 from noisecraft.samplers.lms import lms_coefficient
 
 MU, S = 0.5, 0.5
 NAMES = list(SAMPLERS)
-STOCHASTIC = [n for n in NAMES if SAMPLER_INFO[n][0]]
-DETERMINISTIC = [n for n in NAMES if not SAMPLER_INFO[n][0]]
+STOCHASTIC = [n for n in NAMES if REGISTRY[n].stochastic]
+DETERMINISTIC = [n for n in NAMES if not REGISTRY[n].stochastic]
 # the deterministic (eta = 0) limit of the stochastic samplers, for the convergence test
-ODE_OPTIONS = {"euler_ancestral": {"eta": 0.0}, "dpmpp_2m_sde": {"eta": 0.0}}
-ODE_OPTIONS["dpmpp_3m_sde"] = {"eta": 0.0}
+ODE_OPTIONS = {n: {"eta": 0.0} for n in STOCHASTIC if n != "ddpm"}
 
 
 def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,7 @@ def test_converges_to_the_ode_solution_at_its_stated_order(name):
     slope = -(
         ((logn - logn.mean()) * (loge - loge.mean())).sum() / ((logn - logn.mean()) ** 2).sum()
     )
-    order = SAMPLER_INFO[name][1]
+    order = REGISTRY[name].order
     assert slope >= order - 0.5, f"{name}: observed order {slope:.2f}, stated {order}"
     assert slope <= order + 1.0, f"{name}: observed order {slope:.2f} far above stated {order}"
     assert final[-1] < (0.03 if order == 1 else 2e-3)
@@ -187,7 +192,7 @@ def test_contract_callback_extra_args_and_no_mutation(name):
     assert out.shape == x.shape and out.dtype == x.dtype
     assert torch.isfinite(out).all()
     # cost per step as listed: 2-call samplers make a plain Euler step to sigma = 0
-    nfe = SAMPLER_INFO[name][2]
+    nfe = REGISTRY[name].nfe_per_step
     assert len(seen_sigmas) == nfe * n - (nfe - 1)
     assert float(seen_sigmas[0][0]) == pytest.approx(float(sigmas[0]))
 
@@ -248,6 +253,10 @@ def test_contract_rejects_unknown_options(name):
         ("unipc", {"variant": "bh3"}),
         ("plms", {"warmup": "rk4"}),
         ("dpmpp_2m_sde", {"solver_type": "rk4"}),
+        ("dpmpp_2m_sde_heun", {"solver_type": "midpoint"}),  # fixed by the name
+        ("dpmpp_sde", {"r": 0.0}),
+        ("dpm2_ancestral", {"eta": -0.5}),
+        ("dpmpp_2s_ancestral", {"s_noise": -1.0}),
         ("euler", {"s_churn": -1.0}),
         ("ddim", {"final_sigma": -0.1}),
         ("lms", {"history_sigmas": [0.01]}),  # below sigmas[0]
@@ -301,6 +310,41 @@ def test_dpmpp_2m_sde_with_eta0_is_dpmpp_2m():
     )
 
 
+def test_ancestral_second_order_samplers_with_eta0():
+    """eta = 0 leaves the deterministic method: DPM2 a -> DPM2; DPM++ SDE and DPM++ 2S a ->
+    the same DPM-Solver++(2S) midpoint step (Lu et al. 2022 Alg. 1, r = 1/2)."""
+    x, sigmas = _gauss64()
+    ref = sample_dpm2(gaussian_denoiser, x, sigmas)
+    torch.testing.assert_close(sample_dpm2_ancestral(gaussian_denoiser, x, sigmas, eta=0.0), ref)
+    two_s = sample_dpmpp_2s_ancestral(gaussian_denoiser, x, sigmas, eta=0.0)
+    torch.testing.assert_close(sample_dpmpp_sde(gaussian_denoiser, x, sigmas, eta=0.0), two_s)
+    assert (two_s - ref).abs().max() > 1e-6  # a different second-order method
+
+
+def test_dpmpp_2m_sde_heun_is_the_heun_solver_type():
+    x, sigmas = _gauss64()
+
+    def run(fn, **kw):
+        return fn(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(2), **kw)
+
+    heun = run(sample_dpmpp_2m_sde_heun)
+    torch.testing.assert_close(heun, run(sample_dpmpp_2m_sde, solver_type="heun"))
+    assert (heun - run(sample_dpmpp_2m_sde)).abs().max() > 1e-4
+
+
+def test_dpmpp_sde_noise_is_brownian_in_sigma():
+    """z1, z2: unit increments of one Brownian motion over [s_mid, s] and [sn, s], so
+    Var = 1 each and Cov = sqrt((s - s_mid) / (s - sn)) (what k-diffusion's Brownian tree
+    gives); 200000 draws, 5 standard errors."""
+    s, s_mid, sn = 3.0, 1.2, 0.5
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = _brownian_pair(torch.zeros(200000, dtype=torch.float64), g, s, s_mid, sn)
+    tol = 5 * math.sqrt(2 / 200000)
+    assert abs(z1.var().item() - 1) < tol and abs(z2.var().item() - 1) < tol
+    cov = (z1 * z2).mean().item()
+    assert abs(cov - math.sqrt((s - s_mid) / (s - sn))) < 5 / math.sqrt(200000)
+
+
 @pytest.mark.parametrize("fn", [sample_euler, sample_heun])
 def test_churn_is_seeded_noise(fn):
     """Karras Alg. 2 churn: noise only when s_churn > 0, and then from the generator."""
@@ -349,18 +393,31 @@ def test_registry_names_and_info():
         "euler_ancestral",
         "heun",
         "dpm2",
+        "dpm2_ancestral",
         "lms",
         "plms",
         "dpmpp_2m",
+        "dpmpp_sde",
+        "dpmpp_2s_ancestral",
         "dpmpp_2m_sde",
+        "dpmpp_2m_sde_heun",
         "dpmpp_3m_sde",
         "unipc",
     }
-    assert list(SAMPLER_INFO) == list(SAMPLERS)
-    for stochastic, order, nfe, desc in SAMPLER_INFO.values():
-        assert isinstance(stochastic, bool) and order >= 1 and nfe in (1, 2)
-        assert desc and "\n" not in desc
-    assert set(STOCHASTIC) == {"ddpm", "euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde"}
+    assert list(REGISTRY) == list(SAMPLERS)
+    for r in REGISTRY.values():
+        assert isinstance(r.stochastic, bool) and r.order >= 1 and r.nfe_per_step in (1, 2)
+        assert r.description and "\n" not in r.description
+    assert set(STOCHASTIC) == {
+        "ddpm",
+        "euler_ancestral",
+        "dpm2_ancestral",
+        "dpmpp_sde",
+        "dpmpp_2s_ancestral",
+        "dpmpp_2m_sde",
+        "dpmpp_2m_sde_heun",
+        "dpmpp_3m_sde",
+    }
 
 
 @pytest.mark.parametrize(
@@ -382,6 +439,18 @@ def test_registry_names_and_info():
         ("PLMS", "plms", None),
         ("DPM2", "dpm2", None),
         ("Heun", "heun", None),
+        ("DPM2 a", "dpm2_ancestral", None),
+        ("DPM2 a Karras", "dpm2_ancestral", "karras"),
+        ("k_dpm_2_a", "dpm2_ancestral", None),
+        ("dpm_2_ancestral", "dpm2_ancestral", None),
+        ("DPM++ 2S a", "dpmpp_2s_ancestral", None),
+        ("DPM++ 2S a Karras", "dpmpp_2s_ancestral", "karras"),
+        ("k_dpmpp_2s_a", "dpmpp_2s_ancestral", None),
+        ("DPM++ SDE", "dpmpp_sde", None),
+        ("DPM++ SDE Karras", "dpmpp_sde", "karras"),
+        ("k_dpmpp_sde", "dpmpp_sde", None),
+        ("DPM++ 2M SDE Heun", "dpmpp_2m_sde_heun", None),
+        ("DPM++ 2M SDE Heun Exponential", "dpmpp_2m_sde_heun", "exponential"),
     ],
 )
 def test_parse_sampler_name(spelling, name, spacing):

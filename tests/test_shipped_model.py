@@ -31,7 +31,7 @@ def _accuracy(model, **req) -> float:
 def test_shipped_model_draws_the_asked_classes(model):
     assert (
         _accuracy(model, sampler="dpmpp_2m", steps=20, cfg=2.0, seed=0) >= 0.9
-    )  # measured 0.96; 0.33 without the x0 clip
+    )  # measured 0.99 (Karras, DPM++ 2M's default; linspace 0.96, 0.33 without the x0 clip)
 
 
 def test_predicted_x0_is_clipped_to_the_data_range(model):

@@ -34,6 +34,7 @@ from noisecraft.errors import ConfigError
 from noisecraft.io.formats.single_file import SingleFileInfo
 from noisecraft.models import LatentDiffusion
 from noisecraft.pipelines import GenerateRequest, count_steps, generate
+from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 from noisecraft.pipelines.fast import FAST
 from noisecraft.pipelines.png_params import (
     format_parameters,
@@ -41,8 +42,7 @@ from noisecraft.pipelines.png_params import (
     sampler_display,
     sampler_from_display,
 )
-from noisecraft.samplers import parse_sampler_name
-from noisecraft.samplers.diffusers_schedulers import DIFFUSERS_SAMPLERS, SD15_SCHEDULER_CONFIG
+from noisecraft.samplers import SamplerSpec, as_spec
 
 DEFAULT_SAMPLER = "dpmpp_2m"
 DEFAULT_STEPS = 20
@@ -82,13 +82,13 @@ class Pipeline:
             "cfg": DEFAULT_CFG[self.kind],
         }
 
-    def scheduler_config(self, sampler: str) -> dict[str, Any] | None:
+    def scheduler_config(self, sampler: str | SamplerSpec) -> dict[str, Any] | None:
         """The diffusers scheduler config an imported Stable Diffusion model samples with, so
         that a seed gives the image diffusers gives: the folder's own
         ``scheduler_config.json``, or SD 1.5's for a single file. None (noisecraft's own
         rules) for native models and for samplers diffusers has no scheduler for."""
         info = getattr(self.model, "info", None)
-        if info is None or parse_sampler_name(sampler)[0] not in DIFFUSERS_SAMPLERS:
+        if info is None or as_spec(sampler).record.diffusers_scheduler is None:
             return None
         saved = info.diffusion.get("scheduler")
         if saved:
@@ -106,7 +106,7 @@ class Pipeline:
         steps: int | None = None,
         cfg: float | None = None,
         seed: int = 0,
-        sampler: str | None = None,
+        sampler: str | SamplerSpec | None = None,
         schedule: str | None = None,
         width: int | None = None,
         height: int | None = None,
@@ -126,7 +126,7 @@ class Pipeline:
         d = self.defaults()
         if sampler is None:
             sampler, schedule = d["sampler"], schedule if schedule is not None else d["schedule"]
-        sampler_name, spacing = sampler_from_display(sampler, schedule)
+        spec = as_spec(sampler, schedule)  # the sampler choice, parsed once
         seed = _seed(seed)
         latent = self.kind == "latent"
         prompts = None
@@ -139,9 +139,8 @@ class Pipeline:
             )
         return GenerateRequest(
             n=n,
-            sampler=sampler_name,
-            spacing=spacing,
-            scheduler_config=self.scheduler_config(sampler_name),
+            sampler=spec,
+            scheduler_config=self.scheduler_config(spec),
             steps=d["steps"] if steps is None else steps,
             cfg=d["cfg"] if cfg is None else cfg,
             classes=_classes(class_label, n),
@@ -199,7 +198,7 @@ class Pipeline:
             from tqdm.auto import tqdm
 
             bar = tqdm(
-                total=total, desc=f"generating {req.n} image(s) ({req.sampler}, {req.steps} steps)"
+                total=total, desc=f"generating {req.n} image(s) ({req.spec}, {req.steps} steps)"
             )
         done = 0
 
@@ -230,7 +229,8 @@ class Pipeline:
     def infotext(self, req: GenerateRequest, i: int, width: int, height: int) -> str:
         """Image ``i``'s A1111 ``parameters`` text."""
         latent = self.kind == "latent"
-        display, schedule = sampler_display(req.sampler, req.spacing)
+        diffusers = req.scheduler_config is not None
+        display, schedule = sampler_display(req.spec, diffusers=diffusers)
         classes = req.classes
         return format_parameters(
             req.image_prompts()[i] if latent else "",
@@ -247,6 +247,7 @@ class Pipeline:
             clip_skip=self.model.effective_clip_skip(req.clip_skip) if latent else None,
             guidance_rescale=req.guidance_rescale,
             eta=req.eta,
+            discard_penultimate_sigma=req.spec.discard_note(diffusers),
             extra={"Class": classes[i]} if classes is not None else None,
         )
 
@@ -275,8 +276,11 @@ class Pipeline:
             out["prompt"] = params.get("prompt", "")
             out["negative_prompt"] = params.get("negative_prompt", "")
         if "sampler" in params:
-            out["sampler"], out["schedule"] = sampler_from_display(
-                params["sampler"], params.get("schedule_type")
+            out["sampler"] = sampler_from_display(
+                params["sampler"],
+                params.get("schedule_type"),
+                version=params.get("version"),
+                discard=params.get("discard_penultimate_sigma"),
             )
         keys = {
             "steps": "steps",

@@ -16,6 +16,13 @@ def eval_command(
     metrics: Annotated[str, typer.Option(help="comma list of fid,kid,is,pr,bpd")] = "fid,kid,is,pr",
     n: Annotated[int, typer.Option("--n", help="number of samples")] = 5000,
     sampler: Annotated[str, typer.Option(help="see `noisecraft samplers`")] = "dpmpp_2m",
+    spacing: Annotated[
+        str | None,
+        typer.Option(
+            help="linspace | leading | trailing | karras | exponential (default: the "
+            "sampler's, as A1111)"
+        ),
+    ] = None,
     steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
     cfg: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -71,7 +78,14 @@ def eval_command(
     if classes is not None:  # class-balanced, like the data
         classes = [i % model.num_classes for i in range(n)]
     req = GenerateRequest(
-        n=n, sampler=sampler, steps=steps, cfg=cfg, classes=classes, seed=seed, batch_size=batch
+        n=n,
+        sampler=sampler,
+        spacing=spacing,
+        steps=steps,
+        cfg=cfg,
+        classes=classes,
+        seed=seed,
+        batch_size=batch,
     )
     req.validate(model)
     samples = torch.empty(0)
@@ -119,6 +133,7 @@ def eval_command(
         "metrics": result,
         "n": n,
         "sampler": sampler,
+        "schedule": req.spec.schedule,
         "steps": steps,
         "cfg": cfg,
         "seed": seed,

@@ -108,7 +108,7 @@ def run_sampling(
     images = result.tensors
     req = result.request
     text = {
-        "parameters": f"sampler: {req.sampler}, steps: {req.steps}, cfg: {req.cfg}, "
+        "parameters": f"sampler: {req.spec.name}, steps: {req.steps}, cfg: {req.cfg}, "
         f"seed: {req.seed}, model: {checkpoint}"
     }
     written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
@@ -216,13 +216,25 @@ def text_demo(out: Path, steps: int, seed: int, overwrite: bool, per_row: int = 
 
 @app.command("samplers")
 def list_samplers() -> None:
-    """List the samplers with their order and cost."""
-    from noisecraft.samplers import SAMPLER_INFO
+    """List the samplers: A1111 name, order, cost and default schedule."""
+    from noisecraft.samplers import RECORDS
 
-    typer.echo(f"{'name':<16} {'kind':<13} {'order':>5} {'NFE/step':>8}  description")
-    for name, (stochastic, order, nfe, desc) in SAMPLER_INFO.items():
-        kind = "stochastic" if stochastic else "deterministic"
-        typer.echo(f"{name:<16} {kind:<13} {order:>5} {nfe:>8}  {desc}")
+    typer.echo(
+        f"{'name':<19} {'A1111 name':<18} {'kind':<13} {'order':>5} {'NFE/step':>8}  "
+        f"{'schedule':<14} description"
+    )
+    for r in RECORDS:
+        kind = "stochastic" if r.stochastic else "deterministic"
+        schedule = r.default_schedule + ("*" if r.discard_penultimate_sigma else "")
+        typer.echo(
+            f"{r.name:<19} {r.display:<18} {kind:<13} {r.order:>5} {r.nfe_per_step:>8}  "
+            f"{schedule:<14} {r.description}"
+        )
+    typer.echo(
+        "schedule: the grid when none is asked for (A1111's 'Automatic'); * = built for "
+        "steps + 1 with the second-to-last sigma dropped, as A1111. Any A1111 spelling works "
+        '("DPM++ 2M Karras", "k_dpmpp_2m").'
+    )
 
 
 @app.command("plot-schedule")

@@ -26,6 +26,7 @@ keep noisecraft's original rule: one generator seeded with ``seed`` draws the no
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -39,15 +40,14 @@ from noisecraft.diffusion import (
     CFGDenoiser,
     ClippedDenoiser,
     DiscreteDenoiser,
-    make_sigmas,
 )
 from noisecraft.errors import ConfigError
 from noisecraft.pipelines.backends import DiffusionModel, as_model
 from noisecraft.pipelines.deepcache import deepcache
+from noisecraft.pipelines.diffusers_schedulers import DiffusersSampling, for_sampler
 from noisecraft.pipelines.fast import FastMode, as_fast_mode
 from noisecraft.pipelines.inpaint import InpaintDenoiser
-from noisecraft.samplers import get_sampler, parse_sampler_name
-from noisecraft.samplers.diffusers_schedulers import DiffusersSampling, for_sampler
+from noisecraft.samplers import SamplerSpec, as_spec, get_sampler
 
 Denoiser = Callable[..., Tensor]
 
@@ -83,7 +83,7 @@ class GenerateRequest:
     * ``scheduler_config``: a diffusers scheduler config (a pipeline's
       ``scheduler_config.json``, e.g. ``SD15_SCHEDULER_CONFIG``): sample exactly as diffusers
       does with the scheduler it uses for ``sampler`` (timestep grid and rounding, initial
-      noise, DDIM's final alpha, ...; :mod:`noisecraft.samplers.diffusers_schedulers`).
+      noise, DDIM's final alpha, ...; :mod:`noisecraft.pipelines.diffusers_schedulers`).
       None = noisecraft's own rules.
     * ``vae_tiling``: decode latents in overlapping tiles (True), whole (False), or tiled
       only for images above 1024x1024 pixels (None; :mod:`noisecraft.models.vae_tiling`).
@@ -100,9 +100,9 @@ class GenerateRequest:
     """
 
     n: int = 16
-    sampler: str = "dpmpp_2m"
+    sampler: str | SamplerSpec = "dpmpp_2m"  # any spelling, or a parsed spec (parse_sampler)
     steps: int = 20
-    spacing: str | None = None  # None: the sampler name's choice (e.g. "... Karras") or linspace
+    spacing: str | None = None  # None: the name's "... Karras", else the sampler's A1111 default
     cfg: float = 1.0
     classes: Sequence[int] | None = None
     seed: int = 0
@@ -124,6 +124,13 @@ class GenerateRequest:
     clip_skip: int | None = None
 
     # ------------------------------------------------------------------ derived values
+    @functools.cached_property
+    def spec(self) -> SamplerSpec:
+        """The sampler choice (``sampler`` + ``spacing``), parsed once per request
+        (:mod:`noisecraft.samplers.spec`: explicit schedule, else the sampler's A1111 default
+        grid and its discard rule)."""
+        return as_spec(self.sampler, self.spacing)
+
     def image_seeds(self) -> list[int]:
         """The seed of each image: ``seeds``, or ``seed + i`` (AUTOMATIC1111's rule)."""
         if self.seeds is not None:
@@ -168,13 +175,13 @@ class GenerateRequest:
         """How diffusers samples this request (None without ``scheduler_config``)."""
         if self.scheduler_config is None:
             return None
-        return for_sampler(self.sampler, self.scheduler_config, self.spacing)
+        return for_sampler(self.spec, self.scheduler_config)
 
     # ------------------------------------------------------------------ validation
     def validate(self, model: Any) -> None:
         """Raise a one-line :class:`ConfigError` / unknown-name error before any work starts."""
         m = as_model(model)
-        get_sampler(parse_sampler_name(self.sampler)[0])
+        self.spec  # noqa: B018 -- parses the sampler choice: an unknown name fails here
         diffusers = self.diffusers_sampling()
         if diffusers is not None:
             diffusers.sampler_options(m.schedule, eta=self.eta)  # eta only where diffusers has it
@@ -329,7 +336,7 @@ class _Plan:
 
 
 def _plan(m: DiffusionModel, request: GenerateRequest) -> _Plan:
-    name, sampler_spacing = parse_sampler_name(request.sampler)
+    spec = request.spec
     start = request.start_index()
     per_image = m.per_image_seeds or request.seeds is not None
     size = request.batch_size
@@ -350,10 +357,9 @@ def _plan(m: DiffusionModel, request: GenerateRequest) -> _Plan:
             diffusers.quantize,
             initial,
         )
-    spacing = request.spacing or sampler_spacing or "linspace"
-    sigmas = make_sigmas(m.schedule, request.steps, spacing)
+    sigmas = spec.sigmas(m.schedule, request.steps)
     options = {} if request.eta is None else {"eta": request.eta}
-    return _Plan(name, spacing, sigmas, start, runs, per_image, options)
+    return _Plan(spec.name, spec.schedule, sigmas, start, runs, per_image, options)
 
 
 def count_steps(model: Any, request: GenerateRequest) -> int:

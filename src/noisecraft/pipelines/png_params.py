@@ -11,11 +11,20 @@ Line 1.. the prompt (may span lines), then ``Negative prompt: ...`` when there i
 one line of ``key: value`` pairs joined by ``", "`` in A1111's order. A value that holds a
 comma, a colon or a newline is written as a JSON string (A1111's ``quote``). Keys that
 noisecraft adds: ``Guidance rescale`` (Lin et al. 2023's phi, as diffusers'
-``guidance_rescale``) and ``Eta``; ``Schedule type`` is A1111's ``Karras`` / ``Exponential``
-for those spacings, and ``Leading`` / ``Trailing`` for diffusers' (the default "linspace" is
-not written). Parsing follows A1111: each prompt line is stripped, the last line holds the
-parameters when it has at least three ``key: value`` pairs, older infotexts that put the
-schedule into the sampler name ("DPM++ 2M Karras") are understood.
+``guidance_rescale``) and ``Eta``. ``Sampler`` / ``Schedule type`` come from the request's
+:class:`~noisecraft.samplers.SamplerSpec` (:func:`sampler_display`): A1111's display name,
+and the label of the grid whenever it is not the model default (``Karras``,
+``Exponential``, ``Uniform`` for linspace where the sampler's default is another grid;
+``Leading`` / ``Trailing`` for diffusers' spacings). ``Discard penultimate sigma`` is
+written, as A1111 does, where the rule differs from the sampler's own.
+
+Parsing follows A1111: each prompt line is stripped, the last line holds the parameters
+when it has at least three ``key: value`` pairs, older infotexts that put the schedule into
+the sampler name ("DPM++ 2M Karras") are understood, and a missing ``Schedule type`` means
+"Automatic" -- except in PNGs written by noisecraft (``Version: noisecraft ...``), where it
+means the linspace grid without A1111's discard rule: what noisecraft 0.1.0 used for every
+sampler before it followed A1111's per-sampler defaults, and what it still writes no
+``Schedule type`` for (:func:`sampler_from_display`).
 """
 
 from __future__ import annotations
@@ -23,45 +32,16 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 from noisecraft._version import __version__
-from noisecraft.errors import ConfigError
-from noisecraft.samplers import parse_sampler_name
+from noisecraft.errors import ConfigError, NoisecraftError
+from noisecraft.samplers import SCHEDULE_LABELS, SamplerSpec, as_spec, parse_sampler
+from noisecraft.samplers.spec import schedule_from_text
 
-#: noisecraft sampler name -> AUTOMATIC1111's display name.
-A1111_SAMPLER_NAMES = {
-    "ddpm": "DDPM",
-    "ddim": "DDIM",
-    "euler": "Euler",
-    "euler_ancestral": "Euler a",
-    "heun": "Heun",
-    "dpm2": "DPM2",
-    "lms": "LMS",
-    "plms": "PLMS",
-    "dpmpp_2m": "DPM++ 2M",
-    "dpmpp_2m_sde": "DPM++ 2M SDE",
-    "dpmpp_3m_sde": "DPM++ 3M SDE",
-    "unipc": "UniPC",
-}
-
-#: sigma spacing -> ``Schedule type`` value (linspace, the default, is not written).
-SCHEDULE_TYPES = {
-    "karras": "Karras",
-    "exponential": "Exponential",
-    "leading": "Leading",
-    "trailing": "Trailing",
-    "linspace": None,
-}
-_SCHEDULE_FROM_TEXT = {
-    "karras": "karras",
-    "exponential": "exponential",
-    "leading": "leading",
-    "trailing": "trailing",
-    "linspace": "linspace",
-    "uniform": "linspace",
-    "automatic": None,
-}
+#: The ``Version`` prefix of infotexts noisecraft writes.
+NOISECRAFT_VERSION_PREFIX = "noisecraft"
 
 # A1111's infotext_utils.re_param_code: key, then a JSON string or anything up to a comma.
 _RE_PARAM = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
@@ -81,6 +61,7 @@ _FIELDS = (
     ("clip_skip", "Clip skip"),
     ("guidance_rescale", "Guidance rescale"),
     ("eta", "Eta"),
+    ("discard_penultimate_sigma", "Discard penultimate sigma"),
 )
 _TYPES: dict[str, type] = {
     "Steps": int,
@@ -90,6 +71,7 @@ _TYPES: dict[str, type] = {
     "Clip skip": int,
     "Guidance rescale": float,
     "Eta": float,
+    "Discard penultimate sigma": bool,
 }
 
 
@@ -112,34 +94,56 @@ def unquote(text: str) -> str:
     return value if isinstance(value, str) else text
 
 
-def sampler_display(sampler: str, spacing: str | None = None) -> tuple[str, str | None]:
-    """(A1111 sampler name, ``Schedule type`` or None) of a noisecraft sampler spelling.
+def sampler_display(
+    sampler: str | SamplerSpec, spacing: str | None = None, *, diffusers: bool = False
+) -> tuple[str, str | None]:
+    """(A1111 sampler name, ``Schedule type`` or None) of a sampler choice
+    (:meth:`SamplerSpec.infotext`; ``diffusers``: a diffusers scheduler config chose the
+    grid, so only an explicit schedule is written).
 
     >>> sampler_display("dpmpp_2m_karras")
+    ('DPM++ 2M', 'Karras')
+    >>> sampler_display("dpmpp_2m")  # Automatic is Karras for DPM++ 2M, as in A1111
     ('DPM++ 2M', 'Karras')
     >>> sampler_display("Euler a")
     ('Euler a', None)
     """
-    name, implied = parse_sampler_name(sampler)
-    return A1111_SAMPLER_NAMES[name], SCHEDULE_TYPES.get(spacing or implied or "linspace")
+    return as_spec(sampler, spacing).infotext(diffusers)
 
 
-def sampler_from_display(sampler: str, schedule_type: str | None = None) -> tuple[str, str | None]:
-    """(noisecraft sampler name, sigma spacing or None) of an infotext's Sampler / Schedule type.
+def sampler_from_display(
+    sampler: str,
+    schedule_type: str | None = None,
+    *,
+    version: str | None = None,
+    discard: bool | None = None,
+) -> SamplerSpec:
+    """The sampler choice of an infotext's ``Sampler`` / ``Schedule type`` / ``Version`` /
+    ``Discard penultimate sigma``.
 
     Accepts A1111's current form (``Sampler: DPM++ 2M, Schedule type: Karras``) and the older
-    one with the schedule in the name (``Sampler: DPM++ 2M Karras``).
+    one with the schedule in the name (``Sampler: DPM++ 2M Karras``). Without a schedule
+    (or with "Automatic") the sampler's A1111 default applies, except in an infotext written
+    by noisecraft (``version`` "noisecraft ..."), where no schedule means linspace without
+    the discard rule (module docstring), so that its PNGs replay to the same image. noisecraft
+    before 0.2 never discarded a sigma, whatever the schedule.
     """
-    name, spacing = parse_sampler_name(sampler)
-    if schedule_type:
-        key = schedule_type.strip().lower()
-        if key not in _SCHEDULE_FROM_TEXT:
-            raise ConfigError(
-                f"unknown Schedule type '{schedule_type}' in the PNG parameters; noisecraft "
-                f"knows {', '.join(v for v in SCHEDULE_TYPES.values() if v)} (and Automatic)"
-            )
-        spacing = _SCHEDULE_FROM_TEXT[key] or spacing
-    return name, spacing
+    try:
+        explicit = schedule_from_text(schedule_type)
+    except NoisecraftError:
+        raise ConfigError(
+            f"unknown Schedule type '{schedule_type}' in the PNG parameters; noisecraft "
+            f"knows {', '.join(SCHEDULE_LABELS.values())} (and Automatic)"
+        ) from None
+    spec = parse_sampler(sampler, explicit, discard_penultimate_sigma=discard)
+    words = (version or "").strip().lower().split()
+    ours = bool(words) and words[0] == NOISECRAFT_VERSION_PREFIX
+    before_0_2 = ours and len(words) > 1 and words[1].startswith("0.1")
+    if ours and spec.explicit_schedule is None:
+        spec = replace(spec, automatic_schedule="linspace")
+    if (ours and spec.explicit_schedule is None) or before_0_2:
+        spec = replace(spec, discard_penultimate_sigma=bool(discard))  # None: never discarded
+    return spec
 
 
 def format_parameters(
@@ -158,12 +162,14 @@ def format_parameters(
     clip_skip: int | None = None,
     guidance_rescale: float | None = None,
     eta: float | None = None,
+    discard_penultimate_sigma: bool | None = None,
     extra: Mapping[str, Any] | None = None,
     version: str | None = f"noisecraft {__version__}",
 ) -> str:
     """The ``parameters`` text of one image, exactly as A1111's ``create_infotext`` lays it out.
 
-    ``sampler`` is written as given (use :func:`sampler_display` for A1111's names);
+    ``sampler`` / ``schedule_type`` are written as given (use :func:`sampler_display` for
+    A1111's names, and :meth:`SamplerSpec.discard_note` for ``discard_penultimate_sigma``);
     ``None`` values are left out; ``clip_skip`` 1 and ``guidance_rescale`` 0 too (A1111 omits
     the defaults). ``extra`` adds more ``key: value`` pairs before ``Version``.
     """
@@ -179,6 +185,9 @@ def format_parameters(
         "Clip skip": None if clip_skip is None or clip_skip <= 1 else int(clip_skip),
         "Guidance rescale": None if not guidance_rescale else float(guidance_rescale),
         "Eta": None if eta is None else float(eta),
+        "Discard penultimate sigma": (
+            None if discard_penultimate_sigma is None else bool(discard_penultimate_sigma)
+        ),
         **dict(extra or {}),
         "Version": version,
     }
@@ -194,7 +203,8 @@ def parse_parameters(text: str) -> dict[str, Any]:
 
     Returns ``prompt``, ``negative_prompt`` and, where present, ``steps``, ``sampler``,
     ``schedule_type``, ``cfg_scale``, ``seed``, ``width``, ``height``, ``model``,
-    ``denoising_strength``, ``clip_skip``, ``guidance_rescale``, ``eta``, ``version``, and
+    ``denoising_strength``, ``clip_skip``, ``guidance_rescale``, ``eta``,
+    ``discard_penultimate_sigma``, ``version``, and
     ``extra``: every other pair as ``{label: string}``. A value that is not of its type
     raises a one-line :class:`ConfigError`.
     """
@@ -237,6 +247,11 @@ def _typed(key: str, value: str) -> Any:
     kind = _TYPES.get(key)
     if kind is None:
         return value
+    if kind is bool:
+        word = value.strip().lower()
+        if word not in ("true", "false"):
+            raise ConfigError(f"PNG parameters: {key} '{value}' is not True or False")
+        return word == "true"
     try:
         return kind(value.strip())
     except ValueError:
@@ -245,7 +260,6 @@ def _typed(key: str, value: str) -> Any:
 
 
 __all__ = [
-    "A1111_SAMPLER_NAMES",
     "format_parameters",
     "parse_parameters",
     "quote",

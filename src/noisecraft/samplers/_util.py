@@ -7,8 +7,10 @@ stay in the dtype of ``x``.
 
 Noise rule for every stochastic sampler: when it injects noise at all (``eta > 0``) it draws
 exactly one tensor of ``x``'s shape per step, the last step included (where it is multiplied
-by 0), like diffusers' ancestral schedulers. So the generator advances the same way for a
-given number of steps whatever the sampler's internal branches.
+by 0), like diffusers' ancestral schedulers; DPM++ SDE, which adds noise twice per step,
+draws two. So the generator advances the same way for a given number of steps whatever the
+sampler's internal branches. All draws come from the ``generator`` argument (AUTOMATIC1111's
+SDE samplers use torchsde's Brownian tree instead: the same law, other numbers).
 """
 
 from __future__ import annotations

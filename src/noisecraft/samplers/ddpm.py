@@ -10,7 +10,7 @@ sigma = 0 like every grid here, and then agree with these samplers to float32 ro
 diffusers' last step lands on alpha_bar[0] (sigma ~ 0.03 for SD) and returns that slightly
 noisy x_VP; a grid ending in 0 cannot express that final step, so ``sample_ddim`` takes it
 as an option, ``final_sigma`` (set by the diffusers preset,
-:mod:`noisecraft.samplers.diffusers_schedulers`).
+:mod:`noisecraft.pipelines.diffusers_schedulers`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,8 @@
 In the VE view lambda = -log(sigma) and h = lambda_next - lambda = log(sigma / sigma_next);
 the exact solution of the probability-flow ODE is
 x_next = (sigma_next / sigma) x + sigma_next * integral of e^lambda D(lambda) d lambda,
-and the solvers below approximate D by its multistep extrapolation.
+and the solvers below approximate D by its multistep extrapolation (2M, 3M) or by a second
+evaluation inside the step (2S, SDE: singlestep).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import torch
 from noisecraft.errors import ConfigError
 from noisecraft.samplers._util import (
     Denoiser,
+    ancestral_step,
     bind,
     check_eta,
     check_sigmas,
     emit,
     randn_like,
     reject_options,
+    to_d,
 )
 
 
@@ -188,3 +191,157 @@ def sample_dpmpp_3m_sde(
         d_1, d_2 = denoised, d_1
         h_1, h_2 = h, h_1
     return x
+
+
+def _dpmpp_1(x: torch.Tensor, s: float, target: float, denoised: torch.Tensor) -> torch.Tensor:
+    """First-order DPM-Solver++ step (= DDIM) from sigma ``s`` to ``target``:
+    x' = (target / s) x - (e^{-h} - 1) D with h = log(s / target) (Lu et al. 2022 eq. 9);
+    D itself when ``target`` is 0 (h = inf)."""
+    if target == 0.0:
+        return denoised
+    return (target / s) * x - math.expm1(-math.log(s / target)) * denoised
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    **options: Any,
+) -> torch.Tensor:
+    """DPM-Solver++(2S) ancestral ("DPM++ 2S a"; k-diffusion's ``sample_dpmpp_2s_ancestral``).
+
+    Each step splits sigma -> sigma_next into a deterministic part to sigma_down and fresh
+    noise of std sigma_up (``ancestral_step``, Ho et al. 2020 eq. 7 in VE units, times
+    ``eta``). The deterministic part is DPM-Solver++(2S) (Lu et al. 2022 Alg. 1, r = 1/2):
+    with h = log(sigma / sigma_down), a first-order step to sigma_mid = sigma e^{-h/2} gives
+    D_mid = D(x_mid; sigma_mid), and x' = (sigma_down / sigma) x - (e^{-h} - 1) D_mid.
+    A step that ends at sigma_down = 0 is an Euler step. Two denoiser calls per step; one
+    noise draw per step, the last included (``eta > 0``).
+    """
+    reject_options("dpmpp_2s_ancestral", options)
+    check_eta("dpmpp_2s_ancestral", eta, s_noise)
+    sig = check_sigmas(sigmas)
+    model = bind(denoiser, x, extra_args)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = model(x, s)
+        emit(callback, i, x, sigmas, denoised)
+        down, up = ancestral_step(s, sn, eta)
+        if down == 0.0:
+            x = x + to_d(x, s, denoised) * (down - s)
+        else:
+            s_mid = s * math.exp(-0.5 * math.log(s / down))
+            x_mid = _dpmpp_1(x, s, s_mid, denoised)
+            x = _dpmpp_1(x, s, down, model(x_mid, s_mid))
+        if eta > 0.0:
+            x = x + randn_like(x, generator) * (s_noise * up)
+    return x
+
+
+def _brownian_pair(
+    x: torch.Tensor, generator: torch.Generator | None, s: float, s_mid: float, sn: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit noises of a Brownian motion W in sigma time over [s_mid, s] and over [sn, s]:
+    z1 = (W(s) - W(s_mid)) / sqrt(s - s_mid), z2 = (W(s) - W(sn)) / sqrt(s - sn). They are
+    correlated (the second interval holds the first), as the increments k-diffusion's
+    ``BrownianTreeNoiseSampler`` gives; made from two independent draws."""
+    a, b = randn_like(x, generator), randn_like(x, generator)
+    if sn == 0.0:
+        return a, b  # the last step (to sigma 0) uses no noise; the draws keep the count
+    w1, w2 = math.sqrt(s - s_mid), math.sqrt(s_mid - sn)
+    return a, (a * w1 + b * w2) / math.sqrt(s - sn)
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    r: float = 0.5,
+    **options: Any,
+) -> torch.Tensor:
+    """DPM-Solver++ SDE ("DPM++ SDE"; k-diffusion's ``sample_dpmpp_sde``): the singlestep
+    DPM-Solver++(2S) of Lu et al. 2022 (Alg. 1, intermediate point at fraction ``r`` of h)
+    with an ancestral split of both sub-steps.
+
+    With lambda = -log sigma, h = lambda_next - lambda, sigma_s = sigma e^{-r h}:
+    (1) first-order step (eq. 9) to sigma_down(sigma -> sigma_s), plus sigma_up z1, gives x_s
+    and D_s = D(x_s; sigma_s); (2) first-order step of x to sigma_down(sigma -> sigma_next)
+    with D' = (1 - 1/(2r)) D + 1/(2r) D_s, plus sigma_up z2. sigma_down / sigma_up come from
+    ``ancestral_step`` (Ho et al. 2020 eq. 7 in VE units, times ``eta``), both noises are
+    scaled by ``s_noise``; ``eta=0`` is the deterministic DPM-Solver++(2S), second order.
+    z1 and z2 are the unit increments of one Brownian motion in sigma over [sigma_s, sigma]
+    and [sigma_next, sigma] (correlated, as k-diffusion's Brownian-tree noise), made from
+    two independent draws from ``generator`` per step, the last step (Euler to sigma = 0)
+    included (``eta > 0``). Two denoiser calls per step.
+    """
+    reject_options("dpmpp_sde", options)
+    check_eta("dpmpp_sde", eta, s_noise)
+    if not 0.0 < r <= 1.0:
+        raise ConfigError(f"sampler 'dpmpp_sde': r must be in (0, 1], got {r}")
+    sig = check_sigmas(sigmas)
+    model = bind(denoiser, x, extra_args)
+    fac = 1.0 / (2.0 * r)
+    for i in range(len(sig) - 1):
+        s, sn = sig[i], sig[i + 1]
+        denoised = model(x, s)
+        emit(callback, i, x, sigmas, denoised)
+        s_mid = s * math.exp(-r * math.log(s / sn)) if sn > 0.0 else 0.0
+        z1 = z2 = None
+        if eta > 0.0:
+            z1, z2 = _brownian_pair(x, generator, s, s_mid, sn)
+        if sn == 0.0:
+            x = x + to_d(x, s, denoised) * (sn - s)
+            continue
+        down, up = ancestral_step(s, s_mid, eta)
+        x_s = _dpmpp_1(x, s, down, denoised)
+        if z1 is not None:
+            x_s = x_s + z1 * (s_noise * up)
+        d_prime = (1.0 - fac) * denoised + fac * model(x_s, s_mid)
+        down, up = ancestral_step(s, sn, eta)
+        x = _dpmpp_1(x, s, down, d_prime)
+        if z2 is not None:
+            x = x + z2 * (s_noise * up)
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde_heun(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    extra_args: dict | None = None,
+    eta: float = 1.0,
+    s_noise: float = 1.0,
+    **options: Any,
+) -> torch.Tensor:
+    """ "DPM++ 2M SDE Heun" (AUTOMATIC1111's name): :func:`sample_dpmpp_2m_sde` with
+    ``solver_type="heun"``, the phi_2-type weight of the second-order term."""
+    reject_options("dpmpp_2m_sde_heun", options)
+    return sample_dpmpp_2m_sde(
+        denoiser,
+        x,
+        sigmas,
+        generator=generator,
+        callback=callback,
+        extra_args=extra_args,
+        eta=eta,
+        s_noise=s_noise,
+        solver_type="heun",
+    )
