@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from noisecraft.cli import options as o
 from noisecraft.errors import ConfigError
 
 
@@ -16,13 +17,7 @@ def eval_command(
     metrics: Annotated[str, typer.Option(help="comma list of fid,kid,is,pr,bpd")] = "fid,kid,is,pr",
     n: Annotated[int, typer.Option("--n", help="number of samples")] = 5000,
     sampler: Annotated[str, typer.Option(help="see `noisecraft samplers`")] = "dpmpp_2m",
-    spacing: Annotated[
-        str | None,
-        typer.Option(
-            help="linspace | leading | trailing | karras | exponential (default: the "
-            "sampler's, as A1111)"
-        ),
-    ] = None,
+    schedule: o.Schedule = None,
     steps: Annotated[int, typer.Option(help="sampling steps")] = 20,
     cfg: Annotated[float, typer.Option(help="classifier-free guidance scale")] = 2.0,
     seed: Annotated[int, typer.Option(help="random seed")] = 0,
@@ -80,7 +75,7 @@ def eval_command(
     req = GenerateRequest(
         n=n,
         sampler=sampler,
-        spacing=spacing,
+        spacing=schedule,
         steps=steps,
         cfg=cfg,
         classes=classes,
