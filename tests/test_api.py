@@ -120,6 +120,14 @@ def test_result_has_images_seeds_and_infotexts(pipe):
     assert np.array_equal(np.asarray(result.images[0]), want.numpy())
 
 
+def test_a_list_of_prompts_makes_one_image_each(pipe):
+    result = pipe(["a cat", "the dog"], seed=3, **COMMON)
+    assert result.seeds == [3, 4]
+    assert [parse_parameters(t)["prompt"] for t in result.infotexts] == ["a cat", "the dog"]
+    alone = pipe("the dog", seed=4, **COMMON).tensors[0]
+    assert (alone - result.tensors[1]).abs().max() < 1e-4  # batched vs single float rounding
+
+
 def test_seed_minus_one_draws_a_seed_and_records_it(pipe):
     result = pipe("a cat", seed=-1, n=2, **COMMON)
     seed = result.seeds[0]

@@ -113,7 +113,7 @@ class Pipeline:
         init_image: ImageLike | None = None,
         strength: float | None = None,
         mask: ImageLike | None = None,
-        n: int = 1,
+        n: int | None = None,
         guidance_rescale: float = 0.0,
         clip_skip: int | None = None,
         class_label: int | Sequence[int] | None = None,
@@ -127,6 +127,8 @@ class Pipeline:
         if sampler is None:
             sampler, schedule = d["sampler"], schedule if schedule is not None else d["schedule"]
         spec = as_spec(sampler, schedule)  # the sampler choice, parsed once
+        if n is None:  # one image per prompt of a list, else one
+            n = len(prompt) if isinstance(prompt, (list, tuple)) else 1
         seed = _seed(seed)
         latent = self.kind == "latent"
         prompts = None
@@ -178,8 +180,8 @@ class Pipeline:
           A1111 names, e.g. "DPM++ 2M Karras"; ``noisecraft samplers`` lists them) and
           ``schedule`` (A1111's Schedule type: "karras", "exponential", ...);
         * ``seed``: image ``i`` gets ``seed + i``; -1 draws a random seed;
-        * ``n`` images of ``width`` x ``height`` pixels (default: the model's size, or the
-          init image's);
+        * ``n`` images (default: one per prompt of a list, else 1) of ``width`` x ``height``
+          pixels (default: the model's size, or the init image's);
         * ``init_image`` (PIL image, path, array or tensor) with ``strength`` for img2img,
           plus ``mask`` (white = repaint) for inpainting;
         * ``guidance_rescale`` (Lin et al. 2023), ``clip_skip`` (A1111's), ``eta``;
