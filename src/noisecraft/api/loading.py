@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from noisecraft.api.limits import Limits
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.pipeline import Pipeline
 from noisecraft.api.shipped import DEFAULT_MODEL, resolve_model, shipped_tiny_decoder
@@ -50,6 +51,8 @@ def load(
     prediction: str | None = None,
     arch: str | None = None,
     threads: int = 0,
+    max_pixels: int | None = None,
+    max_images: int | None = None,
 ) -> Pipeline:
     """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
 
@@ -57,8 +60,17 @@ def load(
     ``.ckpt``), a diffusers folder, or a shipped model's name (``"mnist-text"``, the default,
     or ``"mnist"``). The other options are described in the module docstring; ``vae``
     replaces the model's VAE, ``prediction`` ("eps" / "v") and ``arch`` ("sd1" / "sd2")
-    override what is detected from a single file.
+    override what is detected from a single file. ``max_pixels`` / ``max_images`` raise or
+    lower what one call may ask for (:class:`~noisecraft.api.limits.Limits`; a request that
+    does not fit the machine's memory is refused either way).
     """
+    limits = Limits(
+        **{
+            k: v
+            for k, v in (("max_pixels", max_pixels), ("max_images", max_images))
+            if v is not None
+        }
+    )
     options = LoadOptions(
         device=device,
         dtype=dtype,
@@ -75,13 +87,19 @@ def load(
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(model)
-    net = _load_weights(path, options)
-    net = _with_tiny_decoder(net, model, options)
+    decoder = _tiny_decoder_file(model, options)  # a missing one is said before the load
+    net = _with_tiny_decoder(_load_weights(path, options), decoder, device)
     if compile:
         from noisecraft.pipelines.compile import compile_unet
 
         net = compile_unet(net)
-    return Pipeline(net, name=Path(model).stem, options=options)
+    return Pipeline(
+        net,
+        name=Path(model).stem,
+        options=options,
+        limits=limits,
+        decoder_name=None if decoder is None else decoder.stem,
+    )
 
 
 def _load_weights(path: Path, o: LoadOptions) -> Any:
@@ -116,28 +134,36 @@ def _load_weights(path: Path, o: LoadOptions) -> Any:
     return net
 
 
-def _with_tiny_decoder(net: Any, model: str | os.PathLike, o: LoadOptions) -> Any:
-    """``net`` with the tiny decoder asked for: a file, the shipped one (True, or None in fast
-    mode where one ships), or none."""
+def _tiny_decoder_file(model: str | os.PathLike, o: LoadOptions) -> Path | None:
+    """The tiny decoder file asked for: a file, the shipped one (True, or None in fast mode
+    where one ships), or None."""
     wanted = o.tiny_decoder
     if wanted is None and o.fast:
-        wanted = shipped_tiny_decoder(model)
+        return shipped_tiny_decoder(model)
     if wanted is None or wanted is False:
+        return None
+    if wanted is not True:
+        return Path(wanted)
+    shipped = shipped_tiny_decoder(model)
+    if shipped is None:
+        raise ConfigError(
+            f"@fast_decode needs @tiny_decoder FILE for {model} (none ships with it; train "
+            "one: noisecraft train configs/mnist_tiny_decoder.toml with latent.vae set to "
+            "this model)",
+            settings=["fast_decode", "tiny_decoder"],
+        )
+    return shipped
+
+
+def _with_tiny_decoder(net: Any, path: Path | None, device: str) -> Any:
+    """``net`` with the tiny decoder of ``path`` (none when None)."""
+    if path is None:
         return net
     if not isinstance(net, LatentDiffusion):
         raise ConfigError(
             "@tiny_decoder is for latent models (they have a VAE)", settings=["tiny_decoder"]
         )
-    if wanted is True:
-        wanted = shipped_tiny_decoder(model)
-        if wanted is None:
-            raise ConfigError(
-                f"@fast_decode needs @tiny_decoder FILE for {model} (none ships with it; train "
-                "one: noisecraft train configs/mnist_tiny_decoder.toml with latent.vae set to "
-                "this model)",
-                settings=["fast_decode", "tiny_decoder"],
-            )
-    return net.replace(tiny_decoder=load_tiny_decoder(wanted, device=o.device))
+    return net.replace(tiny_decoder=load_tiny_decoder(path, device=device))
 
 
 __all__ = ["load"]

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import os
 import random
-from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from PIL import Image
 
-from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, open_image, to_pil
+from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
+from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
+from noisecraft.api.limits import Limits
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.result import GenerationResult
 from noisecraft.errors import ConfigError
@@ -38,9 +39,7 @@ from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 from noisecraft.pipelines.fast import FAST
 from noisecraft.pipelines.png_params import (
     format_parameters,
-    parse_parameters,
     sampler_display,
-    sampler_from_display,
 )
 from noisecraft.samplers import SamplerSpec, as_spec
 
@@ -56,12 +55,27 @@ class Pipeline:
     """A loaded model that makes images (module docstring). Build it with
     :func:`noisecraft.load`; ``model`` is the loaded
     :class:`~noisecraft.models.LatentDiffusion` or :class:`~noisecraft.models.PixelDiffusion`,
-    ``name`` what the infotext calls it (``Model:``)."""
+    ``name`` what the infotext calls it (``Model:``), ``limits`` what one call may ask for
+    (:class:`~noisecraft.api.limits.Limits`)."""
 
-    def __init__(self, model: Any, *, name: str = "model", options: LoadOptions | None = None):
+    def __init__(
+        self,
+        model: Any,
+        *,
+        name: str = "model",
+        options: LoadOptions | None = None,
+        limits: Limits | None = None,
+        decoder_name: str | None = None,
+    ):
         self.model = model
         self.name = name
         self.options = options or LoadOptions()
+        self.limits = limits or Limits()
+        self.decoder_name = decoder_name  # the tiny decoder's, for the infotext
+
+    @property
+    def model_has_tiny_decoder(self) -> bool:
+        return getattr(self.model, "tiny_decoder", None) is not None
 
     def __repr__(self) -> str:
         return f"Pipeline({self.name!r}, {self.kind}, device={self.options.device!r})"
@@ -136,9 +150,7 @@ class Pipeline:
             prompts = [prompt or ""] if prompt is None or isinstance(prompt, str) else prompt
         channels = self.model.vae.config.in_channels if latent else self.model.image_shape[0]
         if fast_decode is None:
-            fast_decode = (
-                self.options.fast and getattr(self.model, "tiny_decoder", None) is not None
-            )
+            fast_decode = self.options.fast and self.model_has_tiny_decoder
         return GenerateRequest(
             n=n,
             sampler=spec,
@@ -194,6 +206,7 @@ class Pipeline:
         """
         req = self.request(prompt, **settings)
         req.validate(self.model)  # every mistake is reported before any output starts
+        req = self.limits.apply(self.model, req, self.options.device)  # or refused: too large
         total = count_steps(self.model, req) if callback is not None or progress else 0
         bar = None
         if progress:
@@ -250,7 +263,10 @@ class Pipeline:
             guidance_rescale=req.guidance_rescale,
             eta=req.eta,
             discard_penultimate_sigma=req.spec.discard_note(diffusers),
-            extra={"Class": classes[i]} if classes is not None else None,
+            extra={
+                **({"Class": classes[i]} if classes is not None else {}),
+                **mode_fields(self.options, req.fast_decode, self.decoder_name),
+            },
         )
 
     def replay(self, source: str | os.PathLike | Image.Image, **overrides: Any) -> GenerationResult:
@@ -258,8 +274,9 @@ class Pipeline:
         itself, a PNG that carries it, or a PIL image read from one. ``overrides`` (any
         setting of :meth:`__call__`; None = keep the PNG's) replace what it says; an image
         made by img2img needs its ``init_image`` (and ``mask``) again."""
-        params = parse_parameters(_infotext(source))
-        settings = self._settings_of(params)
+        params = read_parameters(source)
+        check_modes(params, self.options, self.model_has_tiny_decoder)
+        settings = settings_of(params, self.kind == "latent")
         settings.update({k: v for k, v in overrides.items() if v is not None})
         if settings.get("init_image") is None and params.get("denoising_strength") is not None:
             raise ConfigError(
@@ -270,39 +287,6 @@ class Pipeline:
         if settings.get("init_image") is None:
             settings.pop("strength", None)
         return self(**settings)
-
-    def _settings_of(self, params: Mapping[str, Any]) -> dict[str, Any]:
-        """Call settings from a parsed infotext."""
-        out: dict[str, Any] = {}
-        if self.kind == "latent":
-            out["prompt"] = params.get("prompt", "")
-            out["negative_prompt"] = params.get("negative_prompt", "")
-        if "sampler" in params:
-            out["sampler"] = sampler_from_display(
-                params["sampler"],
-                params.get("schedule_type"),
-                version=params.get("version"),
-                discard=params.get("discard_penultimate_sigma"),
-            )
-        keys = {
-            "steps": "steps",
-            "cfg_scale": "cfg",
-            "seed": "seed",
-            "width": "width",
-            "height": "height",
-            "denoising_strength": "strength",
-            "clip_skip": "clip_skip",
-            "guidance_rescale": "guidance_rescale",
-            "eta": "eta",
-        }
-        out.update({ours: params[theirs] for theirs, ours in keys.items() if theirs in params})
-        klass = params.get("extra", {}).get("Class")
-        if klass is not None:
-            try:
-                out["class_label"] = int(klass)
-            except ValueError:
-                raise ConfigError(f"PNG parameters: Class '{klass}' is not an integer") from None
-        return out
 
 
 def _is_int(value: Any) -> bool:
@@ -320,22 +304,6 @@ def _classes(class_label: int | Sequence[int] | None, n: Any) -> list[int] | Non
     if _is_int(class_label):
         return [class_label] * n if _is_int(n) and n >= 1 else [class_label]
     return list(class_label)
-
-
-def _infotext(source: str | os.PathLike | Image.Image) -> str:
-    """The ``parameters`` text of an infotext string, a PNG file or a PIL image."""
-    if isinstance(source, str) and "\n" not in source and Path(source).suffix.lower() == ".png":
-        source = Path(source)
-    if isinstance(source, str):
-        return source
-    im = source if isinstance(source, Image.Image) else open_image(source, "source")
-    text = getattr(im, "text", {}).get("parameters") or im.info.get("parameters")
-    if not text:
-        raise ConfigError(
-            "the image has no 'parameters' text chunk; give a PNG written by noisecraft "
-            "(or AUTOMATIC1111)"
-        )
-    return text
 
 
 __all__ = ["DEFAULT_CFG", "DEFAULT_SAMPLER", "DEFAULT_STEPS", "Pipeline"]

@@ -74,6 +74,8 @@ def generate_command(
     low_memory: o.LowMemory = None,
     compile: o.Compile = False,
     threads: o.Threads = 0,
+    max_pixels: o.MaxPixels = None,
+    max_images: o.MaxImages = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     import noisecraft
@@ -88,7 +90,13 @@ def generate_command(
     if fast_decode:
         settings["fast_decode"] = True
         given["tiny_decoder"] = tiny_decoder or True  # the shipped one unless given
-    pipe = noisecraft.load(model or DEFAULT_MODEL, **o.api_settings(given, o.LOAD_SETTINGS))
+    load = o.api_settings(given, o.LOAD_SETTINGS)
+    if from_png is not None:  # the modes the image was made in, unless the command says
+        from noisecraft.api.infotext import load_options_of, read_parameters
+
+        recorded = load_options_of(read_parameters(from_png))
+        load = {**recorded, **{k: v for k, v in load.items() if v is not False}}
+    pipe = noisecraft.load(model or DEFAULT_MODEL, **load)
     if from_png is not None:
         result = pipe.replay(from_png, progress=True, **settings)
     else:

@@ -70,6 +70,8 @@ def run_sampling(
     overwrite: bool,
     save_every: int = 0,
     device: str = "cpu",
+    max_pixels: int | None = None,
+    max_images: int | None = None,
     **settings: Any,
 ) -> list[Path]:
     """A grid (one row per class) from a pixel model through the API, with a progress bar,
@@ -83,7 +85,7 @@ def run_sampling(
         check_writable(gif, overwrite=overwrite)
     if save_every < 0:
         raise ConfigError(f"--save-every must be >= 0, got {save_every}")
-    pipe = noisecraft.load(checkpoint, device=device)
+    pipe = noisecraft.load(checkpoint, device=device, max_pixels=max_pixels, max_images=max_images)
     if pipe.kind != "pixel":
         raise ConfigError(
             f"{checkpoint} is a text-to-image model; draw from it with noisecraft generate"
@@ -139,6 +141,8 @@ def sample(
         int, typer.Option(help="save x_t and predicted x0 every K steps into OUT_steps/")
     ] = 0,
     overwrite: o.Overwrite = False,
+    max_pixels: o.MaxPixels = None,
+    max_images: o.MaxImages = None,
 ) -> None:
     """Generate a grid of images from a pixel model (one row per class)."""
     settings = o.api_settings(locals(), ("sampler", "steps", "seed", "cfg", "schedule"))
@@ -151,6 +155,8 @@ def sample(
         overwrite=overwrite,
         save_every=save_every,
         device=device,
+        max_pixels=max_pixels,
+        max_images=max_images,
         **settings,
     )
     for p in paths:

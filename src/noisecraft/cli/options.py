@@ -23,8 +23,8 @@ FLAGS = {
     "negative_prompt": "--negative",
     "init_image": "--init",
     "class_label": "--class",
-    "width": "--size",
-    "height": "--size",
+    "width": "--size W",
+    "height": "H",
     "source": "--from-png",
 }
 
@@ -41,6 +41,8 @@ LOAD_SETTINGS = (
     "prediction",
     "arch",
     "threads",
+    "max_pixels",
+    "max_images",
 )
 
 
@@ -114,6 +116,11 @@ FastDecode = Annotated[
     typer.Option(help="decode with a tiny TAESD-like decoder (fast, small quality cost)"),
 ]
 Overwrite = Annotated[bool, typer.Option(help="replace existing output files")]
+MaxPixels = Annotated[
+    int | None,
+    typer.Option(help="largest image allowed, in pixels (default 4194304 = 2048x2048)"),
+]
+MaxImages = Annotated[int | None, typer.Option(help="most images per call (default 1000)")]
 
 # ---------------------------------------------------------------------------- how to load
 Device = Annotated[str, typer.Option(help="cpu | cuda")]

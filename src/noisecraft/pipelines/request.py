@@ -154,12 +154,16 @@ class GenerateRequest:
             diffusers.sampler_options(m.schedule, eta=self.eta)  # eta only where diffusers has it
         _check_int("n", self.n, 1)
         _check_int("steps", self.steps, 1)
+        if self.steps > m.schedule.num_steps:
+            raise ConfigError(
+                f"@steps must be at most {m.schedule.num_steps} (the model's training "
+                f"timesteps; more steps add nothing), got {self.steps}",
+                settings=["steps"],
+            )
         for seed in self.image_seeds() if self.seeds is not None else [self.seed]:
             _check_int("seed", seed, 0, 2**64)
-        if isinstance(self.cfg, bool) or not isinstance(self.cfg, (int, float)):
-            raise ConfigError(f"@cfg must be a number, got {self.cfg!r}", settings=["cfg"])
-        if not math.isfinite(self.cfg):
-            raise ConfigError(f"@cfg must be a finite number, got {self.cfg}", settings=["cfg"])
+        for name in ("cfg", "eta", "guidance_rescale", "strength"):
+            _check_finite(name, getattr(self, name), optional=name in ("eta", "strength"))
         if self.batch_size < 1:
             raise ConfigError(f"batch size must be at least 1, got {self.batch_size}")
         if not 0.0 <= self.guidance_rescale <= 1.0:
@@ -218,6 +222,16 @@ def _check_int(setting: str, value: Any, lo: int, hi: int | None = None) -> None
         top = "2^64" if hi == 2**64 else hi
         bound = f"at least {lo}" if hi is None else f"in [{lo}, {top})"
         raise ConfigError(f"@{setting} must be {bound}, got {value}", settings=[setting])
+
+
+def _check_finite(setting: str, value: Any, optional: bool = False) -> None:
+    """A one-line error unless ``value`` is a finite number (or None, if ``optional``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"@{setting} must be a number, got {value!r}", settings=[setting])
+    if not math.isfinite(value):
+        raise ConfigError(f"@{setting} must be a finite number, got {value}", settings=[setting])
 
 
 def img2img_start(steps: int, strength: float) -> int:
