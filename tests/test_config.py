@@ -58,6 +58,8 @@ def test_binary_or_unreadable_recipe_is_one_config_error(tmp_path):
     binary.write_bytes(bytes(range(256)) * 4)
     with pytest.raises(ConfigError, match="not a TOML text file"):
         load_config(binary)
+    with pytest.raises(ConfigError, match="is a folder; give a TOML recipe file"):
+        load_config(tmp_path)
     huge = tmp_path / "huge.toml"
     huge.write_bytes(b"# " + b"x" * 2_000_000)
     with pytest.raises(ConfigError, match="not a TOML recipe"):

@@ -173,12 +173,16 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("kind", ["truncated", "malicious", "text", "not_ours", "other_shapes"])
+@pytest.mark.parametrize(
+    "kind", ["truncated", "empty", "malicious", "text", "not_ours", "other_shapes"]
+)
 def test_bad_checkpoint_is_one_line_and_nothing_changes(tmp_path, trained, recipe, capsys, kind):
     ckpt = trained / "checkpoint.pt"
     marker = tmp_path / "pwned"
     if kind == "truncated":
         ckpt.write_bytes(ckpt.read_bytes()[:5000])
+    elif kind == "empty":
+        ckpt.write_bytes(b"")
     elif kind == "malicious":
         ckpt.write_bytes(pickle.dumps({"step": _Payload(marker)}))
     elif kind == "text":

@@ -342,7 +342,10 @@ def load_pickle(
 
     path = _existing(path)
     with open(path, "rb") as f:
-        is_zip = f.read(4) == _ZIP_MAGIC
+        head = f.read(4)
+    if not head:
+        raise _fail(path, f"is empty (0 bytes); {corrupt}")
+    is_zip = head == _ZIP_MAGIC
     try:
         with torch.serialization.safe_globals(_extra_safe_globals()), warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4" etc.
@@ -382,7 +385,10 @@ def load_pickle(
         MemoryError,
         RecursionError,
     ) as e:
-        raise _fail(path, f"is truncated or corrupt ({_one_line(e)}); {corrupt}") from None
+        detail = _one_line(e)
+        if isinstance(e, (KeyError, IndexError, EOFError)) or not detail:  # "101" says nothing
+            detail = f"{type(e).__name__} {detail}".strip()
+        raise _fail(path, f"is truncated or corrupt ({detail}); {corrupt}") from None
 
 
 # ---------------------------------------------------------------------------- dispatch

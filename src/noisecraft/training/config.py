@@ -399,6 +399,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
 
 def _read_toml(path: Path) -> dict[str, Any]:
     """The TOML document of a recipe file, or a one-line :class:`ConfigError`."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a TOML recipe file such as configs/mnist.toml")
     if not path.is_file():
         raise ConfigError(f"config file {path} not found; see configs/ for recipes")
     try:
