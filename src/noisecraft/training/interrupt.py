@@ -76,7 +76,8 @@ class StopRequest:
 
     def __exit__(self, *exc: object) -> None:
         for s, handler in self._previous.items():
-            signal.signal(s, handler)  # type: ignore[arg-type]
+            # None: a handler installed outside Python, which cannot be put back; default
+            signal.signal(s, signal.SIG_DFL if handler is None else handler)
         self._previous.clear()
 
 
