@@ -64,3 +64,39 @@ def test_safetensors_written_through_atomic_path_get_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert path.stat().st_mode & 0o777 == 0o644
+
+
+def test_remove_stale_temps_takes_only_our_names(tmp_path):
+    """What a kill -9 inside atomic_path / atomic_folder leaves, next to a user's files."""
+    from noisecraft.io.atomic import remove_stale_temps
+
+    (tmp_path / ".model.safetensors.ab12cd34.tmp").write_bytes(b"partial")
+    (tmp_path / ".out.zzzzzzzz.tmp").mkdir()
+    (tmp_path / ".out.zzzzzzzz.tmp" / "unet.bin").write_bytes(b"half a folder")
+    keep = [".notes.tmp", "a.tmp", ".x.TOOLONG123.tmp", ".x.short.tmp", "model.safetensors"]
+    for name in keep:
+        (tmp_path / name).write_text("mine")
+    removed = remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in removed) == [
+        ".model.safetensors.ab12cd34.tmp",
+        ".out.zzzzzzzz.tmp",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(keep)
+    assert remove_stale_temps(tmp_path / "missing") == []
+
+
+def test_remove_stale_temps_restores_a_folder_moved_aside(tmp_path):
+    """A kill between atomic_folder's two renames: the old folder is only in `.old`."""
+    from noisecraft.io.atomic import remove_stale_temps
+
+    old = tmp_path / ".model.abcdefgh.old"
+    (old / "folder").mkdir(parents=True)
+    (old / "folder" / "weights").write_text("the user's model")
+    (tmp_path / ".model.12345678.tmp").mkdir()  # the new folder, never renamed in
+    remove_stale_temps(tmp_path)
+    assert (tmp_path / "model" / "weights").read_text() == "the user's model"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    # when the replacement did land, the moved-aside copy is removed
+    (old / "folder").mkdir(parents=True)
+    remove_stale_temps(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

@@ -275,3 +275,23 @@ def test_corrupt_pickles(tmp_path):
     empty = tmp_path / "nothing.ckpt"
     torch.save({"epoch": 1}, empty)
     assert "holds no tensors" in _error(empty)
+
+
+def test_load_pickle_tells_a_text_file_from_a_payload(tmp_path):
+    """A file that is no pickle at all is "not a PyTorch checkpoint", not "code could run";
+    a protocol-4 payload (its FRAME opcode is as unknown to torch as text) still is."""
+    from noisecraft.io.safe_read import load_pickle
+
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    advice = dict(refused="do R", corrupt="do C")
+    message = _error(text, lambda p: load_pickle(p, **advice))
+    assert "is not a PyTorch checkpoint or is corrupt" in message and message.endswith("do C")
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"x": _Payload(tmp_path / "pwned")}, protocol=4))
+    message = _error(evil, lambda p: load_pickle(p, **advice))
+    assert message.startswith(f"refusing to load {evil}") and message.endswith("do R")
+    assert not (tmp_path / "pwned").exists()
+    nested = tmp_path / "state.pt"
+    torch.save({"step": 3, "opt": {"state": {0: {"m": torch.ones(2)}}}}, nested)
+    assert load_pickle(nested)["opt"]["state"][0]["m"].tolist() == [1.0, 1.0]

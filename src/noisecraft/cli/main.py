@@ -29,23 +29,25 @@ def train(
     ] = None,
     max_steps: Annotated[int | None, typer.Option(help="stop after this many steps")] = None,
     overwrite: Annotated[bool, typer.Option(help="start over in an existing run dir")] = False,
+    allow_config_change: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--allow-config-change",
+            help="resume although these keys differ from the run's saved config "
+            "(section.key, comma-separated or repeated); the run then no longer equals an "
+            "uninterrupted one. run.*, train.max_steps, train.device and train.threads may "
+            "always change",
+        ),
+    ] = None,
 ) -> None:
-    """Train a model; resumes automatically when the run dir holds a checkpoint."""
-    from noisecraft.training.config import load_config
-    from noisecraft.training.trainer import Trainer
+    """Train a model; resumes automatically when the run dir holds a checkpoint.
 
-    cfg = load_config(config, set_ or [])
-    trainer = Trainer(cfg, overwrite=overwrite)
-    if trainer.dataset.skipped and trainer.dist.is_main:
-        typer.echo(f"skipped {trainer.dataset.skipped} unreadable image(s) in {cfg.data.path}")
-    if trainer.step and trainer.dist.is_main:
-        typer.echo(f"resuming {trainer.run_dir} from step {trainer.step}")
-    res = trainer.train(max_steps)
-    if trainer.dist.is_main:
-        typer.echo(
-            f"trained to step {res.step} in {res.seconds:.0f} s ({res.samples_per_second:.1f} "
-            f"samples/s); model: {res.run_dir / 'model.safetensors'}"
-        )
+    Ctrl-C (or SIGTERM) finishes the step, saves a checkpoint and prints the command that
+    resumes the run (exit code 130, or 143 for SIGTERM).
+    """
+    from noisecraft.cli.train_cmd import run_train
+
+    run_train(config, set_ or [], max_steps, overwrite, allow_config_change)
 
 
 def _default_classes(n: int, num_classes: int | None, klass: int | None) -> tuple[list | None, int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -97,3 +98,43 @@ def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+#: Names of :func:`atomic_path` / :func:`atomic_folder` temporaries: ``.<name>.<8 random
+#: characters of tempfile's alphabet>.tmp`` (a file or a folder) and ``.<name>.<...>.old``
+#: (the folder an :func:`atomic_folder` moved aside).
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+)\.[a-z0-9_]{8}\.(?P<kind>tmp|old)$")
+
+
+def remove_stale_temps(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries that an interrupted :func:`atomic_path` / :func:`atomic_folder`
+    left in ``folder`` (a ``kill -9`` skips their clean-up); return what was removed.
+
+    Only names of our own pattern are touched, never a user's file. A ``.old`` folder holds
+    the previous version of a folder that was being replaced: if the new one never arrived
+    (the kill came between the two renames), it is moved back instead of removed. Call this
+    only where no other process is writing (e.g. a run directory held by its trainer).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    entries = sorted(folder.iterdir(), key=lambda p: p.name.endswith(".tmp"))  # .old first
+    for entry in entries:
+        m = _TEMP_NAME.match(entry.name)
+        if m is None or entry.is_symlink():
+            continue
+        target = folder / m["target"]
+        if m["kind"] == "old":
+            if not entry.is_dir():
+                continue
+            saved = entry / "folder"
+            if saved.exists() and not target.exists():
+                os.replace(saved, target)  # the replacement never landed: restore the old one
+            shutil.rmtree(entry, ignore_errors=True)
+        elif entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed

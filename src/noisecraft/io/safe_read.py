@@ -306,31 +306,8 @@ def read_ckpt(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
     non-tensor entries are dropped. The second value holds the outer level's scalar entries
     (e.g. Lightning's ``global_step``) as strings, as safetensors metadata would.
     """
-    import pickle
-
     path = _existing(path)
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == _ZIP_MAGIC
-    try:
-        with torch.serialization.safe_globals(_extra_safe_globals()), warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4" etc.
-            if path.suffix.lower() == ".safetensors":  # torch.load would hand it to safetensors
-                with open(path, "rb") as f:
-                    obj = torch.load(f, map_location="cpu", weights_only=True)
-            else:
-                obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=is_zip)
-    except pickle.UnpicklingError as e:
-        message = _one_line(e)
-        if "Weights only load failed" in str(e) or "GLOBAL" in message or "allowlisted" in message:
-            culprit = _refused_global(str(e), path)
-            raise CheckpointError(
-                f"refusing to load {path}: its pickle calls {culprit} (code could run); "
-                "convert it with a trusted tool or use a .safetensors file"
-            ) from None
-        raise _fail(path, f"is truncated or corrupt ({message}); download it again") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
-        raise _fail(path, f"is truncated or corrupt ({_one_line(e)}); download it again") from None
-
+    obj = load_pickle(path)
     outer = obj if isinstance(obj, Mapping) else {}
     metadata = {
         str(k): str(v)
@@ -344,6 +321,74 @@ def read_ckpt(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str
     if not tensors:
         raise _fail(path, "holds no tensors; it is not a model checkpoint")
     return tensors, metadata
+
+
+def load_pickle(
+    path: str | os.PathLike,
+    *,
+    map_location: str | torch.device = "cpu",
+    mmap: bool | None = None,
+    refused: str = "convert it with a trusted tool or use a .safetensors file",
+    corrupt: str = "download it again",
+) -> Any:
+    r"""``torch.load(path, weights_only=True)`` with one-line :class:`CheckpointError`\ s.
+
+    A pickle that needs a global outside torch's allow-list (plus :func:`_extra_safe_globals`)
+    is refused before anything runs, naming the global; a truncated or corrupt file is
+    refused with the reader's first sentence. ``refused`` / ``corrupt``: what the user
+    should do in each case. ``mmap`` (None: for the zip format) memory-maps the tensors.
+    """
+    import pickle
+
+    path = _existing(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise _fail(path, f"is empty (0 bytes); {corrupt}")
+    is_zip = head == _ZIP_MAGIC
+    try:
+        with torch.serialization.safe_globals(_extra_safe_globals()), warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # "Detected pickle protocol 4" etc.
+            if path.suffix.lower() == ".safetensors":  # torch.load would hand it to safetensors
+                with open(path, "rb") as f:
+                    return torch.load(f, map_location=map_location, weights_only=True)
+            use_mmap = is_zip if mmap is None else mmap and is_zip
+            return torch.load(
+                str(path), map_location=map_location, weights_only=True, mmap=use_mmap
+            )
+    except pickle.UnpicklingError as e:
+        message = _one_line(e)
+        opcode = re.search(r"Unsupported operand (\d+)", str(e))
+        payload = any(g.split(".")[0] not in _HARMLESS_MODULES for g in _pickled_globals(path))
+        if opcode and not payload:  # not a pickle (a text file), or a corrupt one
+            raise _fail(
+                path,
+                f"is not a PyTorch checkpoint or is corrupt (pickle opcode {opcode.group(1)} is "
+                f"not allowed); {corrupt}",
+            ) from None
+        if "Weights only load failed" in str(e) or "GLOBAL" in message or "allowlisted" in message:
+            culprit = _refused_global(str(e), path)
+            raise CheckpointError(
+                f"refusing to load {path}: its pickle calls {culprit} (code could run); {refused}"
+            ) from None
+        raise _fail(path, f"is truncated or corrupt ({message}); {corrupt}") from None
+    except (
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zipfile.BadZipFile,
+        KeyError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        MemoryError,
+        RecursionError,
+    ) as e:
+        detail = _one_line(e)
+        if isinstance(e, (KeyError, IndexError, EOFError)) or not detail:  # "101" says nothing
+            detail = f"{type(e).__name__} {detail}".strip()
+        raise _fail(path, f"is truncated or corrupt ({detail}); {corrupt}") from None
 
 
 # ---------------------------------------------------------------------------- dispatch
@@ -397,6 +442,7 @@ __all__ = [
     "DTYPE_SIZES",
     "MAX_HEADER_BYTES",
     "check_safetensors_header",
+    "load_pickle",
     "read_checkpoint",
     "read_ckpt",
     "read_safetensors",

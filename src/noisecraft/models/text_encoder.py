@@ -23,6 +23,7 @@ penultimate one (SD 2.x). diffusers counts from 0 instead: its ``clip_skip=c`` i
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -88,7 +89,7 @@ class TextEncoderConfig:
         if self.activation not in ACTIVATIONS:
             raise unknown_name("text encoder activation", str(self.activation), ACTIVATIONS)
         eps = self.layer_norm_eps
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
             raise ConfigError(f"TextEncoderConfig.layer_norm_eps must be > 0, got {eps!r}")
         eos = self.eos_token_id
         if eos is not None and (not _is_int(eos) or not 0 <= eos < self.vocab_size):

@@ -116,10 +116,12 @@ class VAEConfig:
         if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"VAEConfig.dropout must be in [0, 1), got {self.dropout!r}")
         s = self.scaling_factor
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not s > 0:
+        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s < math.inf:
             raise ConfigError(f"VAEConfig.scaling_factor must be a positive number, got {s!r}")
         s = self.shift_factor
-        if s is not None and (isinstance(s, bool) or not isinstance(s, (int, float))):
+        if s is not None and (
+            isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s)
+        ):
             raise ConfigError(f"VAEConfig.shift_factor must be a number or null, got {s!r}")
 
     @classmethod

@@ -24,7 +24,12 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
   (:class:`DistillConfig`) with ``[data]``, ``[train]``, ``[run]``.
 
 A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
-silently train the wrong thing).
+silently train the wrong thing). Every number is checked against its range when a section is
+built (:mod:`noisecraft.training.ranges`), and no float may be ``nan`` or ``inf``.
+
+Resuming (:mod:`noisecraft.training.resume`) compares the run's saved config with the new one:
+:data:`FREE_KEYS` may change freely between runs; any other change breaks exact resume and must
+be allowed by name.
 """
 
 from __future__ import annotations
@@ -35,11 +40,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.errors import ConfigError, NoisecraftError, unknown_name
 from noisecraft.models.text_encoder import TextEncoderConfig
 from noisecraft.models.tiny_decoder import TinyDecoderConfig
 from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
+from noisecraft.samplers.registry import lookup as lookup_sampler
+from noisecraft.training.ranges import Float, Int, check_choice, check_numbers, non_finite
 from noisecraft.training.vae_loss import VAELossConfig
 
 #: The sections each task reads (besides ``[task]``), in the order ``to_dict`` writes them.
@@ -57,6 +64,10 @@ class TaskConfig:
 
     name: str = "pixel"
 
+    def __post_init__(self) -> None:
+        if self.name not in TASK_SECTIONS:
+            raise unknown_name("task", str(self.name), TASK_SECTIONS)
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -70,6 +81,11 @@ class DataConfig:
     class_conditional: bool = True  # use labels (mnist, digits, or sub-folders of a folder)
     limit: int = 0  # use only the first N images (0 = all)
     pad: int = 0  # pixels of background (-1) added on each side before resizing (28 + 2*2 = 32)
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "data", image_size=Int(1), limit=Int(0), pad=Int(0))
+        if self.channels not in (1, 3) or isinstance(self.channels, bool):
+            raise ConfigError(f"data.channels must be 1 or 3, got {self.channels!r}")
 
 
 @dataclass(frozen=True)
@@ -86,6 +102,16 @@ class DiffusionConfig:
     learned_variance: bool = False
     vlb_weight: float = 0.001
     timestep_sampler: str = "uniform"  # uniform | loss-second-moment
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "diffusion",
+            num_steps=Int(2, MAX_TIMESTEPS),
+            min_snr_gamma=Float(0, lo_open=True),
+            offset_noise=Float(0),
+            vlb_weight=Float(0),
+        )
 
 
 @dataclass(frozen=True)
@@ -108,6 +134,38 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch.set_num_threads (0 = leave as is)
 
+    def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "train",
+            seed=Int(0, MAX_SEED),
+            batch_size=Int(1),
+            grad_accum=Int(1),
+            lr=Float(0, lo_open=True),
+            weight_decay=Float(0),
+            warmup_steps=Int(0),
+            max_steps=Int(1),
+            grad_clip=Float(0),
+            ema_decay=Float(0, 1),
+            cond_drop_prob=Float(0, 1),
+            threads=Int(0, MAX_THREADS),
+        )
+        betas = self.betas
+        beta = Float(0, 1, hi_open=True)
+        if (
+            not isinstance(betas, (list, tuple))
+            or len(betas) != 2
+            or any(beta.problem(b) for b in betas)
+        ):
+            raise ConfigError(f"train.betas must be two numbers in [0, 1), got {betas!r}")
+        object.__setattr__(self, "betas", tuple(betas))
+        check_choice(self, "train", "mixed_precision", ("no", "fp16", "bf16"))
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                f"({self.grad_accum})"
+            )
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -121,6 +179,23 @@ class RunConfig:
     sample_cfg: float = 2.0
     log_every: int = 10
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dir, str) or not self.dir.strip():
+            raise ConfigError(f"run.dir must name a folder, got {self.dir!r}")
+        check_numbers(
+            self,
+            "run",
+            checkpoint_every=Int(0),
+            sample_every=Int(0),
+            sample_steps=Int(1),
+            sample_cfg=Float(),
+            log_every=Int(1),
+        )
+        try:  # an unknown name fails now, not at the first sample grid
+            lookup_sampler(self.sample_sampler)
+        except NoisecraftError as e:
+            raise ConfigError(f"run.sample_sampler: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -137,6 +212,9 @@ class LatentConfig:
     vae: str = ""
     posterior: str = "mode"  # mode | sample
     encode_batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "latent", encode_batch_size=Int(1))
 
 
 @dataclass(frozen=True)
@@ -155,6 +233,25 @@ class DistillConfig:
     gradient_weight: float = 0.0
     latent_noise: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_numbers(self, "distill", gradient_weight=Float(0), latent_noise=Float(0))
+
+
+#: Largest ``train.seed``: the step generators seed with ``(seed * 1_000_003 + step) * 7``,
+#: which must stay below 2**64.
+MAX_SEED = 2**32 - 1
+#: Largest ``diffusion.num_steps`` (DDPM uses 1000, improved DDPM 4000).
+MAX_TIMESTEPS = 100_000
+#: Largest ``train.threads`` (torch crashes at exit after a million).
+MAX_THREADS = 1024
+#: Largest recipe file read: a TOML recipe is a few kB; a bigger file is not one.
+MAX_RECIPE_BYTES = 1_000_000
+
+#: Keys that may change between a checkpoint and the run that resumes it: they say where the
+#: run computes (device, threads), how long (max_steps) and what it writes along the way
+#: (run.*), not what it computes. The same device gives the same loss curve bit for bit.
+FREE_KEYS = frozenset({"train.max_steps", "train.device", "train.threads"})
+FREE_SECTIONS = frozenset({"run"})
 
 #: Sections built by a model config's own ``from_dict`` (unknown keys name the closest).
 _MODEL_SECTIONS = {
@@ -180,6 +277,13 @@ class ExperimentConfig:
     tiny_decoder: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
 
+    def __post_init__(self) -> None:
+        if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
+            raise ConfigError(
+                f"run.sample_steps ({self.run.sample_steps}) must be at most "
+                f"diffusion.num_steps ({self.diffusion.num_steps})"
+            )
+
     @property
     def sections(self) -> tuple[str, ...]:
         """The sections the chosen task uses (besides ``task``)."""
@@ -199,9 +303,9 @@ class ExperimentConfig:
         for key in d:
             if key not in known:
                 raise unknown_name("config section", key, known)
+        for key, value in d.items():
+            non_finite(value, key)
         task = _build(TaskConfig, d.get("task", {}), "task")
-        if task.name not in TASK_SECTIONS:
-            raise unknown_name("task", task.name, TASK_SECTIONS)
         used = TASK_SECTIONS[task.name]
         for key in d:
             if key != "task" and key not in used:
@@ -252,6 +356,8 @@ def _build(cls: type, values: dict[str, Any], section: str):
             raise unknown_name(f"key in [{section}]", key, known)
         default = getattr(cls(), key)
         if isinstance(default, tuple):
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"{section}.{key} must be a list, got {value!r}")
             value = tuple(value)
         elif isinstance(default, bool):
             if not isinstance(value, bool):
@@ -270,27 +376,80 @@ def parse_override(item: str) -> tuple[list[str], Any]:
         raise ConfigError(f"--set expects section.key=value, got '{item}'")
     key, raw = item.split("=", 1)
     parts = key.strip().split(".")
-    if len(parts) != 2 or not all(parts):
+    if len(parts) != 2 or not all(p.strip() for p in parts):
         raise ConfigError(f"--set key must look like section.key (e.g. train.lr), got '{key}'")
     try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return parts, value
+        doc = tomllib.loads(f"v = {raw}")
+    except (tomllib.TOMLDecodeError, RecursionError):
+        doc = {}
+    value = doc["v"] if set(doc) == {"v"} else raw  # "1\n[x]" is text, not a table
+    return [p.strip() for p in parts], value
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
     """Read a TOML recipe (or the defaults when ``path`` is None) and apply ``--set`` overrides."""
     doc: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} not found; see configs/ for recipes")
-        try:
-            doc = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path} is not valid TOML: {e}") from None
+        doc = _read_toml(Path(path))
     for item in overrides:
         (section, key), value = parse_override(item)
         doc.setdefault(section, {})[key] = value
     return ExperimentConfig.from_dict(doc)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    """The TOML document of a recipe file, or a one-line :class:`ConfigError`."""
+    if path.is_dir():
+        raise ConfigError(f"{path} is a folder; give a TOML recipe file such as configs/mnist.toml")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; see configs/ for recipes")
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise ConfigError(
+                f"{path} is {size / 1e6:.1f} MB, not a TOML recipe (a few kB); "
+                "see configs/ for recipes"
+            )
+        data = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path} is not a TOML text file (byte {e.object[e.start]:#04x} at offset "
+            f"{e.start} is not UTF-8); give a recipe such as configs/mnist.toml"
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is not valid TOML: values nested too deeply") from None
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{"section.key": (saved, current)}`` for every key whose value differs between two
+    :meth:`ExperimentConfig.to_dict` documents (compared as JSON: tuples are lists).
+
+    A key present on one side only (a setting added to noisecraft since the run was saved)
+    is not a change."""
+    import json
+
+    saved, current = json.loads(json.dumps(saved)), json.loads(json.dumps(current))
+    out: dict[str, tuple[Any, Any]] = {}
+    for section in sorted(set(saved) & set(current)):
+        old, new = saved[section], current[section]
+        if not isinstance(old, dict) or not isinstance(new, dict):
+            if old != new:
+                out[section] = (old, new)
+            continue
+        for key in sorted(set(old) & set(new)):
+            if old[key] != new[key]:
+                out[f"{section}.{key}"] = (old[key], new[key])
+    return out
+
+
+def is_free_key(key: str) -> bool:
+    """Whether changing ``section.key`` keeps a resumed run exact (:data:`FREE_KEYS`)."""
+    return key in FREE_KEYS or key.split(".", 1)[0] in FREE_SECTIONS

@@ -50,6 +50,16 @@ def all_gather_cat(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return torch.cat(parts)
 
 
+def any_true(flags: list[bool], info: DistInfo, device: torch.device) -> list[bool]:
+    """Each flag OR-ed over every rank (one ``all_reduce``), so that all ranks take the same
+    branch: stop after this step, or fail together when rank 0 could not write."""
+    if not info.enabled:
+        return list(flags)
+    t = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in t.tolist()]
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

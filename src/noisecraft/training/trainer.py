@@ -23,18 +23,26 @@ Run directory (``run.dir``)
     ``config.json``      the resolved experiment config
     ``checkpoint.pt``    training state (read back with ``weights_only=True``)
     ``model.safetensors`` the EMA model as a native checkpoint (kind ``unet``, ``vae`` or
-                         ``latent_diffusion``, by task)
+                         ``latent_diffusion``, by task); its metadata records its step
     ``log.csv``          step, loss, lr, samples/s, elapsed seconds (+ the task's log keys)
     ``samples/step_N.png`` sample grids (the task's picture: samples, or reconstructions)
+
+Interruptions (:mod:`~noisecraft.training.run_files`, :mod:`~noisecraft.training.interrupt`)
+    Every file is written atomically. A run starts by removing the temporaries a ``kill -9``
+    left, cutting ``log.csv`` back to the step it resumes from, and rewriting
+    ``model.safetensors`` from the checkpoint when the kill came between the two writes.
+    SIGINT / SIGTERM finish the step, save, and raise :class:`TrainingInterrupted`. A full
+    disk or a read-only folder is one :class:`~noisecraft.errors.OutputError` line; the
+    previous checkpoint stays. Under DDP every rank takes these decisions together.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,18 +51,17 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from noisecraft.errors import ConfigError, OutputExistsError
-from noisecraft.io.atomic import atomic_path
+from noisecraft.errors import ConfigError
 from noisecraft.training import distributed
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, load_dataset
 from noisecraft.training.ema import EMA
+from noisecraft.training.interrupt import StopRequest, TrainingInterrupted
+from noisecraft.training.run_dir import check_run_dir
+from noisecraft.training.run_files import CHECKPOINT, LOG, MODEL, RunFiles
 from noisecraft.training.tasks import Task, build_task
 from noisecraft.training.tasks.base import build_schedule, objective_config
 from noisecraft.viz.images import save_grid
-
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.safetensors"
 
 
 def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
@@ -65,9 +72,19 @@ def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(
+            f"train.device = {name!r} is not a device; use auto, cpu, cuda or cuda:N"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"train.device = '{name}' but CUDA is not available; use 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"train.device = '{name}' but this machine has {torch.cuda.device_count()} CUDA "
+            "device(s)"
+        )
     return dev
 
 
@@ -80,12 +97,18 @@ class TrainResult:
     run_dir: Path
 
 
-class Trainer:
+class Trainer(RunFiles):
     """Train the :class:`~noisecraft.training.tasks.Task` of an :class:`ExperimentConfig`.
 
     ``model`` is the task's trained module (a U-Net for ``pixel``), ``ema`` its EMA copy
     (what is saved and sampled), ``net`` the module the loss calls (``model`` or its DDP
     wrapper).
+
+    Resuming (``run.dir`` holds a checkpoint): the saved config must equal ``cfg`` except
+    for keys that do not change what a step computes (``train.max_steps``, ``train.device``,
+    ``train.threads``, ``run.*``) and the keys named in ``allow_config_change``
+    (:mod:`noisecraft.training.resume`); ``config_changes`` lists what changed.
+    ``overwrite``: start over even if the folder holds a run.
     """
 
     def __init__(
@@ -94,6 +117,7 @@ class Trainer:
         *,
         dataset: ImageDataset | None = None,
         overwrite: bool = False,
+        allow_config_change: tuple[str, ...] | list[str] | frozenset[str] = (),
     ):
         self.cfg = cfg
         tc = cfg.train
@@ -106,6 +130,9 @@ class Trainer:
             self.device = torch.device("cuda", self.dist.local_rank)
             torch.cuda.set_device(self.device)
         self.run_dir = Path(cfg.run.dir)
+        self.checkpoint_step: int | None = None  # the step of the checkpoint on disk
+        self.config_changes: dict[str, tuple] = {}
+        self._raise_together(self._on_main(lambda: check_run_dir(self.run_dir)))
         self.dataset = dataset if dataset is not None else load_dataset(cfg.data)
 
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
@@ -131,45 +158,22 @@ class Trainer:
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = DDP(self.model, device_ids=ids)
-        self._prepare_run_dir(overwrite)
+        self._prepare_run_dir(overwrite, frozenset(allow_config_change))
 
     # ------------------------------------------------------------------ setup
     def _validate(self) -> None:
+        """What the config alone cannot check (its ranges are checked when it is built)."""
         tc = self.cfg.train
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        if tc.batch_size < 1 or tc.grad_accum < 1 or tc.max_steps < 0:
-            raise ConfigError("train.batch_size and train.grad_accum must be >= 1, max_steps >= 0")
         if tc.batch_size % (world * tc.grad_accum):
             raise ConfigError(
                 f"train.batch_size ({tc.batch_size}) must be divisible by processes x grad_accum "
                 f"({world} x {tc.grad_accum})"
             )
-        if tc.mixed_precision not in ("no", "fp16", "bf16"):
-            raise ConfigError("train.mixed_precision must be one of: no, fp16, bf16")
 
     @property
     def log_header(self) -> list[str]:
         return ["step", "loss", "lr", "samples_per_s", "elapsed_s", *self.task.log_keys]
-
-    def _prepare_run_dir(self, overwrite: bool) -> None:
-        ckpt = self.run_dir / CHECKPOINT
-        if ckpt.exists() and not overwrite:
-            self.load_state(ckpt)
-        elif self.run_dir.exists() and any(self.run_dir.iterdir()) and not overwrite:
-            raise OutputExistsError(
-                f"run directory {self.run_dir} exists without a checkpoint to resume; "
-                "pass @overwrite or set run.dir to a new folder",
-                settings=["overwrite"],
-            )
-        distributed.barrier(self.dist)  # every rank has looked before the main one writes
-        if self.dist.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.step == 0:
-                (self.run_dir / "samples").mkdir(exist_ok=True)
-                log = self.run_dir / "log.csv"
-                log.write_text(",".join(self.log_header) + "\n")
-            with atomic_path(self.run_dir / "config.json") as tmp:
-                tmp.write_text(json.dumps(self.cfg.to_dict(), indent=2))
 
     # ------------------------------------------------------------- one step
     def train_step(self) -> float:
@@ -220,11 +224,26 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def train(self, max_steps: int | None = None) -> TrainResult:
-        """Run until ``max_steps`` (default ``train.max_steps``); checkpoint at the end."""
+        """Run until ``max_steps`` (default ``train.max_steps``); checkpoint at the end.
+
+        SIGINT / SIGTERM: finish the step, save, raise :class:`TrainingInterrupted`."""
+        if max_steps is not None and (
+            isinstance(max_steps, bool) or not isinstance(max_steps, int) or max_steps < 1
+        ):
+            raise ConfigError(
+                f"@max_steps must be at least 1, got {max_steps!r}", settings=["max_steps"]
+            )
+        end = self.cfg.train.max_steps if max_steps is None else max_steps
+        with self._lock(), StopRequest(escalate=not self.dist.enabled) as stop:
+            result = self._train(end, stop)
+        if stop.signum is not None and self.step < end:
+            raise TrainingInterrupted(stop.signum, self.step, self.run_dir / CHECKPOINT)
+        return result
+
+    def _train(self, end: int, stop: StopRequest) -> TrainResult:
         from tqdm.auto import tqdm
 
         rc, tc = self.cfg.run, self.cfg.train
-        end = tc.max_steps if max_steps is None else max_steps
         start_step, t0 = self.step, time.perf_counter()
         losses: list[float] = []
         bar = tqdm(
@@ -239,7 +258,11 @@ class Trainer:
         while self.step < end:
             loss = self.train_step()
             if not math.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss} at step {self.step}; lower train.lr")
+                kept = f" (the checkpoint of step {self.checkpoint_step} is kept)"
+                raise ConfigError(
+                    f"loss became {loss} at step {self.step}; lower train.lr"
+                    + (kept if self.checkpoint_step else "")
+                )
             losses.append(loss)
             window.append(loss)
             window_logs.append(self.last_logs)
@@ -256,16 +279,20 @@ class Trainer:
                     **{k: f"{v:.4g}" for k, v in extra.items()},
                     samples_s=f"{sps:.0f}",
                 )
-                self._log_row(mean, sps, now - t0, extra)
+                self._raise_together(self._on_main(self._log_row, mean, sps, now - t0, extra))
                 window, window_logs, window_t = [], [], now
             if rc.sample_every and self.step % rc.sample_every == 0:
-                self.save_samples()
+                self._raise_together(self._on_main(self.save_samples))
             if rc.checkpoint_every and self.step % rc.checkpoint_every == 0 and self.step < end:
                 self.save()
+            if distributed.any_true([stop.requested], self.dist, self.device)[0]:
+                stop.signum = stop.signum or signal.SIGTERM  # a peer was signalled
+                break
         bar.close()
-        self.save()
-        if self.cfg.run.sample_every and self.step % self.cfg.run.sample_every:
-            self.save_samples()
+        if self.checkpoint_step != self.step:
+            self.save()
+        if stop.signum is None and rc.sample_every and self.step % rc.sample_every:
+            self._raise_together(self._on_main(self.save_samples))
         secs = time.perf_counter() - t0
         n = (self.step - start_step) * tc.batch_size
         return TrainResult(self.step, losses, secs, n / max(secs, 1e-9), self.run_dir)
@@ -275,7 +302,7 @@ class Trainer:
     ) -> None:
         if not self.dist.is_main:
             return
-        with open(self.run_dir / "log.csv", "a", newline="") as f:
+        with self._writing(self.run_dir / LOG), open(self.run_dir / LOG, "a", newline="") as f:
             csv.writer(f).writerow(
                 [
                     self.step,
@@ -287,67 +314,15 @@ class Trainer:
                 ]
             )
 
-    # ----------------------------------------------------- save / resume
-    def training_metadata(self) -> dict:
-        return {**self.cfg.to_dict(), "step": self.step}
-
-    def save(self) -> None:
-        """Write ``checkpoint.pt`` and ``model.safetensors`` atomically (main process only)."""
-        if self.dist.is_main:
-            state = {
-                "step": self.step,
-                "model": self.model.state_dict(),
-                "ema": self.ema.state_dict(),
-                "opt": self.opt.state_dict(),
-                "lr_sched": self.lr_sched.state_dict(),
-                "scaler": self.scaler.state_dict(),
-                "task": self.task.state_dict(),
-                "config": json.dumps(self.cfg.to_dict()),
-            }
-            with atomic_path(self.run_dir / CHECKPOINT) as tmp:
-                torch.save(state, tmp)
-            self.task.save_model(self.ema.model, self.run_dir / MODEL, self.training_metadata())
-        distributed.barrier(self.dist)
-
-    def load_state(self, path: Path) -> None:
-        state = torch.load(path, map_location=self.device, weights_only=True)
-        saved = json.loads(state["config"])
-        current = self.cfg.to_dict()
-        saved_task = saved.get("task", {}).get("name", "pixel")
-        if saved_task != self.task.name:
-            raise ConfigError(
-                f"{path} is a '{saved_task}' run, this config trains '{self.task.name}'; "
-                "use the same config to resume, or pass @overwrite to start over",
-                settings=["overwrite"],
-            )
-        for section in self.task.resume_sections:
-            if saved.get(section) != current[section]:
-                raise ConfigError(
-                    f"{path} was trained with a different [{section}] config; "
-                    "use the same config to resume, or pass @overwrite to start over",
-                    settings=["overwrite"],
-                )
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.opt.load_state_dict(state["opt"])
-        self.lr_sched.load_state_dict(state["lr_sched"])
-        self.scaler.load_state_dict(state["scaler"])
-        # checkpoints from before tasks kept the timestep sampler at the top level
-        self.task.load_state_dict(state.get("task", {"t_sampler": state.get("t_sampler", {})}))
-        self.step = int(state["step"])
-
     @torch.no_grad()
     def save_samples(self) -> Path | None:
         """The task's picture from the EMA model (samples, or originals over reconstructions)."""
         if not self.dist.is_main:
             return None
         images, nrow = self.task.sample_grid(self.ema.model)
-        return save_grid(
-            images,
-            self.run_dir / "samples" / f"step_{self.step:06d}.png",
-            nrow=nrow,
-            overwrite=True,
-        )
+        path = self.run_dir / "samples" / f"step_{self.step:06d}.png"
+        with self._writing(path):
+            return save_grid(images, path, nrow=nrow, overwrite=True)
 
 
 __all__ = [
@@ -355,6 +330,7 @@ __all__ = [
     "MODEL",
     "TrainResult",
     "Trainer",
+    "TrainingInterrupted",
     "build_schedule",
     "objective_config",
     "resolve_device",

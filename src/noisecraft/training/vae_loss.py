@@ -34,6 +34,7 @@ from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError, DataError
 from noisecraft.models.vae import AutoencoderKL, DiagonalGaussian
+from noisecraft.training.ranges import Float, Int, check_numbers
 
 _RECONSTRUCTION = ("l1", "l2")
 
@@ -66,18 +67,17 @@ class VAELossConfig:
             raise ConfigError(
                 f"unknown reconstruction loss '{self.reconstruction}'; choose one of: l1, l2"
             )
-        for name in ("kl_weight", "disc_weight", "disc_factor"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise ConfigError(f"VAELossConfig.{name} must be a number >= 0, got {v!r}")
-        for name in ("disc_in_channels", "disc_channels", "disc_layers"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise ConfigError(f"VAELossConfig.{name} must be a positive integer, got {v!r}")
-        if isinstance(self.disc_start, bool) or not isinstance(self.disc_start, int):
-            raise ConfigError(
-                f"VAELossConfig.disc_start must be an integer, got {self.disc_start!r}"
-            )
+        check_numbers(
+            self,
+            "vae_loss",
+            kl_weight=Float(0),
+            disc_weight=Float(0),
+            disc_factor=Float(0),
+            disc_start=Int(0),
+            disc_in_channels=Int(1),
+            disc_channels=Int(1),
+            disc_layers=Int(1),
+        )
 
 
 class PatchGANDiscriminator(nn.Module):
