@@ -265,10 +265,12 @@ def test_eval_user_mistakes(trained, capsys, extra, needle):
     assert needle in _err(capsys)
 
 
-def test_usage_errors_are_short_and_exit_2(capsys):
+def test_usage_errors_are_one_line_and_exit_2(capsys):
+    """typer's usage box became one line (issue 13 case 9; tests/test_cli_errors.py has all)."""
     assert main(["sample", "--bogus"]) == 2
-    err = capsys.readouterr().err
-    assert "No such option" in err and "Traceback" not in err
+    line = _err(capsys)
+    assert line.startswith("error: noisecraft sample has no option --bogus; ")
+    assert "noisecraft sample --help" in line
 
 
 def test_demo_uses_shipped_model_and_keeps_earlier_outputs(tmp_path, capsys):

@@ -275,8 +275,9 @@ _register_subcommands()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2.
 
-    typer/click handle usage errors themselves (usage + exit 2); our own
-    :class:`NoisecraftError` passes through them and is printed here.
+    Usage errors (unknown option or command, a value of the wrong type, a missing argument)
+    and our own :class:`NoisecraftError` are printed here, one line each
+    (:mod:`noisecraft.cli.usage`).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("always", NoisecraftWarning)
@@ -296,14 +297,27 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _main(argv: list[str] | None) -> int:
+    from noisecraft.cli.usage import NoArgsIsHelpError, UsageError, usage_message
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=True)
+        # not standalone: typer returns what --help and typer.Exit ask for and raises usage
+        # errors, which become one line here instead of its usage box
+        rv = app(args=argv, standalone_mode=False)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except NoArgsIsHelpError:  # `noisecraft` or `noisecraft viz` alone: the help, as before
+        return 2
+    except typer.Abort:  # end of input at a prompt
+        print("aborted", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"error: {usage_message(e, typer.main.get_command(app), argv)}", file=sys.stderr)
+        return 2
     except NoisecraftError as e:
         print(f"error: {e.render(o.flag_names(e.settings))}", file=sys.stderr)
         return 2
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 def run() -> None:
