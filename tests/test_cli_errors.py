@@ -1,14 +1,27 @@
-"""Issue 13's contract on the command line: a usage error is ONE `error:` line that says
-what to do (the closest option or command), exit code 2, no traceback, no usage box."""
+"""Issue 13's contract on the command line: a usage error, an output that cannot be written
+or a missing GPU is ONE `error:` line that says what to do, exit code 2, no traceback, and
+nothing of the user's lost or left behind.
+
+Tests run as root here, where chmod does not make a folder read-only; the read-only, no
+permission and full-disk cases are made by a path under a file (real), by the file-system
+facts the pre-check reads (os.statvfs / os.access patched) and by the write itself failing
+(os.fsync, PIL's save or safetensors' save_file patched to raise what a full disk raises).
+"""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import torch
 import typer.main
+from PIL import Image
 
+import noisecraft.io.write_errors as write_errors
 from noisecraft.cli.main import app, main
 
 ROOT = typer.main.get_command(app)
@@ -160,3 +173,271 @@ def test_console_usage_error_is_one_line_without_the_box():
         "error: --steps takes a whole number, got 'abc'; see noisecraft sample --help"
     ]
     assert r.stdout == ""
+
+
+# ------------------------------------------------------------------------- no CUDA GPU
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+
+
+@NO_CUDA
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["eval", "mnist", "--metrics", "bpd"],
+        ["viz", "vlb", "mnist"],
+        ["sample", "mnist"],
+        ["generate", "a handwritten 7"],
+    ],
+    ids=lambda a: " ".join(a[:2]),
+)
+def test_device_cuda_without_cuda_is_one_line(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main([*args, "--device", "cuda"]) == 2
+    assert one_error_line(capsys) == "error: --device cuda: this machine has no CUDA GPU; use cpu"
+    assert list(tmp_path.iterdir()) == []
+
+
+@NO_CUDA
+def test_bench_sampler_quality_device_cuda_without_cuda_is_one_line(tmp_path):
+    bench = Path(__file__).resolve().parent.parent / "bench" / "sampler_quality.py"
+    r = subprocess.run(
+        [sys.executable, str(bench), "--device", "cuda", "--out", str(tmp_path / "s.md")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == ["error: --device cuda: this machine has no CUDA GPU; use cpu"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------- outputs that cannot be written
+
+
+@pytest.fixture(scope="module")
+def sd_file(tmp_path_factory):
+    """A tiny random Stable Diffusion-type model as a native file (for convert)."""
+    from noisecraft.io.native import save_model
+    from test_latent_pipeline import tiny_model
+
+    path = tmp_path_factory.mktemp("sd") / "tiny.safetensors"
+    save_model(tiny_model(), path)
+    return path
+
+
+#: each command that writes, with its output(s) in folder {d}
+WRITERS = {
+    "generate": ["generate", "a handwritten 7", "--steps", "1", "--out", "{d}/g.png"],
+    "sample": ["sample", "mnist", "--n", "2", "--steps", "1", "--out", "{d}/s.png"],
+    "sample --gif --save-every": [
+        *["sample", "mnist", "--n", "2", "--steps", "2", "--out", "{d}/s.png"],
+        *["--gif", "{d}/s.gif", "--save-every", "1"],
+    ],
+    "demo": ["demo", "--steps", "1", "--out-dir", "{d}"],
+    "eval": [
+        *["eval", "mnist", "--metrics", "bpd", "--bpd-n", "2", "--bpd-timesteps", "2"],
+        *["--out", "{d}/e.json"],
+    ],
+    "viz forward": ["viz", "forward", "mnist:class=7", "--size", "8", "--out", "{d}/f.png"],
+    "viz vlb": ["viz", "vlb", "mnist", "--n", "2", "--timesteps", "3", "--out", "{d}/v.png"],
+    "plot-schedule": ["plot-schedule", "--num-steps", "10", "--out", "{d}/p.png"],
+    "convert --to noisecraft": ["convert", "{sd}", "{d}/n.safetensors", "--to", "noisecraft"],
+    "convert --to single-file": ["convert", "{sd}", "{d}/s.safetensors", "--to", "single-file"],
+    "convert --to diffusers": ["convert", "{sd}", "{d}/folder", "--to", "diffusers"],
+}
+#: the first file each writes (where a user's earlier file sits in the mid-write tests)
+FIRST_OUTPUT = {
+    "generate": "g.png",
+    "sample": "s.png",
+    "sample --gif --save-every": "s.png",
+    "demo": "digits.png",
+    "eval": "e.json",
+    "viz forward": "f.png",
+    "viz vlb": "v.png",
+    "plot-schedule": "p.png",
+    "convert --to noisecraft": "n.safetensors",
+    "convert --to single-file": "s.safetensors",
+    "convert --to diffusers": "folder",
+}
+
+
+def _args(name: str, d: Path, sd: Path) -> list[str]:
+    return [a.format(d=d, sd=sd) for a in WRITERS[name]]
+
+
+def _listing(root: Path) -> dict[str, bytes | None]:
+    return {
+        str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(root.rglob("*"))
+    }
+
+
+def _no_work(monkeypatch):
+    """Loading a model fails the test: the output checks must come first."""
+
+    def boom(*a, **k):
+        raise AssertionError("the model was loaded before the output was checked")
+
+    for mod, name in [
+        ("noisecraft.io.native", "load_pixel_diffusion"),
+        ("noisecraft.api.loading", "load"),
+        ("noisecraft.io.formats.auto", "load_any"),
+    ]:
+        monkeypatch.setattr(f"{mod}.{name}", boom)
+    import noisecraft
+
+    monkeypatch.setattr(noisecraft, "load", boom)
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_output_under_a_file_is_refused_before_the_work(name, sd_file, tmp_path, capsys, mp):
+    _no_work(mp)
+    blocker = tmp_path / "afile"
+    blocker.write_text("mine")
+    before = _listing(tmp_path)
+    assert main(_args(name, blocker / "sub", sd_file)) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write {blocker}/sub/" in line and f"{blocker} is a file, not a folder" in line
+    assert _listing(tmp_path) == before
+
+
+@pytest.fixture
+def mp(monkeypatch):
+    return monkeypatch
+
+
+def _fake_fs(monkeypatch, root: Path, *, readonly=False, full=False, denied=False):
+    """What os.statvfs / os.access say about folders under ``root``."""
+    real_statvfs, real_access = os.statvfs, os.access
+
+    def statvfs(p):
+        st = real_statvfs(p)
+        if not Path(p).absolute().is_relative_to(root):
+            return st
+        fields = list(st)
+        if readonly:
+            fields[8] |= os.ST_RDONLY  # f_flag
+        if full:
+            fields[3] = fields[4] = 0  # f_bfree, f_bavail
+        return os.statvfs_result(fields)
+
+    def access(p, mode, *a, **k):
+        if denied and Path(p).absolute().is_relative_to(root) and mode & os.W_OK:
+            return False
+        return real_access(p, mode, *a, **k)
+
+    monkeypatch.setattr(write_errors.os, "statvfs", statvfs)
+    monkeypatch.setattr(write_errors.os, "access", access)
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("readonly", "is on a read-only file system; choose another folder"),
+        ("full", "no space left on the disk of {d}; free some space or choose another disk"),
+        ("denied", "permission denied in {d}; choose a folder you can write to"),
+    ],
+)
+@pytest.mark.parametrize("name", WRITERS)
+def test_unwritable_folder_is_refused_before_the_work(
+    name, case, expected, sd_file, tmp_path, capsys, mp
+):
+    _no_work(mp)
+    d = tmp_path / "out"
+    d.mkdir()
+    _fake_fs(mp, d, **{case: True})
+    assert main(_args(name, d, sd_file)) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: cannot write {d}/") and expected.format(d=d) in line, line
+    assert list(d.iterdir()) == []
+
+
+def _enospc(*a, **k):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_disk_full_during_the_write_keeps_the_old_file_and_leaves_nothing(
+    name, sd_file, tmp_path, capsys, mp
+):
+    """The user's earlier output (replaced with --overwrite) survives a write that fails
+    after the work (the disk filled up: fsync reports ENOSPC, or safetensors' save_file
+    does), and no temporary file or half set of outputs is left."""
+    d = tmp_path / "out"
+    d.mkdir()
+    first = d / FIRST_OUTPUT[name]
+    if name == "convert --to diffusers":
+        first.mkdir()
+        (first / "model_index.json").write_text("theirs")
+        from safetensors import SafetensorError
+
+        def save_file(*a, **k):
+            raise SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+
+        mp.setattr("noisecraft.io.formats.diffusers_write.save_file", save_file)
+    else:
+        first.write_bytes(b"theirs")
+        mp.setattr(os, "fsync", _enospc)
+    before = _listing(tmp_path)
+    assert main([*_args(name, d, sd_file), "--overwrite"]) == 2
+    line = one_error_line(capsys)
+    assert line.startswith(f"error: cannot write {d}/"), line
+    assert f"no space left on the disk of {d}; free some space or choose another disk" in line
+    assert _listing(tmp_path) == before
+
+
+def test_disk_full_inside_the_image_writer(tmp_path, capsys, mp):
+    """PIL writes part of the PNG, then the disk is full: the partial temporary file goes."""
+
+    def save(self, fp, *a, **k):
+        Path(fp).write_bytes(b"\x89PNG half")
+        _enospc()
+
+    mp.setattr(Image.Image, "save", save)
+    out = tmp_path / "s.png"
+    assert main(["sample", "mnist", "--n", "2", "--steps", "1", "--out", str(out)]) == 2
+    assert f"cannot write {out}: no space left" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_safetensors_error_of_a_full_disk_names_the_file(sd_file, tmp_path, capsys, mp):
+    from safetensors import SafetensorError
+
+    def save_file(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28)"
+        )
+
+    mp.setattr("noisecraft.io.checkpoint.save_file", save_file)
+    out = tmp_path / "new" / "n.safetensors"
+    assert main(["convert", str(sd_file), str(out), "--to", "noisecraft"]) == 2
+    assert f"cannot write {out}: no space left" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []  # the folder made for it is gone too
+
+
+def test_read_only_rename_is_answered_in_one_line(tmp_path, capsys, mp):
+    """EROFS from the final rename (a folder remounted read-only during the work)."""
+
+    def replace(src, dst):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+
+    import noisecraft.io.atomic as atomic
+
+    mp.setattr(atomic.os, "replace", replace)
+    out = tmp_path / "p.png"
+    assert main(["plot-schedule", "--num-steps", "10", "--out", str(out)]) == 2
+    assert one_error_line(capsys) == (
+        f"error: cannot write {out}: {tmp_path} is on a read-only file system; "
+        "choose another folder"
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_folder_given_as_the_output_file(tmp_path, capsys):
+    assert main(["plot-schedule", "--out", str(tmp_path), "--overwrite"]) == 2
+    assert one_error_line(capsys) == f"error: {tmp_path} is a folder; give a file name"

@@ -59,6 +59,11 @@ class OutputExistsError(NoisecraftError, FileExistsError):
     """An output file exists and overwriting was not asked for."""
 
 
+class OutputError(NoisecraftError):
+    """An output that cannot be written: a read-only or full disk, no write permission, a
+    parent that is a file."""
+
+
 class NoisecraftWarning(UserWarning):
     """Base class of warnings for the user; the CLI prints them as ``warning: ...``."""
 

@@ -76,6 +76,7 @@ def run_sampling(
     optionally a denoising GIF and saved intermediates. Returns the paths written."""
     import noisecraft
     from noisecraft.io.atomic import check_writable
+    from noisecraft.io.write_errors import new_outputs_removed_on_error
     from noisecraft.viz.images import DenoisingRecorder, IntermediateWriter, save_gif, save_grid
 
     check_writable(out, overwrite=overwrite)
@@ -95,8 +96,9 @@ def run_sampling(
     scale = max(1, 256 // (nrow * size)) if size < 64 else 1
     recorder = DenoisingRecorder(nrow=nrow) if gif is not None else None
     inter = None
+    folder = out.with_name(out.stem + "_steps")
     if save_every:
-        folder = out.with_name(out.stem + "_steps")
+        check_writable(folder, overwrite=True, folder=True)
         inter = IntermediateWriter(folder, save_every, nrow, scale, overwrite=overwrite)
 
     def callback(d: dict) -> None:
@@ -104,19 +106,22 @@ def run_sampling(
             if watcher is not None:
                 watcher(d)
 
-    result = pipe(n=n, class_label=classes, callback=callback, progress=True, **settings)
-    images = result.tensors
-    req = result.request
-    text = {
-        "parameters": f"sampler: {req.spec.name}, steps: {req.steps}, cfg: {req.cfg}, "
-        f"seed: {req.seed}, model: {checkpoint}"
-    }
-    written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
-    if recorder is not None:
-        recorder.add(images, images)
-        written.append(save_gif(recorder.frames, gif, scale=scale, overwrite=overwrite))
-    if inter is not None and inter.written:
-        written.append(inter.folder)
+    # a failed or interrupted run leaves none of the outputs it started
+    with new_outputs_removed_on_error(*[p for p in (out, gif, inter and folder) if p]):
+        result = pipe(n=n, class_label=classes, callback=callback, progress=True, **settings)
+        images = result.tensors
+        req = result.request
+        text = {
+            "parameters": f"sampler: {req.spec.name}, steps: {req.steps}, cfg: {req.cfg}, "
+            f"seed: {req.seed}, model: {checkpoint}"
+        }
+        written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
+        if recorder is not None:
+            recorder.add(images, images)
+            written.append(save_gif(recorder.frames, gif, scale=scale, overwrite=overwrite))
+        if inter is not None:
+            inter.finish(images)
+            written.append(inter.folder)
     return written
 
 
@@ -173,12 +178,14 @@ def demo(
     unless ``--overwrite`` is given.
     """
     from noisecraft.api.shipped import SHIPPED_MODELS
-    from noisecraft.io.atomic import free_path
+    from noisecraft.io.atomic import check_writable, free_path
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     grid, gif = out_dir / "digits.png", out_dir / "denoising.gif"
+    text = out_dir / "text_digits.png"
     if not overwrite:
-        grid, gif = free_path(grid), free_path(gif)
+        grid, gif, text = free_path(grid), free_path(gif), free_path(text)
+    for path in (grid, gif, text):  # all three before the first is drawn
+        check_writable(path, overwrite=overwrite)
     paths = run_sampling(
         "mnist",
         n=None,
@@ -195,8 +202,7 @@ def demo(
     for p in paths:
         typer.echo(f"wrote {p.resolve()}")
     if SHIPPED_MODELS["mnist-text"].is_file():
-        text = out_dir / "text_digits.png"
-        written = text_demo(text if overwrite else free_path(text), steps, seed, overwrite)
+        written = text_demo(text, steps, seed, overwrite)
         typer.echo('text-to-image (mini Stable Diffusion): row k is "a handwritten <k>"')
         typer.echo(f"wrote {written.resolve()}")
 

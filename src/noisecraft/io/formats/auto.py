@@ -107,8 +107,7 @@ def convert(
     from noisecraft.io.atomic import check_writable
 
     dst = Path(dst)
-    if to != "diffusers":
-        check_writable(dst, overwrite=overwrite)  # fail before the (slow) load
+    check_writable(dst, overwrite=overwrite, folder=to == "diffusers")  # before the slow load
     model = load_any(src, vae=vae, prediction=prediction, arch=arch)
     if not isinstance(model, LatentDiffusion):
         raise ConfigError(
