@@ -141,7 +141,10 @@ def sample(
     gif: Annotated[Path | None, typer.Option(help="also write a denoising GIF here")] = None,
     device: o.Device = "cpu",
     save_every: Annotated[
-        int, typer.Option(help="save x_t and predicted x0 every K steps into OUT_steps/")
+        int,
+        typer.Option(
+            help="save x_t and predicted x0 every K steps, and the final images, into OUT_steps/"
+        ),
     ] = 0,
     overwrite: o.Overwrite = False,
 ) -> None:
