@@ -41,31 +41,6 @@ def test_check_writable_refuses_existing(tmp_path):
     assert check_writable(target, overwrite=True) == target
 
 
-def test_free_path_numbers_instead_of_overwriting(tmp_path):
-    target = tmp_path / "digits.png"
-    assert free_path(target) == target
-    target.write_bytes(b"1")
-    assert free_path(target) == tmp_path / "digits_2.png"
-    (tmp_path / "digits_2.png").write_bytes(b"2")
-    assert free_path(target) == tmp_path / "digits_3.png"
-
-
-def test_safetensors_written_through_atomic_path_get_the_umask_mode(tmp_path):
-    """safetensors' save_file replaces the file with a 0600 one; the mode is set after it."""
-    import torch
-
-    from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
-
-    old = os.umask(0o022)
-    try:
-        path = save_checkpoint(
-            tmp_path / "m.safetensors", {"w": torch.zeros(2)}, CheckpointInfo("t", {})
-        )
-    finally:
-        os.umask(old)
-    assert path.stat().st_mode & 0o777 == 0o644
-
-
 def test_check_writable_refuses_what_cannot_be_written_and_creates_nothing(tmp_path, monkeypatch):
     import errno
 
@@ -152,3 +127,28 @@ def test_new_outputs_removed_on_error_keeps_what_existed(tmp_path):
         (folder / "step_000.png").write_text("x")
         raise KeyboardInterrupt
     assert [p.name for p in tmp_path.iterdir()] == ["old.png"]
+
+
+def test_free_path_numbers_instead_of_overwriting(tmp_path):
+    target = tmp_path / "digits.png"
+    assert free_path(target) == target
+    target.write_bytes(b"1")
+    assert free_path(target) == tmp_path / "digits_2.png"
+    (tmp_path / "digits_2.png").write_bytes(b"2")
+    assert free_path(target) == tmp_path / "digits_3.png"
+
+
+def test_safetensors_written_through_atomic_path_get_the_umask_mode(tmp_path):
+    """safetensors' save_file replaces the file with a 0600 one; the mode is set after it."""
+    import torch
+
+    from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        path = save_checkpoint(
+            tmp_path / "m.safetensors", {"w": torch.zeros(2)}, CheckpointInfo("t", {})
+        )
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
