@@ -199,6 +199,16 @@ def _capped(pipe, params: dict) -> dict:
     return out
 
 
+def _settings_of(pipe, params: dict) -> dict:
+    """The call settings of a parsed infotext (Pipeline._settings_of; on main it moved to
+    api.infotext.settings_of)."""
+    try:
+        from noisecraft.api.infotext import settings_of
+    except ImportError:
+        return pipe._settings_of(params)
+    return settings_of(params, pipe.kind == "latent")
+
+
 @settings(
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True
 )
@@ -210,7 +220,7 @@ def test_infotext_parses_and_replays_or_gives_our_error(pipe, text):
     if params is None:
         return
     assert isinstance(params["prompt"], str) and isinstance(params["extra"], dict)
-    settings_, _ = _outcome(pipe._settings_of, params)
+    settings_, _ = _outcome(_settings_of, pipe, params)
     if settings_ is None:
         return
     result, warned = _outcome(pipe.replay, text, **_capped(pipe, params))

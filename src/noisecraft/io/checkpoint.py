@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 from noisecraft._version import __version__
 from noisecraft.errors import CheckpointError
 from noisecraft.io.atomic import atomic_path, check_writable
-from noisecraft.io.write_errors import writing
 
 FORMAT_VERSION = 1
 METADATA_KEY = "noisecraft"
@@ -66,7 +65,7 @@ def save_checkpoint(
     """Write ``state_dict`` and ``info`` to one ``.safetensors`` file, atomically."""
     path = check_writable(path, overwrite=overwrite)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    with writing(path), atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: info.to_json()})
     return path
 
