@@ -23,11 +23,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
+from noisecraft.api.options import LoadOptions
+from noisecraft.errors import NoisecraftError
 from noisecraft.io.native import load_pixel_diffusion
 from noisecraft.metrics.features import mnist_extractor
 from noisecraft.metrics.frechet import fid_from_features
@@ -72,6 +75,11 @@ def main() -> None:
     ap.add_argument("--out", default="docs/samplers.md")
     ap.add_argument("--json", default="docs/samplers.json")
     args = ap.parse_args()
+    try:  # the API's device check: one line, not a traceback, where there is no CUDA
+        LoadOptions(device=args.device)
+    except NoisecraftError as e:
+        print(f"error: {e.render({'device': '--device'})}", file=sys.stderr)
+        sys.exit(2)
     if args.device.startswith("cuda"):
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 numbers, as on the CPU
         torch.backends.cudnn.allow_tf32 = False

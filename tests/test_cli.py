@@ -200,13 +200,22 @@ def test_torchrun_two_processes(tmp_path):
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
-def test_save_every_writes_intermediates(trained):
+def test_save_every_writes_intermediates_and_the_final_image(trained):
+    import numpy as np
+
     model = str(trained / "run" / "model.safetensors")
     out = trained / "inter.png"
     args = ["sample", model, "--steps", "4", "--n", "3", "--save-every", "2", "--out", str(out)]
     assert main(args) == 0
-    names = sorted(p.name for p in (trained / "inter_steps").iterdir())
-    assert names == ["step_000_x0.png", "step_000_xt.png", "step_002_x0.png", "step_002_xt.png"]
+    folder = trained / "inter_steps"
+    names = sorted(p.name for p in folder.iterdir())
+    assert names == [
+        f"step_{i:03d}_{k}.png" for i in (0, 2, 4) for k in ("x0", "xt")
+    ]  # steps 0 and 2 of 4, and the result (step 4)
+    grid = np.asarray(Image.open(out))
+    for k in ("x0", "xt"):
+        assert np.array_equal(np.asarray(Image.open(folder / f"step_004_{k}.png")), grid)
+    assert not np.array_equal(np.asarray(Image.open(folder / "step_002_xt.png")), grid)
 
 
 def test_eval_prints_table_and_writes_json(trained, capsys):
@@ -265,10 +274,12 @@ def test_eval_user_mistakes(trained, capsys, extra, needle):
     assert needle in _err(capsys)
 
 
-def test_usage_errors_are_short_and_exit_2(capsys):
+def test_usage_errors_are_one_line_and_exit_2(capsys):
+    """typer's usage box became one line (issue 13 case 9; tests/test_cli_errors.py has all)."""
     assert main(["sample", "--bogus"]) == 2
-    err = capsys.readouterr().err
-    assert "No such option" in err and "Traceback" not in err
+    line = _err(capsys)
+    assert line.startswith("error: noisecraft sample has no option --bogus; ")
+    assert "noisecraft sample --help" in line
 
 
 def test_demo_uses_shipped_model_and_keeps_earlier_outputs(tmp_path, capsys):
@@ -305,3 +316,74 @@ def test_python_dash_m_runs_the_same_cli():
     assert bad.stderr.strip().splitlines() == [
         "error: --threads must be 0 (torch's default) or more, got -1"
     ]
+
+
+def test_eval_writes_each_metric_as_it_comes_and_keeps_them_on_ctrl_c(
+    trained, tmp_path, capsys, monkeypatch
+):
+    """Ctrl-C after FID: the JSON holds FID, marked incomplete, and the command says so."""
+    import importlib
+    import json
+
+    ev = importlib.import_module("noisecraft.metrics.evaluate")  # the module, not the function
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "kernel_inception_distance", interrupted)
+    model = str(trained / "run" / "model.safetensors")
+    out = tmp_path / "e.json"
+    args = ["eval", model, "--metrics", "fid,kid", "--n", "100", "--steps", "1"]
+    assert main([*args, "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert f'interrupted: fid saved to {out} ("complete": false)' in err
+    assert "Traceback" not in err
+    doc = json.loads(out.read_text())
+    assert list(doc["metrics"]) == ["fid"] and doc["metrics"]["fid"] > 0
+    assert doc["complete"] is False and doc["steps"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["e.json"]  # no temporary file
+
+
+def test_eval_interrupted_before_any_metric_writes_nothing(trained, tmp_path, capsys, monkeypatch):
+    import noisecraft.pipelines as pipelines
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipelines, "generate", interrupted)
+    model = str(trained / "run" / "model.safetensors")
+    out = tmp_path / "e.json"
+    assert main(["eval", model, "--metrics", "fid", "--n", "100", "--out", str(out)]) == 130
+    assert f"interrupted before the first metric; {out} not written" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_bits_per_dim_progress_counts_timesteps_and_json_is_complete(
+    trained, tmp_path, capsys
+):
+    import json
+
+    model = str(trained / "run" / "model.safetensors")
+    out = tmp_path / "e.json"
+    args = ["eval", model, "--metrics", "bpd", "--bpd-n", "70", "--bpd-timesteps", "3"]
+    assert main([*args, "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    # 70 images: batches of 64 and 6, each over 3 timesteps -> the bar counts 6 ticks
+    assert "bits/dim (2 batches x 3 timesteps)" in err and "6/6" in err
+    doc = json.loads(out.read_text())
+    assert doc["complete"] is True and doc["metrics"]["bpd"] > 0
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--bpd-timesteps", "-1"], "--bpd-timesteps must be 0 (all T) or a number"),
+        (["--batch", "0"], "--batch must be at least 1"),
+    ],
+)
+def test_eval_refuses_negative_counts(trained, tmp_path, capsys, extra, needle):
+    model = str(trained / "run" / "model.safetensors")
+    args = ["eval", model, "--metrics", "bpd", *extra, "--out", str(tmp_path / "e.json")]
+    assert main(args) == 2
+    assert needle in _err(capsys)
+    assert list(tmp_path.iterdir()) == []

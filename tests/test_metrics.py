@@ -298,6 +298,31 @@ def test_evaluate_matches_the_metric_functions():
     assert abs(same["fid"]) < 1e-8 and same["precision"] == same["recall"] == 1.0
 
 
+def test_evaluate_reports_each_metric_as_it_is_done():
+    """on_metric sees the results so far after each metric (eval writes its JSON there)."""
+    g = torch.Generator().manual_seed(9)
+    real = torch.rand(80, 1, 8, 8, generator=g) * 2 - 1
+    fake = (torch.rand(60, 1, 8, 8, generator=g) * 2 - 1) * 0.7
+    seen: list[dict] = []
+    out = evaluate(
+        fake,
+        real,
+        metrics="pr,fid,kid,bpd",
+        extractor=PoolFeatures(),
+        kid_subsets=2,
+        kid_subset_size=30,
+        bpd_fn=lambda b: b.flatten(1).mean(1),
+        on_metric=seen.append,
+    )
+    assert [list(s) for s in seen] == [
+        ["fid"],
+        ["fid", "kid", "kid_std"],
+        ["fid", "kid", "kid_std", "precision", "recall"],
+        ["fid", "kid", "kid_std", "precision", "recall", "bpd"],
+    ]
+    assert seen[-1] == out and seen[0]["fid"] == out["fid"]
+
+
 def test_evaluate_refuses_too_few_samples_for_fid_before_extracting():
     ext = PoolFeatures()
     x = torch.zeros(16, 1, 8, 8)

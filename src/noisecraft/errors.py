@@ -33,7 +33,8 @@ class NoisecraftError(Exception):
         out = self.template
         for s in sorted(self.settings, key=len, reverse=True):  # @n after @negative_prompt
             out = out.replace("@" + s, names.get(s, s))
-        return out
+        # one line, even where the message quotes the user's text (--size $'\n')
+        return out.replace("\r", "\\r").replace("\n", "\\n")
 
 
 class UnknownNameError(NoisecraftError, KeyError):

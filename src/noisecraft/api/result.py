@@ -18,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 from torch import Tensor
 
 from noisecraft.io.atomic import atomic_path, check_writable
+from noisecraft.io.write_errors import writing
 
 
 def output_paths(out: str | os.PathLike, n: int) -> list[Path]:
@@ -35,7 +36,7 @@ def write_png(
     path = check_writable(path, overwrite=overwrite)
     info = PngInfo()
     info.add_text("parameters", infotext)
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
     return path
 

@@ -39,14 +39,18 @@ def eval_command(
     bits/dim is the variational bound (DDPM eq. 5) of real images under the model, with the
     null class for class-conditional models (the unconditional bound); with --bpd-timesteps K it
     is estimated from K evenly spaced terms (an estimate, reported as such).
+
+    The JSON is written after each metric ("complete": false until all are done), so Ctrl-C
+    keeps the metrics already computed.
     """
     import torch
     from tqdm.auto import tqdm
 
+    from noisecraft.api.options import LoadOptions
     from noisecraft.api.shipped import resolve_model
     from noisecraft.cli.main import _default_classes
     from noisecraft.diffusion import vlb_terms
-    from noisecraft.io.atomic import atomic_path, check_writable
+    from noisecraft.io.atomic import check_writable
     from noisecraft.io.native import load_pixel_diffusion
     from noisecraft.metrics.evaluate import _check_sizes, evaluate, parse_metrics
     from noisecraft.metrics.features import get_extractor
@@ -55,6 +59,14 @@ def eval_command(
     from noisecraft.training.data import load_dataset
 
     names = parse_metrics(metrics)
+    for flag, value, least in (("--n", n, 1), ("--batch", batch, 1), ("--bpd-n", bpd_n, 1)):
+        if value < least:
+            raise ConfigError(f"{flag} must be at least {least}, got {value}")
+    if bpd_timesteps < 0:
+        raise ConfigError(
+            f"--bpd-timesteps must be 0 (all T) or a number of timesteps, got {bpd_timesteps}"
+        )
+    LoadOptions(device=device)  # the API's device check: one line where there is no CUDA
     check_writable(out, overwrite=overwrite)
     if features == "inception" and inception is None:
         raise ConfigError(
@@ -83,15 +95,30 @@ def eval_command(
         batch_size=batch,
     )
     req.validate(model)
-    samples = torch.empty(0)
-    if set(names) - {"bpd"}:
-        batches = -(-n // batch)
-        with tqdm(total=steps * batches, desc=f"sampling {n} images") as bar:
-            samples = generate(model, req, callback=lambda d: bar.update(1))
+    settings = {
+        "checkpoint": str(checkpoint),
+        "n": n,
+        "sampler": sampler,
+        "schedule": req.spec.schedule,
+        "steps": steps,
+        "cfg": cfg,
+        "seed": seed,
+        "features": features,
+        "bpd_timesteps": bpd_timesteps if "bpd" in names else None,
+    }
+    saved: dict[str, float] = {}
 
-    def bpd_fn(x: torch.Tensor) -> torch.Tensor:
-        T = model.schedule.num_steps
-        ts = None if bpd_timesteps <= 0 else torch.linspace(0, T - 1, bpd_timesteps).long()
+    def save(result: dict[str, float], *, complete: bool = False) -> None:
+        """Write the metrics so far (atomically: a reader sees the old or the new JSON)."""
+        _write_json(out, {**settings, "metrics": result, "complete": complete})
+        saved.clear()
+        saved.update(result)
+
+    T = model.schedule.num_steps
+    ts = None if bpd_timesteps == 0 else torch.linspace(0, T - 1, min(bpd_timesteps, T)).long()
+    n_ts = T if ts is None else len(ts)
+
+    def bpd_fn(x: torch.Tensor, bar) -> torch.Tensor:
         kw = {}
         if model.num_classes is not None:
             kw["class_labels"] = torch.full((len(x),), model.unet.null_class, device=device)
@@ -103,38 +130,47 @@ def eval_command(
             learned_variance=model.learned_variance,
             model_kwargs=kw,
             timesteps=None if ts is None else ts.tolist(),
+            callback=lambda t: bar.update(1),
         )["total"].cpu()
 
-    result: dict[str, float] = {}
-    if extractor is not None:
-        result.update(
-            evaluate(
+    try:
+        result: dict[str, float] = {}
+        if extractor is not None:
+            batches = -(-n // batch)
+            with tqdm(total=steps * batches, desc=f"sampling {n} images") as bar:
+                samples = generate(model, req, callback=lambda d: bar.update(1))
+            result = evaluate(
                 samples,
                 real,
                 metrics=[m for m in names if m != "bpd"],
                 extractor=extractor,
                 seed=seed,
+                on_metric=save,
             )
-        )
-    if "bpd" in names:
-        with torch.no_grad():
-            parts = [bpd_fn(x) for x in tqdm(real[:bpd_n].split(64), desc="bits/dim")]
-        result["bpd"] = float(torch.cat(parts).mean())
+        if "bpd" in names:
+            parts = real[:bpd_n].split(64)
+            desc = f"bits/dim ({len(parts)} batches x {n_ts} timesteps)"
+            with torch.no_grad(), tqdm(total=len(parts) * n_ts, desc=desc) as bar:
+                values = [bpd_fn(x, bar) for x in parts]
+            result["bpd"] = float(torch.cat(values).mean())
+        save(result, complete=True)
+    except KeyboardInterrupt:
+        if saved:
+            typer.echo(
+                f'interrupted: {", ".join(saved)} saved to {out} ("complete": false)', err=True
+            )
+        else:
+            typer.echo(f"interrupted before the first metric; {out} not written", err=True)
+        raise typer.Exit(130) from None
     typer.echo(f"{'metric':<24} value")
     for k, v in result.items():
         typer.echo(f"{k:<24} {v:.4f}")
-    doc = {
-        "checkpoint": str(checkpoint),
-        "metrics": result,
-        "n": n,
-        "sampler": sampler,
-        "schedule": req.spec.schedule,
-        "steps": steps,
-        "cfg": cfg,
-        "seed": seed,
-        "features": features,
-        "bpd_timesteps": bpd_timesteps if "bpd" in names else None,
-    }
-    with atomic_path(out) as tmp:
-        tmp.write_text(json.dumps(doc, indent=2))
     typer.echo(f"wrote {out}")
+
+
+def _write_json(path: Path, doc: dict) -> None:
+    from noisecraft.io.atomic import atomic_path
+    from noisecraft.io.write_errors import writing
+
+    with writing(path), atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(doc, indent=2))

@@ -80,6 +80,7 @@ def run_sampling(
     optionally a denoising GIF and saved intermediates. Returns the paths written."""
     import noisecraft
     from noisecraft.io.atomic import check_writable
+    from noisecraft.io.write_errors import new_outputs_removed_on_error
     from noisecraft.viz.images import DenoisingRecorder, IntermediateWriter, save_gif, save_grid
 
     check_writable(out, overwrite=overwrite)
@@ -99,8 +100,9 @@ def run_sampling(
     scale = max(1, 256 // (nrow * size)) if size < 64 else 1
     recorder = DenoisingRecorder(nrow=nrow) if gif is not None else None
     inter = None
+    folder = out.with_name(out.stem + "_steps")
     if save_every:
-        folder = out.with_name(out.stem + "_steps")
+        check_writable(folder, overwrite=True, folder=True)
         inter = IntermediateWriter(folder, save_every, nrow, scale, overwrite=overwrite)
 
     def callback(d: dict) -> None:
@@ -108,19 +110,22 @@ def run_sampling(
             if watcher is not None:
                 watcher(d)
 
-    result = pipe(n=n, class_label=classes, callback=callback, progress=True, **settings)
-    images = result.tensors
-    req = result.request
-    text = {
-        "parameters": f"sampler: {req.spec.name}, steps: {req.steps}, cfg: {req.cfg}, "
-        f"seed: {req.seed}, model: {checkpoint}"
-    }
-    written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
-    if recorder is not None:
-        recorder.add(images, images)
-        written.append(save_gif(recorder.frames, gif, scale=scale, overwrite=overwrite))
-    if inter is not None and inter.written:
-        written.append(inter.folder)
+    # a failed or interrupted run leaves none of the outputs it started
+    with new_outputs_removed_on_error(*[p for p in (out, gif, inter and folder) if p]):
+        result = pipe(n=n, class_label=classes, callback=callback, progress=True, **settings)
+        images = result.tensors
+        req = result.request
+        text = {
+            "parameters": f"sampler: {req.spec.name}, steps: {req.steps}, cfg: {req.cfg}, "
+            f"seed: {req.seed}, model: {checkpoint}"
+        }
+        written = [save_grid(images, out, nrow=nrow, scale=scale, overwrite=overwrite, text=text)]
+        if recorder is not None:
+            recorder.add(images, images)
+            written.append(save_gif(recorder.frames, gif, scale=scale, overwrite=overwrite))
+        if inter is not None:
+            inter.finish(images)
+            written.append(inter.folder)
     return written
 
 
@@ -140,7 +145,10 @@ def sample(
     gif: Annotated[Path | None, typer.Option(help="also write a denoising GIF here")] = None,
     device: o.Device = "cpu",
     save_every: Annotated[
-        int, typer.Option(help="save x_t and predicted x0 every K steps into OUT_steps/")
+        int,
+        typer.Option(
+            help="save x_t and predicted x0 every K steps, and the final images, into OUT_steps/"
+        ),
     ] = 0,
     overwrite: o.Overwrite = False,
     max_pixels: o.MaxPixels = None,
@@ -181,12 +189,14 @@ def demo(
     unless ``--overwrite`` is given.
     """
     from noisecraft.api.shipped import SHIPPED_MODELS
-    from noisecraft.io.atomic import free_path
+    from noisecraft.io.atomic import check_writable, free_path
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     grid, gif = out_dir / "digits.png", out_dir / "denoising.gif"
+    text = out_dir / "text_digits.png"
     if not overwrite:
-        grid, gif = free_path(grid), free_path(gif)
+        grid, gif, text = free_path(grid), free_path(gif), free_path(text)
+    for path in (grid, gif, text):  # all three before the first is drawn
+        check_writable(path, overwrite=overwrite)
     paths = run_sampling(
         "mnist",
         n=None,
@@ -203,8 +213,7 @@ def demo(
     for p in paths:
         typer.echo(f"wrote {p.resolve()}")
     if SHIPPED_MODELS["mnist-text"].is_file():
-        text = out_dir / "text_digits.png"
-        written = text_demo(text if overwrite else free_path(text), steps, seed, overwrite)
+        written = text_demo(text, steps, seed, overwrite)
         typer.echo('text-to-image (mini Stable Diffusion): row k is "a handwritten <k>"')
         typer.echo(f"wrote {written.resolve()}")
 
@@ -283,8 +292,9 @@ _register_subcommands()
 def main(argv: list[str] | None = None) -> int:
     """Console entry point: user errors become one line on stderr and exit code 2.
 
-    typer/click handle usage errors themselves (usage + exit 2); our own
-    :class:`NoisecraftError` passes through them and is printed here.
+    Usage errors (unknown option or command, a value of the wrong type, a missing argument)
+    and our own :class:`NoisecraftError` are printed here, one line each
+    (:mod:`noisecraft.cli.usage`).
     """
     with warnings.catch_warnings():
         warnings.simplefilter("always", NoisecraftWarning)
@@ -304,14 +314,27 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 
 def _main(argv: list[str] | None) -> int:
+    from noisecraft.cli.usage import NoArgsIsHelpError, UsageError, usage_message
+
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=True)
+        # not standalone: typer returns what --help and typer.Exit ask for and raises usage
+        # errors, which become one line here instead of its usage box
+        rv = app(args=argv, standalone_mode=False)
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except NoArgsIsHelpError:  # `noisecraft` or `noisecraft viz` alone: the help, as before
+        return 2
+    except typer.Abort:  # end of input at a prompt
+        print("aborted", file=sys.stderr)
+        return 1
+    except UsageError as e:
+        print(f"error: {usage_message(e, typer.main.get_command(app), argv)}", file=sys.stderr)
+        return 2
     except NoisecraftError as e:
         print(f"error: {e.render(o.flag_names(e.settings))}", file=sys.stderr)
         return 2
-    return 0
+    return rv if isinstance(rv, int) else 0
 
 
 def run() -> None:

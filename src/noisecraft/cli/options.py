@@ -61,7 +61,7 @@ def parse_size(text: str | None) -> dict[str, int]:
     if text is None:
         return {}
     parts = text.lower().replace(" ", "").split("x")
-    if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got '{text}'")
     return {"width": int(parts[0]), "height": int(parts[1])}
 

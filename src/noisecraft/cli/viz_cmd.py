@@ -46,7 +46,8 @@ SKIMAGE_SAMPLES = (
     "rocket",
     "text",
 )
-_MNIST = re.compile(r"mnist:(\d+)")
+_MNIST = re.compile(r"mnist:(?:index=)?(\d+)")
+_MNIST_CLASS = re.compile(r"mnist:class=(\d+)")
 
 
 def _skimage_image(name: str) -> Image.Image:
@@ -75,25 +76,38 @@ def _skimage_image(name: str) -> Image.Image:
 
 
 @functools.cache
-def _mnist_images():
+def _mnist():
     from noisecraft.training.config import DataConfig
     from noisecraft.training.data import load_mnist
 
-    return load_mnist(DataConfig(name="mnist", class_conditional=False)).images
+    return load_mnist(DataConfig(name="mnist", class_conditional=True))
 
 
 def _mnist_image(index: int) -> Image.Image:
     from PIL import Image
 
-    images = _mnist_images()
+    images = _mnist().images
     if not 0 <= index < len(images):
-        raise ConfigError(f"mnist:{index} is out of range; use mnist:N with 0 <= N < {len(images)}")
+        raise ConfigError(
+            f"mnist:{index} is out of range; use mnist:N with 0 <= N < {len(images)} (an index), "
+            "or mnist:class=K for a digit K"
+        )
     arr = ((images[index, 0] + 1.0) * 127.5).round().clamp(0, 255).byte().numpy()
     return Image.fromarray(arr)
 
 
+def _mnist_class_image(digit: int) -> Image.Image:
+    """The first shipped MNIST image of class ``digit``."""
+    labels = _mnist().labels
+    found = (labels == digit).nonzero()
+    if not len(found):
+        raise ConfigError(f"mnist:class={digit}: MNIST classes are the digits 0 to 9")
+    return _mnist_image(int(found[0, 0]))
+
+
 def load_source_image(spec: str) -> Image.Image:
-    """An image file, ``mnist:N`` (the N-th shipped MNIST digit) or a scikit-image sample name."""
+    """An image file, ``mnist:N`` (the shipped MNIST image at index N), ``mnist:class=K`` (the
+    first one of digit K) or a scikit-image sample name."""
     from PIL import Image, UnidentifiedImageError
 
     path = Path(spec).expanduser()
@@ -109,8 +123,14 @@ def load_source_image(spec: str) -> Image.Image:
     m = _MNIST.fullmatch(spec)
     if m:
         return _mnist_image(int(m.group(1)))
+    m = _MNIST_CLASS.fullmatch(spec)
+    if m:
+        return _mnist_class_image(int(m.group(1)))
     if spec.startswith("mnist:"):
-        raise ConfigError(f"'{spec}': write mnist:N with N a digit's index, e.g. mnist:7")
+        raise ConfigError(
+            f"'{spec}': write mnist:class=K for a digit K (e.g. mnist:class=7) or mnist:N for "
+            "the image at index N"
+        )
     if re.fullmatch(r"[a-z_]+", spec):
         return _skimage_image(spec)
     raise DataError(
@@ -122,7 +142,11 @@ def load_source_image(spec: str) -> Image.Image:
 def forward_command(
     image: Annotated[
         str,
-        typer.Argument(help="image file, mnist:N, or a scikit-image sample (astronaut, camera)"),
+        typer.Argument(
+            help="image file; mnist:class=K (the first MNIST digit K, e.g. mnist:class=7) or "
+            "mnist:N (the MNIST image at index N, not the digit N); or a scikit-image sample "
+            "(astronaut, camera)"
+        ),
     ],
     steps: Annotated[
         str | None,
@@ -209,9 +233,10 @@ def vlb_command(
     ] = None,
     device: Annotated[str, typer.Option(help="cpu | cuda")] = "cpu",
     out: Annotated[Path, typer.Option(help="plot to write (png, pdf, svg)")] = Path("vlb.png"),
-    csv: Annotated[Path, typer.Option(help="CSV to write, one row per evaluated t")] = Path(
-        "vlb.csv"
-    ),
+    csv: Annotated[
+        Path | None,
+        typer.Option(help="CSV to write, one row per evaluated t; default: OUT with .csv"),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="replace existing files")] = False,
 ) -> None:
     """Plot the variational-bound terms L_t (bits/dim) per timestep; print the total bits/dim.
@@ -225,15 +250,19 @@ def vlb_command(
     import torch
     from tqdm.auto import tqdm
 
+    from noisecraft.api.options import LoadOptions
     from noisecraft.api.shipped import resolve_model
     from noisecraft.diffusion import vlb_terms
     from noisecraft.io.atomic import check_writable
     from noisecraft.io.native import load_pixel_diffusion
+    from noisecraft.io.write_errors import new_outputs_removed_on_error
     from noisecraft.training.data import load_dataset
     from noisecraft.viz.vlb_plot import VLBCurve, plot_vlb, vlb_timesteps, write_vlb_csv
 
     if n < 1 or batch < 1:
         raise ConfigError(f"--n and --batch must be at least 1, got {n} and {batch}")
+    LoadOptions(device=device)  # the API's device check: one line where there is no CUDA
+    csv = out.with_suffix(".csv") if csv is None else csv
     check_writable(out, overwrite=overwrite)
     check_writable(csv, overwrite=overwrite)
     if out.resolve() == csv.resolve():
@@ -251,8 +280,10 @@ def vlb_command(
     kw = {}
     gen = torch.Generator(device=device).manual_seed(seed)
     terms, prior = [], []
-    with torch.no_grad():
-        for x in tqdm(images.split(batch), desc=f"VLB at {len(ts)} timesteps"):
+    parts = images.split(batch)
+    desc = f"VLB ({len(parts)} batches x {len(ts)} timesteps)"
+    with torch.no_grad(), tqdm(total=len(parts) * len(ts), desc=desc) as bar:
+        for x in parts:
             x = x.to(device)
             if model.num_classes is not None:
                 kw = {"class_labels": torch.full((len(x),), model.unet.null_class, device=device)}
@@ -265,6 +296,7 @@ def vlb_command(
                 model_kwargs=kw,
                 timesteps=ts,
                 generator=gen,
+                callback=lambda t: bar.update(1),
             )
             terms.append(res["terms"].double().cpu())
             prior.append(res["prior"].double().cpu())
@@ -290,5 +322,8 @@ def vlb_command(
             f"total: {total:.4f} bits/dim (estimate: {len(ts)} of {T} terms evaluated, "
             "the rest interpolated)"
         )
-    typer.echo(f"wrote {write_vlb_csv(csv, curve, overwrite=overwrite)}")
-    typer.echo(f"wrote {plot_vlb(out, curve, overwrite=overwrite)}")
+    with new_outputs_removed_on_error(out, csv):  # both or neither
+        plot_vlb(out, curve, overwrite=overwrite)
+        write_vlb_csv(csv, curve, overwrite=overwrite)
+    typer.echo(f"wrote {csv}")
+    typer.echo(f"wrote {out}")

@@ -192,12 +192,14 @@ def vlb_terms(
     clip_denoised: bool = True,
     variance: str = "large",
     generator: torch.Generator | None = None,
+    callback: Callable[[int], None] | None = None,
 ) -> dict[str, Tensor]:
     """Every term of the bound for a batch x0 in [-1, 1] (improved-diffusion's calc_bpd_loop).
 
     Returns "terms" (B, n) bits/dim for the evaluated timesteps (all T by default, in
     order 0 .. T-1), "prior" (B,) and "total" (B,) = prior + sum of the terms. With a
     subset of ``timesteps`` the sum is scaled by T / n (an estimate of the full sum).
+    ``callback(t)`` is called after each timestep's term (progress bars).
     """
     T = schedule.num_steps
     ts = list(range(T)) if timesteps is None else [int(i) for i in timesteps]
@@ -220,6 +222,8 @@ def vlb_terms(
             variance=variance,
         )
         terms.append(vlb_term(schedule, x0, x_t, t, p["mean"], p["log_variance"]))
+        if callback is not None:
+            callback(i)
     terms_t = torch.stack(terms, dim=1)
     prior = prior_bpd(schedule, x0)
     total = prior + terms_t.sum(dim=1) * (T / len(ts))

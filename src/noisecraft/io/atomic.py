@@ -16,17 +16,28 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from noisecraft.errors import OutputExistsError
+from noisecraft.errors import OutputError, OutputExistsError
+from noisecraft.io.write_errors import folder_problem, output_error
 
 
-def check_writable(path: str | os.PathLike, *, overwrite: bool) -> Path:
-    """Refuse to replace an existing file unless ``overwrite`` is set."""
+def check_writable(path: str | os.PathLike, *, overwrite: bool, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: an existing one unless
+    ``overwrite`` is set; a folder where a file goes (a file where a ``folder`` goes); a
+    parent that is a file; a folder (existing, or the one it would be created in) that is
+    read-only, not writable or on a full disk. Creates nothing."""
     path = Path(path)
+    if folder and path.exists() and not path.is_dir():
+        raise OutputError(f"{path} is a file; give a folder path")
     if path.exists() and not overwrite:
         raise OutputExistsError(
             f"{path} exists; pass @overwrite to replace it or choose another path",
             settings=["overwrite"],
         )
+    if path.is_dir() and not folder:
+        raise OutputError(f"{path} is a folder; give a file name")
+    problem = folder_problem(path.parent)
+    if problem is not None:
+        raise output_error(path, problem)
     return path
 
 

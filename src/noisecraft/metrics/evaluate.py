@@ -99,6 +99,7 @@ def evaluate(
     bpd_fn: Callable[[Tensor], Tensor] | None = None,
     bpd_batch_size: int = 64,
     seed: int = 0,
+    on_metric: Callable[[dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
     """Compute ``metrics`` for generated ``samples`` against real ``reference`` images.
 
@@ -106,6 +107,8 @@ def evaluate(
     features and logits (e.g. :func:`~noisecraft.metrics.features.mnist_extractor`);
     ``bpd_fn`` maps a batch of reference images to per-image bits/dim.
     Returns a flat ``{name: value}`` dict (see the module docstring for the keys).
+    ``on_metric`` is called with (a copy of) the results so far after each metric, so a
+    caller can save them as they come.
     """
     names = parse_metrics(metrics)
     needs_reference = _NEEDS_FEATURES.intersection(names) or "bpd" in names
@@ -138,16 +141,24 @@ def evaluate(
         if _NEEDS_FEATURES.intersection(names):
             feats_real = extractor(reference)
 
+    def done() -> None:
+        if on_metric is not None:
+            on_metric(dict(out))
+
     if "fid" in names:
         out["fid"] = fid_from_features(feats_fake, feats_real)
+        done()
     if "kid" in names:
         out["kid"], out["kid_std"] = kernel_inception_distance(
             feats_fake, feats_real, num_subsets=kid_subsets, subset_size=kid_subset_size, seed=seed
         )
+        done()
     if "is" in names:
         out["is"], out["is_std"] = inception_score(logits_fake, splits=is_splits)
+        done()
     if "pr" in names:
         out["precision"], out["recall"] = precision_recall(feats_real, feats_fake, k=pr_k)
+        done()
     if "bpd" in names:
         with torch.no_grad():
             values = torch.cat(
@@ -159,4 +170,5 @@ def evaluate(
         if len(values) != n_ref:
             raise ConfigError(f"bpd_fn must return one value per image, got {len(values)}/{n_ref}")
         out["bpd"] = values.mean().item()
+        done()
     return out

@@ -22,6 +22,7 @@ then restores the mean); this module only parses.
 
 from __future__ import annotations
 
+import math
 import re
 import warnings
 
@@ -85,7 +86,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
 
     Raises:
         ConfigError: an explicit weight that is not a number, e.g. ``(word:1.2.3)``
-            (A1111 fails there with a bare ``ValueError``).
+            (A1111 fails there with a bare ``ValueError``), or weights that overflow a
+            float (A1111 would encode with an infinite weight).
     """
     res: list[list] = []
     # an opening bracket leaves its own text in ``res`` (a placeholder), emptied when it is
@@ -108,6 +110,8 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             try:
                 factor = float(weight)
             except ValueError:
+                factor = math.nan
+            if not math.isfinite(factor):  # "1.2.3", or 400 digits (inf)
                 raise ConfigError(
                     f"bad emphasis weight '{weight}' in prompt; write it as (text:1.3)"
                 ) from None
@@ -132,6 +136,11 @@ def parse_prompt_attention(text: str) -> list[tuple[str, float]]:
             stacklevel=2,
         )
     res = [r for r in res if r[0]] or [["", 1.0]]
+    if not all(math.isfinite(r[1]) for r in res):
+        raise ConfigError(
+            "the emphasis weights of the prompt multiply beyond any float (thousands of nested "
+            "brackets, or huge weights inside each other); use fewer brackets"
+        )
 
     # Merge runs of identical weights.
     i = 0

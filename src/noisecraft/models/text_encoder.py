@@ -453,9 +453,15 @@ def encode_prompt_chunks(
                 f"got {tuple(weights.shape)}"
             )
         w = weights.to(device=z.device, dtype=z.dtype)
+        finite = bool(torch.isfinite(z).all())
         original_mean = z.mean(dim=(1, 2), keepdim=True)
         z = z * w[..., None]
         z = z * (original_mean / z.mean(dim=(1, 2), keepdim=True))
+        if finite and not torch.isfinite(z).all():  # weights near the dtype's max overflow
+            raise ConfigError(
+                f"the prompt's emphasis weights overflow the text encoder's {z.dtype} "
+                "(weights of about 1e38, or 65504 in fp16); use smaller weights"
+            )
     return z.reshape(1, -1, z.shape[-1])
 
 

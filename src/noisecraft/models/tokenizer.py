@@ -414,9 +414,13 @@ class CLIPTokenizer:
             else:
                 segments.append((self.encode(text), weight))
         ids, weights = self._chunk(segments, comma_backtrack)
-        return WeightedTokens(
-            torch.tensor(ids, dtype=torch.long), torch.tensor(weights, dtype=torch.float32)
-        )
+        w = torch.tensor(weights, dtype=torch.float32)
+        if not torch.isfinite(w).all():  # ((((a)))) nested ~930 deep: 1.1^931 > float32's max
+            raise ConfigError(
+                "an emphasis weight of the prompt is beyond float32's range (too many nested "
+                "brackets or too large a weight); use fewer brackets or smaller weights"
+            )
+        return WeightedTokens(torch.tensor(ids, dtype=torch.long), w)
 
     def _chunk(
         self, segments: Iterable[tuple[list[int], float] | None], comma_backtrack: int

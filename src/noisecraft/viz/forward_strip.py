@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 from noisecraft.diffusion import NoiseSchedule, q_sample
 from noisecraft.errors import ConfigError
 from noisecraft.io.atomic import atomic_path, check_writable
+from noisecraft.io.write_errors import writing
 from noisecraft.viz.images import to_uint8
 
 DEFAULT_FRACTIONS = (0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -245,6 +246,6 @@ def save_forward_strip(
         f"T: {schedules[0].num_steps}; t: {','.join(map(str, steps))}; seed: {seed}",
     )
     fmt = Image.registered_extensions().get(path.suffix.lower(), "PNG")
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         im.save(tmp, format=fmt, **({"pnginfo": info} if fmt == "PNG" else {}))
     return path

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from noisecraft.io.atomic import atomic_path, check_writable
+from noisecraft.io.write_errors import writing
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -57,7 +58,7 @@ def save_grid(
     info = PngInfo()
     for k, v in (text or {}).items():
         info.add_text(k, v)
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         _pil(make_grid(images, nrow), scale).save(tmp, format="PNG", pnginfo=info)
     return path
 
@@ -75,7 +76,7 @@ def save_gif(
     path = check_writable(path, overwrite=overwrite)
     ims = [_pil(f, scale) for f in frames]
     durations = [duration_ms] * (len(ims) - 1) + [hold_last_ms]
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         ims[0].save(
             tmp, format="GIF", save_all=True, append_images=ims[1:], duration=durations, loop=0
         )
@@ -112,6 +113,8 @@ class IntermediateWriter:
 
     ``step_NNN_xt.png`` is the noisy sample in the VP view (``x / sqrt(1 + sigma^2)``) and
     ``step_NNN_x0.png`` the denoiser's x0 estimate, as Stable Diffusion's ``save_int`` does.
+    :meth:`finish` adds the final images as the last step (``step_SSS_*``, S = the number of
+    steps), so the series ends where sampling ends. Only the first batch is drawn.
     """
 
     def __init__(
@@ -125,13 +128,28 @@ class IntermediateWriter:
         self.folder, self.every, self.nrow = Path(folder), every, nrow
         self.scale, self.overwrite = scale, overwrite
         self.written: list[Path] = []
+        self.last_step, self.batch_size = -1, 0
 
     def __call__(self, d: dict) -> None:
-        if d.get("batch", 0) != 0 or d["i"] % self.every:
+        if d.get("batch", 0) != 0:
+            return
+        self.last_step, self.batch_size = d["i"], len(d["x"])
+        if d["i"] % self.every:
             return
         sigma = float(d["sigma"])
         xt = (d["x"] / math.sqrt(1.0 + sigma**2)).clamp(-1, 1)
-        for name, img in (("xt", xt), ("x0", d["denoised"].clamp(-1, 1))):
-            path = self.folder / f"step_{d['i']:03d}_{name}.png"
-            kw = {"nrow": self.nrow, "scale": self.scale, "overwrite": self.overwrite}
+        self._save(d["i"], xt, d["denoised"].clamp(-1, 1))
+
+    def finish(self, images: torch.Tensor) -> None:
+        """Save the final ``images`` (all batches; the first batch's are drawn) as the step
+        after the last one seen: at sigma = 0, x_t and x0 are both the result."""
+        if self.last_step < 0:
+            return
+        final = images[: self.batch_size].clamp(-1, 1)
+        self._save(self.last_step + 1, final, final)
+
+    def _save(self, step: int, xt: torch.Tensor, x0: torch.Tensor) -> None:
+        kw = {"nrow": self.nrow, "scale": self.scale, "overwrite": self.overwrite}
+        for name, img in (("xt", xt), ("x0", x0)):
+            path = self.folder / f"step_{step:03d}_{name}.png"
             self.written.append(save_grid(img, path, **kw))

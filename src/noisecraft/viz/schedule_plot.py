@@ -9,6 +9,7 @@ import torch
 
 from noisecraft.diffusion import NoiseSchedule
 from noisecraft.io.atomic import atomic_path, check_writable
+from noisecraft.io.write_errors import writing
 
 
 def plot_schedules(
@@ -47,7 +48,7 @@ def plot_schedules(
     axes[0].set_yscale("log")
     axes[1].legend()
     fig.tight_layout()
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".") or "png", dpi=120)
     plt.close(fig)
     return path

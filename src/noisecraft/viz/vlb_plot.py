@@ -19,6 +19,7 @@ import numpy as np
 
 from noisecraft.errors import ConfigError
 from noisecraft.io.atomic import atomic_path, check_writable
+from noisecraft.io.write_errors import writing
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +95,7 @@ def estimate_total(
 def write_vlb_csv(path: str | os.PathLike, curve: VLBCurve, *, overwrite: bool = False) -> Path:
     """One row per evaluated t: ``t, abar, bits_per_dim, std`` (atomic write)."""
     path = check_writable(path, overwrite=overwrite)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+    with writing(path), atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["t", "abar", "bits_per_dim", "std"])
         for i, t in enumerate(curve.timesteps):
@@ -150,7 +151,7 @@ def plot_vlb(
     fig.tight_layout()
     fmt = path.suffix.lstrip(".").lower()
     fmt = fmt if fmt in fig.canvas.get_supported_filetypes() else "png"
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         fig.savefig(tmp, format=fmt, dpi=120)
     plt.close(fig)
     return path

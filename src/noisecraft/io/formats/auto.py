@@ -105,10 +105,10 @@ def convert(
     if to not in FORMATS:
         raise unknown_name("format", to, FORMATS)
     from noisecraft.io.atomic import check_writable
+    from noisecraft.io.write_errors import writing
 
     dst = Path(dst)
-    if to != "diffusers":
-        check_writable(dst, overwrite=overwrite)  # fail before the (slow) load
+    check_writable(dst, overwrite=overwrite, folder=to == "diffusers")  # before the slow load
     model = load_any(src, vae=vae, prediction=prediction, arch=arch)
     if not isinstance(model, LatentDiffusion):
         raise ConfigError(
@@ -116,7 +116,10 @@ def convert(
             "models convert to other formats"
         )
     if to == "noisecraft":
-        save_model(model, dst, overwrite=overwrite)
+        # one OutputError line for a full or read-only disk (save_checkpoint itself leaves
+        # the OS error to its callers: the trainer words its own, naming the kept checkpoint)
+        with writing(dst):
+            save_model(model, dst, overwrite=overwrite)
     elif to == "single-file":
         from noisecraft.io.formats.single_file import save_single_file
 

@@ -33,6 +33,7 @@ from noisecraft.io.formats.diffusers_tokenizer import write_tokenizer
 from noisecraft.io.formats.keys import clip as clip_keys
 from noisecraft.io.formats.keys import unet as unet_keys
 from noisecraft.io.formats.keys import vae as vae_keys
+from noisecraft.io.write_errors import writing
 from noisecraft.key_rules import Table, to_theirs
 from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import TextEncoderConfig
@@ -72,7 +73,7 @@ def save_diffusers_folder(
             f"{type(model.tokenizer).__name__}"
         )
     parts = _diffusers_parts(model)  # every config error before anything is written
-    with atomic_folder(path) as tmp:
+    with writing(path), atomic_folder(path) as tmp:
         for name, (config, tensors, weights_name) in parts.items():
             (tmp / name).mkdir()
             write_json(tmp / name / "config.json", config)

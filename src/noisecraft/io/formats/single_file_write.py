@@ -19,6 +19,7 @@ from noisecraft.errors import ConfigError
 from noisecraft.io.atomic import atomic_path, check_writable
 from noisecraft.io.formats.ldm_layout import TEXT_LAYOUTS, join_ldm_parts
 from noisecraft.io.formats.single_file_meta import DTYPES, SingleFileInfo, single_file_metadata
+from noisecraft.io.write_errors import writing
 from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import TextEncoderConfig
 
@@ -107,6 +108,6 @@ def save_single_file(
         )
     check_writable(path, overwrite=overwrite)
     tensors = ldm_state_dict(model, dtype=dtype)
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=single_file_metadata(model))
     return path
