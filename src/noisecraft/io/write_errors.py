@@ -73,7 +73,8 @@ def folder_problem(folder: str | os.PathLike) -> int | None:
     return None
 
 
-def _errno_of(e: BaseException) -> int | None:
+def errno_of(e: BaseException) -> int | None:
+    """The errno of an ``OSError``, or of the OS error safetensors wraps in its own; None."""
     if isinstance(e, OSError):
         return e.errno
     m = re.search(r"os error (\d+)|code: (\d+)", str(e))  # safetensors' Rust io::Error
@@ -83,7 +84,7 @@ def _errno_of(e: BaseException) -> int | None:
 def _is_write_error(e: BaseException) -> bool:
     if isinstance(e, OSError):
         return e.errno is not None
-    return type(e).__name__ == "SafetensorError" and _errno_of(e) is not None
+    return type(e).__name__ == "SafetensorError" and errno_of(e) is not None
 
 
 @contextlib.contextmanager
@@ -97,7 +98,7 @@ def writing(path: str | os.PathLike) -> Iterator[None]:
     except BaseException as e:
         _remove_created_folders(path.absolute().parent, existed)
         if _is_write_error(e):
-            raise output_error(path, _errno_of(e), str(getattr(e, "strerror", "") or "")) from e
+            raise output_error(path, errno_of(e), str(getattr(e, "strerror", "") or "")) from e
         raise
 
 
@@ -129,6 +130,7 @@ def _remove_created_folders(folder: Path, existed: Path) -> None:
 
 
 __all__ = [
+    "errno_of",
     "folder_problem",
     "nearest_existing",
     "new_outputs_removed_on_error",

@@ -28,6 +28,7 @@ from typing import Any
 
 from noisecraft.errors import ConfigError, OutputError
 from noisecraft.io.atomic import atomic_path
+from noisecraft.io.write_errors import errno_of
 
 #: What a run directory holds that the trainer writes again when a run starts over.
 RESTARTABLE = frozenset({"config.json", "log.csv", "samples"})
@@ -138,9 +139,6 @@ def truncate_log(path: Path, step: int, header: list[str]) -> int:
     return dropped
 
 
-_OS_ERROR = re.compile(r"os error (\d+)")
-
-
 class _RecordingWriter:
     """A file for ``torch.save`` that keeps the ``OSError`` of a failed write: torch reports
     it only as ``RuntimeError: [enforce fail at inline_container.cc] unexpected pos``."""
@@ -185,11 +183,11 @@ def write_failure(path: Path, error: BaseException, kept_step: int | None) -> Ou
     """The one-line error for a write of ``path`` that failed with ``error`` (an ``OSError``,
     or a ``SafetensorError`` that carries "os error N"); ``kept_step``: the step of the
     checkpoint on disk, which the atomic write left as it was."""
-    if isinstance(error, OSError):
-        reason = error.strerror or str(error)
+    code = errno_of(error)
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
     else:
-        m = _OS_ERROR.search(str(error))
-        reason = os.strerror(int(m.group(1))) if m else " ".join(str(error).split())[:200]
+        reason = os.strerror(code) if code else " ".join(str(error).split())[:200]
     kept = f"the checkpoint of step {kept_step} is intact; " if kept_step else ""
     return OutputError(
         f"could not write {path} ({reason}); {kept}free disk space or make {path.parent} "
