@@ -16,3 +16,38 @@ def jitter(
         for p in module.parameters():
             p.add_(torch.randn(p.shape, generator=g) * std)
     return module.eval().requires_grad_(False) if freeze else module
+
+
+#: The tiny class-conditional recipe the CLI and training tests train (sklearn digits, 8x8).
+TINY_RECIPE = {
+    "data": {"name": "digits", "image_size": 8, "limit": 128},
+    "model": {
+        "in_channels": 1,
+        "out_channels": 1,
+        "model_channels": 8,
+        "channel_mult": [1, 2],
+        "num_res_blocks": 1,
+        "attention_levels": [1],
+        "num_heads": 2,
+        "num_classes": 10,
+        "norm_groups": 4,
+    },
+    "diffusion": {"num_steps": 100},
+    "train": {"batch_size": 16, "max_steps": 3, "warmup_steps": 1},
+    "run": {"sample_every": 0, "progress": False},
+}
+
+
+def tiny_recipe(run_dir, **sections: dict) -> str:
+    """:data:`TINY_RECIPE` as TOML text with ``run.dir = run_dir``; each keyword (a section
+    name) updates that section's keys."""
+    import json
+
+    lines = []
+    for name, base in TINY_RECIPE.items():
+        values = {**base, **sections.get(name, {})}
+        if name == "run":
+            values = {"dir": str(run_dir), **values}
+        lines.append(f"[{name}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+    return "\n".join(lines) + "\n"

@@ -7,42 +7,16 @@ import pytest
 import torch
 from PIL import Image, ImageSequence
 
+from helpers import tiny_recipe
 from noisecraft.cli.main import main
 from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
-
-TINY_TOML = """
-[data]
-name = "digits"
-image_size = 8
-limit = 128
-[model]
-in_channels = 1
-out_channels = 1
-model_channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attention_levels = [1]
-num_heads = 2
-num_classes = 10
-norm_groups = 4
-[diffusion]
-num_steps = 100
-[train]
-batch_size = 16
-max_steps = 3
-warmup_steps = 1
-[run]
-dir = "{run}"
-sample_every = 0
-progress = false
-"""
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli")
     toml = root / "tiny.toml"
-    toml.write_text(TINY_TOML.format(run=(root / "run").as_posix()))
+    toml.write_text(tiny_recipe((root / "run").as_posix()))
     assert main(["train", str(toml)]) == 0
     return root
 
@@ -166,7 +140,7 @@ def test_train_on_folder_counts_corrupt_images(tmp_path, capsys):
     (folder / "bad.png").write_bytes(b"\x89PNG broken")
     toml = tmp_path / "f.toml"
     toml.write_text(
-        TINY_TOML.format(run=(tmp_path / "run").as_posix())
+        tiny_recipe((tmp_path / "run").as_posix())
         .replace('name = "digits"', f'name = "folder"\npath = "{folder.as_posix()}"')
         .replace("num_classes = 10\n", "")
         .replace("limit = 128", "class_conditional = false")
@@ -178,7 +152,7 @@ def test_train_on_folder_counts_corrupt_images(tmp_path, capsys):
 def test_torchrun_two_processes(tmp_path):
     """The README's multi-process command, for real: torchrun with 2 gloo processes."""
     toml = tmp_path / "tiny.toml"
-    toml.write_text(TINY_TOML.format(run=(tmp_path / "run").as_posix()))
+    toml.write_text(tiny_recipe((tmp_path / "run").as_posix()))
     # --standalone: a free rendezvous port, so parallel test runs do not collide on 29500
     torchrun = [
         sys.executable,

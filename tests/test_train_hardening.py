@@ -20,42 +20,12 @@ import pytest
 import torch
 from safetensors import SafetensorError
 
+from helpers import tiny_recipe
 from noisecraft.cli.main import main
 from noisecraft.io.checkpoint import read_info
 from noisecraft.training import run_files
 from noisecraft.training.run_dir import RunLock
 from noisecraft.training.trainer import Trainer
-
-TOML = """
-[data]
-name = "digits"
-image_size = 8
-limit = 128
-[model]
-in_channels = 1
-out_channels = 1
-model_channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attention_levels = [1]
-num_heads = 2
-num_classes = 10
-norm_groups = 4
-[diffusion]
-num_steps = 100
-[train]
-batch_size = 16
-max_steps = 6
-warmup_steps = 1
-device = "cpu"
-threads = 1
-[run]
-dir = "{run}"
-checkpoint_every = {every}
-sample_every = 0
-log_every = 1
-progress = false
-"""
 
 
 @pytest.fixture
@@ -66,7 +36,13 @@ def recipe(tmp_path):
 
 def _recipe(tmp_path, name, every):
     path = tmp_path / name
-    path.write_text(TOML.format(run=(tmp_path / "run").as_posix(), every=every))
+    path.write_text(
+        tiny_recipe(
+            (tmp_path / "run").as_posix(),
+            train={"max_steps": 6, "device": "cpu", "threads": 1},
+            run={"checkpoint_every": every, "log_every": 1},
+        )
+    )
     return path
 
 

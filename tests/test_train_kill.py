@@ -22,41 +22,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import tiny_recipe
 from noisecraft.io.checkpoint import read_info
 
 pytestmark = pytest.mark.slow
 
-TOML = """
-[data]
-name = "digits"
-image_size = 8
-limit = 128
-[model]
-in_channels = 1
-out_channels = 1
-model_channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attention_levels = [1]
-num_heads = 2
-num_classes = 10
-norm_groups = 4
-[diffusion]
-num_steps = 100
-[train]
-batch_size = 16
-max_steps = {steps}
-warmup_steps = 2
-device = "cpu"
-threads = 1
-[run]
-dir = "{run}"
-checkpoint_every = {every}
-sample_every = 8
-sample_steps = 4
-log_every = 1
-progress = false
-"""
 
 STEPS = 24
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -65,7 +35,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _recipe(folder: Path, every: int = 4) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "tiny.toml"
-    path.write_text(TOML.format(run=(folder / "run").as_posix(), steps=STEPS, every=every))
+    path.write_text(
+        tiny_recipe(
+            (folder / "run").as_posix(),
+            train={"max_steps": STEPS, "warmup_steps": 2, "device": "cpu", "threads": 1},
+            run={"checkpoint_every": every, "sample_every": 8, "sample_steps": 4, "log_every": 1},
+        )
+    )
     return path
 
 

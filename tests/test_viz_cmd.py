@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+from helpers import tiny_recipe
 from noisecraft.cli.main import app, main
 from noisecraft.cli.viz_cmd import viz_app
 from noisecraft.diffusion import NoiseSchedule, vlb_terms
@@ -24,33 +25,6 @@ from noisecraft.viz.vlb_plot import estimate_total, vlb_timesteps
 
 if not any(g.name == "viz" for g in app.registered_groups):
     app.add_typer(viz_app, name="viz")
-
-TINY_TOML = """
-[data]
-name = "digits"
-image_size = 8
-limit = 64
-[model]
-in_channels = 1
-out_channels = 1
-model_channels = 8
-channel_mult = [1, 2]
-num_res_blocks = 1
-attention_levels = []
-num_heads = 2
-num_classes = 10
-norm_groups = 4
-[diffusion]
-num_steps = 100
-[train]
-batch_size = 16
-max_steps = 2
-warmup_steps = 1
-[run]
-dir = "{run}"
-sample_every = 0
-progress = false
-"""
 
 
 def _err(capsys) -> str:
@@ -251,7 +225,14 @@ def test_estimate_total_is_exact_for_geometric_terms_and_full_sums():
 def model_path(tmp_path_factory):
     root = tmp_path_factory.mktemp("viz")
     toml = root / "tiny.toml"
-    toml.write_text(TINY_TOML.format(run=(root / "run").as_posix()))
+    toml.write_text(
+        tiny_recipe(
+            (root / "run").as_posix(),
+            data={"limit": 64},
+            model={"attention_levels": []},
+            train={"max_steps": 2},
+        )
+    )
     assert main(["train", str(toml)]) == 0
     return root / "run" / "model.safetensors"
 
