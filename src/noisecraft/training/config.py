@@ -22,6 +22,8 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
   ``[latent]`` (the teacher), ``[tiny_decoder]``
   (:class:`~noisecraft.models.tiny_decoder.TinyDecoderConfig`) and ``[distill]``
   (:class:`DistillConfig`) with ``[data]``, ``[train]``, ``[run]``.
+* ``"lora"``: a LoRA over a frozen text-to-image model that learns a style keyword --
+  ``[lora]`` (:class:`LoRATrainConfig`) with ``[data]``, ``[train]``, ``[run]``.
 
 A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
 silently train the wrong thing). Every number is checked against its range when a section is
@@ -46,6 +48,7 @@ from noisecraft.models.tiny_decoder import TinyDecoderConfig
 from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
 from noisecraft.samplers.registry import lookup as lookup_sampler
+from noisecraft.training.adapter_configs import LoRATrainConfig
 from noisecraft.training.ranges import Float, Int, check_choice, check_numbers, non_finite
 from noisecraft.training.vae_loss import VAELossConfig
 
@@ -55,6 +58,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "vae": ("data", "vae", "vae_loss", "train", "run"),
     "text_latent": ("data", "latent", "text_encoder", "model", "diffusion", "train", "run"),
     "tiny_decoder": ("data", "latent", "tiny_decoder", "distill", "train", "run"),
+    "lora": ("data", "lora", "train", "run"),
 }
 
 
@@ -276,6 +280,7 @@ class ExperimentConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     tiny_decoder: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
 
     def __post_init__(self) -> None:
         if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
@@ -334,6 +339,7 @@ _SECTION_TYPES: dict[str, type] = {
     "vae_loss": VAELossConfig,
     "latent": LatentConfig,
     "distill": DistillConfig,
+    "lora": LoRATrainConfig,
 }
 
 

@@ -6,6 +6,7 @@
   CLIP text encoder on the cached latents of a trained VAE (second stage).
 * ``tiny_decoder`` -- :class:`TinyDecoderTask`: a TAESD-like decoder distilled from a trained
   VAE's decoder (fast previews and decodes).
+* ``lora`` -- :class:`LoRATask`: a style LoRA over a frozen text-to-image model.
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -18,6 +19,7 @@ from noisecraft.errors import unknown_name
 from noisecraft.training.config import TASK_SECTIONS, ExperimentConfig
 from noisecraft.training.data import ImageDataset
 from noisecraft.training.tasks.base import Task, TaskLoss
+from noisecraft.training.tasks.lora import LoRATask
 from noisecraft.training.tasks.pixel import PixelTask
 from noisecraft.training.tasks.text_latent import TextLatentTask
 from noisecraft.training.tasks.tiny_decoder import TinyDecoderTask
@@ -28,6 +30,7 @@ TASKS: dict[str, type] = {
     "vae": VAETask,
     "text_latent": TextLatentTask,
     "tiny_decoder": TinyDecoderTask,
+    "lora": LoRATask,
 }
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
@@ -42,6 +45,7 @@ def build_task(cfg: ExperimentConfig, dataset: ImageDataset, device: torch.devic
 
 __all__ = [
     "TASKS",
+    "LoRATask",
     "PixelTask",
     "Task",
     "TaskLoss",
