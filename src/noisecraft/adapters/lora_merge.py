@@ -78,6 +78,7 @@ class MergedLoRAs:
         self.model = model
         self.requantize = requantize
         self.applied: tuple[AppliedLoRA, ...] = ()
+        self.baked = False
         # key -> (module, where, original weight, original scale)
         self._originals: dict[str, tuple[nn.Module, str, Tensor, Tensor | None]] = {}
 
@@ -86,6 +87,8 @@ class MergedLoRAs:
         loras = tuple(loras)
         if [a.signature for a in loras] == [a.signature for a in self.applied]:
             return
+        if self.baked:
+            raise ConfigError("these LoRAs are baked into the weights (bake()); they cannot change")
         self.restore()
         targets = lora_targets(self.model)
         keys: dict[str, None] = {}
@@ -132,6 +135,12 @@ class MergedLoRAs:
                     module._buffers[_SCALE] = scale
         self._originals.clear()
         self.applied = ()
+
+    def bake(self) -> None:
+        """Keep the merged weights for good and free the originals (before quantising the
+        model, e.g.); :meth:`apply` then refuses another set."""
+        self._originals.clear()
+        self.baked = True
 
     @property
     def patched(self) -> list[str]:
