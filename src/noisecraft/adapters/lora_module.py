@@ -47,7 +47,7 @@ class LoRAModule:
 
     @property
     def in_features(self) -> int:
-        return int(self.down.shape[1]) if self.mid is None else int(self.down.shape[1])
+        return int(self.down.shape[1])
 
     @property
     def kernel_size(self) -> tuple[int, int]:
