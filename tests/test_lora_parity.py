@@ -53,7 +53,7 @@ def _write_peft(path, model, modules, alpha):
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("loras")
     model = tiny_model()
-    kohya = write_kohya_lora(d / "style.safetensors", _trained(model, KEYS, seed=1))
+    kohya = write_kohya_lora(d / "style.safetensors", _trained(model, KEYS, seed=1, std=0.5))
     peft = _write_peft(
         d / "peft.safetensors", model, _trained(model, PEFT_KEYS, 2, 4, 4.0, 1.0), 2.0
     )
@@ -67,6 +67,7 @@ CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")  # two adapters
 @pytest.mark.parametrize("case", list(CASES))
 def test_same_image_as_diffusers(case, files, tmp_path):
     import diffusers
@@ -96,4 +97,4 @@ def test_same_image_as_diffusers(case, files, tmp_path):
     merged.apply([AppliedLoRA.of(read_lora(files[n], model), w) for n, w in loras])
     got = (generate(model, _req(**req)) / 2 + 0.5).clamp(0, 1)
     assert (got - base).abs().max() > 10 / 255  # the LoRA changes the image
-    assert (got - want.float()).abs().max() <= 2 / 255
+    assert (got - want.float()).abs().max() <= 2 / 255  # measured: <= 2e-6 (float rounding)
