@@ -117,3 +117,56 @@ def test_other_kinds_and_non_lora_files_are_refused(model):
         lora_modules_of({"lora_unet_x.hada_w1_a": _r(2, 2)}, model)
     with pytest.raises(CheckpointError, match="holds no LoRA weights"):
         lora_modules_of({"model.diffusion_model.out.0.weight": _r(2)}, model)
+
+
+def test_every_kohya_sd15_module_maps_to_our_sd15_layers():
+    """kohya's SD 1.x LoRA modules, named the way its ``networks/lora.py`` names them (every
+    Linear / 1x1 Conv2d under diffusers' ``Transformer2DModel`` and transformers'
+    ``CLIPAttention`` / ``CLIPMLP``, ``.`` -> ``_``), built on the meta device from diffusers'
+    and transformers' own SD 1.5 models: all 192 + 72 find a layer of ours of the same shape."""
+    import types
+
+    import transformers
+    from diffusers import UNet2DConditionModel
+
+    from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+    from noisecraft.models.unet import UNet, UNetConfig
+
+    def kohya(prefix, root, parents):
+        out = {}
+        for name, module in root.named_modules():
+            if type(module).__name__ not in parents:
+                continue
+            for child_name, child in module.named_modules():
+                is_conv1x1 = isinstance(child, torch.nn.Conv2d) and child.kernel_size == (1, 1)
+                if isinstance(child, torch.nn.Linear) or is_conv1x1:
+                    full = f"{name}.{child_name}".removeprefix("text_model.").replace(".", "_")
+                    out[prefix + full] = child.weight.shape
+        return out
+
+    with torch.device("meta"):
+        theirs = {
+            **kohya(
+                "lora_unet_",
+                UNet2DConditionModel(cross_attention_dim=768, attention_head_dim=8),
+                {"Transformer2DModel"},
+            ),
+            **kohya(  # kohya's files have text_model. (transformers 4's names)
+                "lora_te_text_model_",
+                transformers.CLIPTextModel(
+                    transformers.CLIPTextConfig(
+                        hidden_size=768, intermediate_size=3072, num_attention_heads=12
+                    )
+                ),
+                {"CLIPAttention", "CLIPMLP"},
+            ),
+        }
+        ours = types.SimpleNamespace(
+            unet=UNet(UNetConfig.sd15()), text_encoder=CLIPTextEncoder(TextEncoderConfig())
+        )
+    assert len(theirs) == 192 + 72
+    sd = {}
+    for name, shape in theirs.items():
+        sd[f"{name}.lora_down.weight"] = torch.empty(4, *shape[1:], device="meta")
+        sd[f"{name}.lora_up.weight"] = torch.empty(shape[0], 4, *shape[2:], device="meta")
+    assert len(lora_modules_of(sd, ours)) == 264
