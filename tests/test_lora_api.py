@@ -213,6 +213,9 @@ def test_low_memory_merges_where_the_weights_live(files, weights):
     pipe.unload_loras()
     assert _same_state(_state(pipe.model), before)
     assert torch.equal(pipe("the cat", **CALL).tensors[0], base)
+    # given at load time: merged into what load_low_memory stored
+    loaded = noisecraft.load(files / "tiny.safetensors", low_memory=weights, loras=[(lora, 0.8)])
+    assert (loaded("the cat", **CALL).tensors[0] - want_lora).abs().max() <= tol
 
 
 def test_offload_merges_into_the_cpu_weights(files):
