@@ -265,8 +265,13 @@ class PipelineLoRAs:
             float(weight if unet is None else unet),
             self.file_hash(path),
         )
+        previous = dict(self._loaded)
         self._loaded[entry.name] = entry
-        self.apply(list(self._loaded.values()))
+        try:
+            self.apply(list(self._loaded.values()))
+        except BaseException:
+            self._loaded = previous
+            raise
         return entry
 
     def unload(self, name: str | None = None) -> None:
@@ -296,6 +301,9 @@ class PipelineLoRAs:
             [AppliedLoRA(self._read(lo.path), lo.te_weight, lo.unet_weight) for lo in loras]
         )
         self._signature = signature
+        # keep the files in use only (a server cycling through LoRAs must not hoard them)
+        used = {str(lo.path.resolve()) for lo in [*loras, *self._loaded.values()]}
+        self._files = {k: v for k, v in self._files.items() if k[0] in used}
 
     def freeze(self, reason: str, model: Any) -> None:
         """The merged set is baked into ``model`` (fast mode's int8 copy of the weights): keep

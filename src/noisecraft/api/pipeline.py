@@ -11,8 +11,9 @@ users alike: the defaults (DPM++ 2M, 20 steps, CFG 7 for text-to-image and 2 for
 model; fast mode's sampler and steps), which diffusers scheduler an imported Stable Diffusion
 model samples with (so a seed gives diffusers' image), how seeds number a batch (image ``i``
 has seed ``seed + i``, A1111's rule; ``-1`` draws a random one), the A1111 ``parameters``
-text of each image, and how such a text is replayed. Every check of a setting is made by the
-one validated :class:`~noisecraft.pipelines.generate.GenerateRequest` (and
+text of each image (with its LoRAs: :mod:`noisecraft.api.loras`), and how such a text is
+replayed. Every check of a setting is made by the one validated
+:class:`~noisecraft.pipelines.generate.GenerateRequest` (and
 :class:`~noisecraft.api.options.LoadOptions` for loading); errors name the setting as it is
 called here, and the CLI shows its flag instead.
 """
@@ -212,7 +213,8 @@ class Pipeline:
         progress: bool = False,
         **settings: Any,
     ) -> GenerationResult:
-        """Make images. ``prompt`` (text-to-image models; one, or one per image) and:
+        """Make images. ``prompt`` (text-to-image models; one, or one per image; A1111's
+        ``<lora:NAME:W>`` tags apply LoRAs for this call, :mod:`noisecraft.api.loras`) and:
 
         * ``negative_prompt``: what to steer away from (the unconditional half of CFG);
         * ``steps``, ``cfg`` (guidance scale; 1 = no guidance), ``sampler`` (noisecraft or
