@@ -14,6 +14,9 @@ How a model is loaded is policy that every surface shares, so it lives here, onc
 * ``tiny_decoder``: a TAESD-like decoder file for fast decoding (True: the shipped one).
 * ``compile=True``: the U-Net through ``torch.compile`` (:mod:`noisecraft.pipelines.compile`).
 * ``threads``: torch's CPU threads for this process (0 = torch's default).
+* ``loras=[(path, weight), ...]``: LoRA files applied to every call (merged into the weights
+  before fast mode quantises them); ``lora_dir``: the folder where ``<lora:NAME:W>`` prompt
+  tags find their files (A1111's ``--lora-dir``). See :mod:`noisecraft.api.loras`.
 
 :class:`~noisecraft.api.options.LoadOptions` checks every one of them, and how they combine,
 before anything loads.
@@ -22,12 +25,14 @@ before anything loads.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from noisecraft.api.limits import Limits
+from noisecraft.api.loras import PipelineLoRAs
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.pipeline import Pipeline
 from noisecraft.api.shipped import DEFAULT_MODEL, resolve_model, shipped_tiny_decoder
@@ -53,6 +58,8 @@ def load(
     threads: int = 0,
     max_pixels: int | None = None,
     max_images: int | None = None,
+    lora_dir: str | os.PathLike | None = None,
+    loras: Sequence[Any] = (),
 ) -> Pipeline:
     """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
 
@@ -83,12 +90,15 @@ def load(
         prediction=prediction,
         arch=arch,
         threads=threads,
+        lora_dir=lora_dir,
+        loras=loras,
     )
     if threads:
         torch.set_num_threads(threads)
     path = resolve_model(model)
     decoder = _tiny_decoder_file(model, options)  # a missing one is said before the load
-    net = _with_tiny_decoder(_load_weights(path, options), decoder, device)
+    adapters = PipelineLoRAs(options.lora_dir)
+    net = _with_tiny_decoder(_load_weights(path, options, adapters), decoder, device)
     if compile:
         from noisecraft.pipelines.compile import compile_unet
 
@@ -99,17 +109,21 @@ def load(
         options=options,
         limits=limits,
         decoder_name=None if decoder is None else decoder.stem,
+        loras=adapters,
     )
 
 
-def _load_weights(path: Path, o: LoadOptions) -> Any:
-    """The model in the memory layout the options ask for (low memory, dtype, offload, int8)."""
+def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
+    """The model in the memory layout the options ask for (low memory, dtype, offload, int8),
+    with the load-time LoRAs merged (before int8)."""
     if o.low_memory is not None:  # weights stored fp16 / int8, each layer widened as it runs
         from noisecraft.pipelines.lowmem import load_low_memory
 
-        return load_low_memory(
+        net = load_low_memory(
             path, o.low_memory, vae_path=o.vae, prediction=o.prediction, arch=o.arch
         )
+        _merge_loras(net, o, adapters)
+        return net
     net = load_any(
         path,
         device="cpu" if o.offload else o.device,
@@ -129,9 +143,31 @@ def _load_weights(path: Path, o: LoadOptions) -> Any:
         from noisecraft.pipelines.offload import offload_latent_diffusion
 
         net = offload_latent_diffusion(net, o.device)
+    _merge_loras(net, o, adapters)
     if o.fast and o.dtype == "fp32" and not o.offload and o.device == "cpu":
         net = net.int8(inplace=True)  # dynamic int8 Linear layers (a CPU kernel), no copy
+        adapters.freeze(
+            "LoRAs are merged into the weights before fast mode quantises them to int8, so "
+            "they cannot change on this pipeline: give them when loading (@loras) or load "
+            "without @fast",
+            net,
+        )
     return net
+
+
+def _merge_loras(net: Any, o: LoadOptions, adapters: PipelineLoRAs) -> None:
+    """Merge the load-time LoRAs into ``net`` where its weights live."""
+    if not o.loras:
+        return
+    if not isinstance(net, LatentDiffusion):
+        raise ConfigError(
+            "@loras are for latent (Stable Diffusion-type) models", settings=["loras"]
+        )
+    from noisecraft.pipelines.lowmem import quantize_per_channel
+
+    adapters.bind(net, quantize_per_channel)
+    for lora_path, weight in o.loras:
+        adapters.load(lora_path, weight)
 
 
 def _tiny_decoder_file(model: str | os.PathLike, o: LoadOptions) -> Path | None:

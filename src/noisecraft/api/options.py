@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from noisecraft.api.loras import lora_spec
 from noisecraft.errors import ConfigError, unknown_name
 from noisecraft.pipelines.lowmem import WEIGHT_FORMATS
 
@@ -32,8 +34,17 @@ class LoadOptions:
     prediction: str | None = None
     arch: str | None = None
     threads: int = 0
+    lora_dir: str | os.PathLike | None = None
+    loras: tuple[tuple[Path, float], ...] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.loras, (str, os.PathLike)):
+            raise ConfigError(
+                "@loras is a list of LoRA files (or (file, weight) pairs)", settings=["loras"]
+            )
+        object.__setattr__(self, "loras", tuple(lora_spec(item) for item in self.loras))
+        if self.lora_dir is not None and not Path(self.lora_dir).is_dir():
+            raise ConfigError(f"@lora_dir {self.lora_dir} is not a folder", settings=["lora_dir"])
         if self.dtype not in DTYPES:
             raise unknown_name("dtype", self.dtype, DTYPES, setting="dtype")
         if self.low_memory is not None:

@@ -11,8 +11,9 @@ users alike: the defaults (DPM++ 2M, 20 steps, CFG 7 for text-to-image and 2 for
 model; fast mode's sampler and steps), which diffusers scheduler an imported Stable Diffusion
 model samples with (so a seed gives diffusers' image), how seeds number a batch (image ``i``
 has seed ``seed + i``, A1111's rule; ``-1`` draws a random one), the A1111 ``parameters``
-text of each image, and how such a text is replayed. Every check of a setting is made by the
-one validated :class:`~noisecraft.pipelines.generate.GenerateRequest` (and
+text of each image (with its LoRAs: :mod:`noisecraft.api.loras`), and how such a text is
+replayed. Every check of a setting is made by the one validated
+:class:`~noisecraft.pipelines.generate.GenerateRequest` (and
 :class:`~noisecraft.api.options.LoadOptions` for loading); errors name the setting as it is
 called here, and the CLI shows its flag instead.
 """
@@ -29,6 +30,7 @@ from PIL import Image
 from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
 from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
 from noisecraft.api.limits import Limits
+from noisecraft.api.loras import LORA_HASHES, LoadedLoRA, PipelineLoRAs, format_lora_hashes
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.result import GenerationResult
 from noisecraft.errors import ConfigError
@@ -66,12 +68,38 @@ class Pipeline:
         options: LoadOptions | None = None,
         limits: Limits | None = None,
         decoder_name: str | None = None,
+        loras: PipelineLoRAs | None = None,
     ):
         self.model = model
         self.name = name
         self.options = options or LoadOptions()
         self.limits = limits or Limits()
         self.decoder_name = decoder_name  # the tiny decoder's, for the infotext
+        self._loras = loras or PipelineLoRAs(self.options.lora_dir)
+        if isinstance(model, LatentDiffusion):
+            from noisecraft.pipelines.lowmem import quantize_per_channel
+
+            self._loras.bind(model, quantize_per_channel)
+
+    # ------------------------------------------------------------------ LoRAs
+    def load_lora(self, path: str | os.PathLike, weight: float = 1.0) -> LoadedLoRA:
+        """Apply the LoRA file ``path`` (kohya / A1111 or diffusers / PEFT layout) with
+        ``weight`` to every call until unloaded; several may be loaded
+        (:mod:`noisecraft.api.loras`). Returns its entry (name = the file's stem)."""
+        return self._loras.load(path, weight)
+
+    def unload_lora(self, name: str) -> None:
+        """Stop applying the loaded LoRA ``name``; its layers get their weights back exactly."""
+        self._loras.unload(name)
+
+    def unload_loras(self) -> None:
+        """Stop applying every loaded LoRA (the base weights come back bit for bit)."""
+        self._loras.unload()
+
+    @property
+    def loras(self) -> list[LoadedLoRA]:
+        """The loaded LoRAs (name, path, weights, A1111 hash), in the order applied."""
+        return self._loras.loaded
 
     @property
     def model_has_tiny_decoder(self) -> bool:
@@ -185,7 +213,8 @@ class Pipeline:
         progress: bool = False,
         **settings: Any,
     ) -> GenerationResult:
-        """Make images. ``prompt`` (text-to-image models; one, or one per image) and:
+        """Make images. ``prompt`` (text-to-image models; one, or one per image; A1111's
+        ``<lora:NAME:W>`` tags apply LoRAs for this call, :mod:`noisecraft.api.loras`) and:
 
         * ``negative_prompt``: what to steer away from (the unconditional half of CFG);
         * ``steps``, ``cfg`` (guidance scale; 1 = no guidance), ``sampler`` (noisecraft or
@@ -204,6 +233,13 @@ class Pipeline:
           ``sigma``, ``denoised``, the run's ``start`` / ``stop`` images, ``step`` / ``total``
           counted over the whole call); ``progress`` shows a progress bar.
         """
+        written, loras = None, []
+        if self.kind == "latent":  # <lora:NAME:W> tags: removed from the text, applied
+            texts = [prompt or ""] if prompt is None or isinstance(prompt, str) else list(prompt)
+            stripped, loras = self._loras.for_call(texts)
+            written = [self._loras.written_prompt(t, loras) for t in texts]
+            if prompt is not None:
+                prompt = stripped[0] if isinstance(prompt, str) else stripped
         req = self.request(prompt, **settings)
         req.validate(self.model)  # every mistake is reported before any output starts
         req = self.limits.apply(self.model, req, self.options.device)  # or refused: too large
@@ -234,21 +270,41 @@ class Pipeline:
             images=[to_pil(x) for x in images],
             seeds=req.image_seeds(),
             infotexts=[
-                self.infotext(req, i, x.shape[-1], x.shape[-2]) for i, x in enumerate(images)
+                self.infotext(
+                    req,
+                    i,
+                    x.shape[-1],
+                    x.shape[-2],
+                    prompt=None if written is None else _per_image(written, req.n)[i],
+                    loras=loras,
+                )
+                for i, x in enumerate(images)
             ],
             tensors=images,
             request=req,
         )
 
     # ------------------------------------------------------------------ infotext
-    def infotext(self, req: GenerateRequest, i: int, width: int, height: int) -> str:
-        """Image ``i``'s A1111 ``parameters`` text."""
+    def infotext(
+        self,
+        req: GenerateRequest,
+        i: int,
+        width: int,
+        height: int,
+        *,
+        prompt: str | None = None,
+        loras: Sequence[LoadedLoRA] = (),
+    ) -> str:
+        """Image ``i``'s A1111 ``parameters`` text; ``prompt``: the prompt as written (with
+        its ``<lora:...>`` tags), ``loras``: the LoRAs applied (``Lora hashes``)."""
         latent = self.kind == "latent"
         diffusers = req.scheduler_config is not None
         display, schedule = sampler_display(req.spec, diffusers=diffusers)
         classes = req.classes
+        if prompt is None:
+            prompt = req.image_prompts()[i] if latent else ""
         return format_parameters(
-            req.image_prompts()[i] if latent else "",
+            prompt,
             req.image_negative_prompts()[i] if latent else "",
             steps=req.steps,
             sampler=display,
@@ -266,6 +322,7 @@ class Pipeline:
             extra={
                 **({"Class": classes[i]} if classes is not None else {}),
                 **mode_fields(self.options, req.fast_decode, self.decoder_name),
+                **({LORA_HASHES: format_lora_hashes(loras)} if loras else {}),
             },
         )
 
@@ -276,6 +333,8 @@ class Pipeline:
         made by img2img needs its ``init_image`` (and ``mask``) again."""
         params = read_parameters(source)
         check_modes(params, self.options, self.model_has_tiny_decoder)
+        if LORA_HASHES in params.get("extra", {}):
+            self._loras.check_hashes(params["extra"][LORA_HASHES])
         settings = settings_of(params, self.kind == "latent")
         settings.update({k: v for k, v in overrides.items() if v is not None})
         if settings.get("init_image") is None and params.get("denoising_strength") is not None:
@@ -296,6 +355,11 @@ def _is_int(value: Any) -> bool:
 def _seed(seed: Any) -> Any:
     """-1 = a random seed (A1111's convention); any other value is checked by the request."""
     return random.randrange(RANDOM_SEED_RANGE) if _is_int(seed) and seed == -1 else seed
+
+
+def _per_image(texts: list[str], n: Any) -> list[str]:
+    """One text per image, as :meth:`GenerateRequest.image_prompts` spreads prompts."""
+    return texts * n if len(texts) == 1 and _is_int(n) else texts
 
 
 def _classes(class_label: int | Sequence[int] | None, n: Any) -> list[int] | None:

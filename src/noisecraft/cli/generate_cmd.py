@@ -4,7 +4,8 @@ A thin shell over :func:`noisecraft.load` and :class:`~noisecraft.api.pipeline.P
 each option is an API setting of the same name (:mod:`noisecraft.cli.options`). Every PNG
 carries a ``parameters`` text chunk in AUTOMATIC1111's format; ``--from-png IMAGE`` reads it
 back and makes the same image again (:meth:`Pipeline.replay`), options given on the command
-line overriding what it says.
+line overriding what it says. ``--lora FILE[:WEIGHT]`` (repeatable) and ``<lora:NAME:W>`` in
+the prompt with ``--lora-dir`` apply LoRAs (:mod:`noisecraft.api.loras`).
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def generate_command(
     threads: o.Threads = 0,
     max_pixels: o.MaxPixels = None,
     max_images: o.MaxImages = None,
+    loras: o.Loras = None,
+    lora_dir: o.LoraDir = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     import noisecraft

@@ -26,6 +26,7 @@ FLAGS = {
     "width": "--size W",
     "height": "H",
     "source": "--from-png",
+    "loras": "--lora",
 }
 
 #: The settings of ``noisecraft.load`` that commands expose.
@@ -43,6 +44,8 @@ LOAD_SETTINGS = (
     "threads",
     "max_pixels",
     "max_images",
+    "lora_dir",
+    "loras",
 )
 
 
@@ -168,5 +171,19 @@ Threads = Annotated[
     int,
     typer.Option(
         help="CPU threads (0: torch's default, one per core; 1 is faster on a busy machine)"
+    ),
+]
+Loras = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--lora",
+        metavar="FILE[:WEIGHT]",
+        help="LoRA file applied to every image, FILE or FILE:WEIGHT (default 1); repeatable",
+    ),
+]
+LoraDir = Annotated[
+    Path | None,
+    typer.Option(
+        metavar="DIR", help="folder of LoRA files that <lora:NAME:WEIGHT> in a prompt names"
     ),
 ]
