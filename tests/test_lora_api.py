@@ -61,7 +61,7 @@ def _same_state(a, b) -> bool:
 # ---------------------------------------------------------------------------- prompt tags
 def test_parse_lora_tags_as_a1111():
     text, tags = parse_lora_tags(
-        "a <lora:x> cat, <lora:y y:0.5> <lora:z:0.3:0.7><lora:w:te=0.2:unet=2> <hypernet:h:1>"
+        "a <lora:x> cat, <lora:y y:0.5> <lora:z:0.3:0.7><lyco:w:te=0.2:unet=2> <hypernet:h:1>"
     )
     assert text == "a  cat,   <hypernet:h:1>"  # removed, spaces kept; other types stay
     assert tags == [

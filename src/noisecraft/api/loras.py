@@ -102,7 +102,7 @@ def parse_lora_tags(prompt: str) -> tuple[str, list[LoRATag]]:
     tags: list[LoRATag] = []
 
     def take(m: re.Match[str]) -> str:
-        if m[1] != "lora":
+        if m[1] not in ("lora", "lyco"):  # A1111 reads <lyco:...> (LyCORIS) as a LoRA tag
             return m[0]
         name, *args = m[2].split(":")
         positional = [a for a in args if "=" not in a]
