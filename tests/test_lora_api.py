@@ -288,7 +288,7 @@ def test_cli_lora_flags_tags_png_and_from_png(files, capsys, tmp_path):
         capsys,
     )
     assert rc == 2 and err.strip().splitlines() == [
-        "error: unknown LoRA 'styel'; did you mean 'style'? choose one of: ink, style"
+        "error: unknown LoRA 'styel'; did you mean 'style'? choose one of: ink, mnist_tiny, style"
     ]
     rc, _, err = _run(
         ["generate", "the cat <lora:style>", *common, "--out", str(tmp_path / "y.png")], capsys

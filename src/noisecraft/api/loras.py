@@ -38,6 +38,7 @@ from typing import Any
 from noisecraft.adapters import AppliedLoRA, LoRAFile, MergedLoRAs, read_lora
 from noisecraft.errors import CheckpointError, ConfigError, NoisecraftWarning, unknown_name
 from noisecraft.io.file_hash import network_hash, short_hash
+from noisecraft.io.shipped import SHIPPED_LORA_DIR
 
 __all__ = [
     "LORA_HASHES",
@@ -170,6 +171,17 @@ def parse_lora_hashes(text: str) -> dict[str, str]:
     return out
 
 
+def _scan(folder: Path | None) -> dict[str, Path]:
+    """LoRA files under ``folder`` (recursively) by file stem; {} for None or no folder."""
+    found: dict[str, Path] = {}
+    if folder is None or not folder.is_dir():
+        return found
+    for suffix in reversed(LORA_SUFFIXES):
+        for p in sorted(folder.rglob("*" + suffix)):
+            found[p.stem] = p
+    return found
+
+
 class PipelineLoRAs:
     """The LoRA state of one pipeline (module docstring)."""
 
@@ -210,34 +222,30 @@ class PipelineLoRAs:
         return self._hashes[key]
 
     def available(self) -> dict[str, Path]:
-        """LoRA files in the LoRA folder by name (first suffix of :data:`LORA_SUFFIXES`)."""
-        if self.lora_dir is None:
-            return {}
-        found: dict[str, Path] = {}
-        for suffix in reversed(LORA_SUFFIXES):
-            for p in sorted(self.lora_dir.rglob("*" + suffix)):
-                found[p.stem] = p
-        return found
+        """LoRA files by name: the shipped ones (:data:`SHIPPED_LORA_DIR`), then the LoRA
+        folder's, which win (first suffix of :data:`LORA_SUFFIXES`)."""
+        return {**_scan(SHIPPED_LORA_DIR), **_scan(self.lora_dir)}
 
     def resolve(self, name: str) -> Path:
-        """The file a ``<lora:NAME>`` tag names: a loaded LoRA's, else the LoRA folder's."""
+        """The file a ``<lora:NAME>`` tag names: a loaded LoRA's, else the LoRA folder's or a
+        shipped one."""
         if name in self._loaded:
             return self._loaded[name].path
+        files = self.available()
+        if name in files:
+            return files[name]
         if self.lora_dir is None:
             raise ConfigError(
                 f"<lora:{name}> needs the folder of LoRA files: set @lora_dir",
                 settings=["lora_dir"],
             )
-        files = self.available()
-        if not files:
+        if not _scan(self.lora_dir):
             raise ConfigError(
                 f"unknown LoRA '{name}': {self.lora_dir} holds no LoRA files "
                 f"({', '.join(LORA_SUFFIXES)})",
                 settings=["lora_dir"],
             )
-        if name not in files:
-            raise unknown_name("LoRA", name, files)
-        return files[name]
+        raise unknown_name("LoRA", name, files)
 
     # ------------------------------------------------------------------ state
     def _check_can_change(self) -> None:

@@ -19,6 +19,9 @@ SHIPPED_MODELS = {
 }
 #: The tiny decoder fast decoding uses for a shipped model when none is given.
 SHIPPED_TINY_DECODERS = {"mnist-text": ASSETS / "mnist_text_tiny_decoder.safetensors"}
+#: LoRAs that ship with the package (``<lora:mnist_tiny>`` finds them without a LoRA folder;
+#: a file of the same name in the user's folder wins).
+SHIPPED_LORA_DIR = ASSETS / "loras"
 #: The model ``noisecraft.load()`` loads when given none.
 DEFAULT_MODEL = "mnist-text"
 
@@ -50,6 +53,7 @@ def shipped_tiny_decoder(name: str | os.PathLike) -> Path | None:
 __all__ = [
     "ASSETS",
     "DEFAULT_MODEL",
+    "SHIPPED_LORA_DIR",
     "SHIPPED_MODELS",
     "SHIPPED_TINY_DECODERS",
     "is_shipped",

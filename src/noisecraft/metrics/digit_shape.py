@@ -46,4 +46,20 @@ def read_digits(images: Tensor, scale: float = 1.0) -> Tensor:
         return mnist_extractor().logits(x[..., top : top + 28, left : left + 28]).argmax(1)
 
 
-__all__ = ["TINY_MAX_HEIGHT", "enlarge", "ink_height", "read_digits"]
+def tiny_style_scores(images: Tensor, digits: Tensor, scale: float) -> dict[str, float]:
+    """How a batch of 32x32 digits drawn for ``digits`` shows the "tiny" style: the share that
+    is tiny (:data:`TINY_MAX_HEIGHT`), tiny and read as its digit once enlarged by ``1 / scale``,
+    and normal-sized and read as its digit."""
+    tiny = ink_height(images) <= TINY_MAX_HEIGHT
+    digits = digits.to(torch.long)
+    small_ok = read_digits(images, scale) == digits
+    normal_ok = read_digits(images) == digits
+    share = lambda m: m.float().mean().item()  # noqa: E731
+    return {
+        "tiny": share(tiny),
+        "tiny_and_read": share(tiny & small_ok),
+        "normal_and_read": share(~tiny & normal_ok),
+    }
+
+
+__all__ = ["TINY_MAX_HEIGHT", "enlarge", "ink_height", "read_digits", "tiny_style_scores"]
