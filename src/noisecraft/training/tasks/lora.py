@@ -14,6 +14,9 @@ leave the base behaviour alone when it does not.
 * The forward pass merges the deltas into the weights functionally
   (``torch.func.functional_call`` with ``W + delta W``): one code path for every layer kind
   (Linear, 1x1 and 3x3 Conv2d), and the same numbers the merged file gives at sampling time.
+  (:func:`noisecraft.adapters.add_trainable_lora` adds the same deltas through forward hooks
+  for training loops of one's own; hooks would follow the trainer's EMA copy to the live
+  weights, a functional merge does not.)
 * Latents of the plain and the styled images are encoded once with the base's VAE.
 * The saved ``model.safetensors`` is the LoRA in kohya's layout
   (:func:`noisecraft.adapters.lora_files.write_kohya_lora`), which A1111, diffusers'
@@ -103,13 +106,13 @@ class LoRANetwork(nn.Module):
         }
 
     def merged_weights(self) -> dict[str, Tensor]:
-        out = {}
+        """``W + delta W`` of every target, differentiable in ``down`` / ``up``
+        (:meth:`LoRAModule.delta`, the formula the loader merges with)."""
         params = dict(self.base.named_parameters())
+        out = {}
         for key, shape in self.shapes.items():
-            up = self.up[_pkey(key)].flatten(1)
-            down = self.down[_pkey(key)].flatten(1)
-            delta = (up @ down).reshape(shape) * (self.alpha / self.rank)
-            out[f"{key}.weight"] = params[f"{key}.weight"] + delta
+            lora = LoRAModule(self.down[_pkey(key)], self.up[_pkey(key)], self.alpha)
+            out[f"{key}.weight"] = params[f"{key}.weight"] + lora.delta(1.0, shape)
         return out
 
     def forward(self, x: Tensor, t: Tensor, input_ids: Tensor) -> Tensor:
