@@ -7,7 +7,6 @@ CLI cases assert exit 2, one line starting with ``error:``, no traceback and no 
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import pytest
@@ -41,7 +40,6 @@ def no_generation(monkeypatch):
 
 
 def _one_line_error(args: list[str], capsys, tmp_path) -> str:
-    t0 = time.perf_counter()
     rc = main([*args, "--out", str(tmp_path / "x.png")])
     err = capsys.readouterr().err
     assert rc == 2, err
@@ -49,7 +47,6 @@ def _one_line_error(args: list[str], capsys, tmp_path) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     assert not list(tmp_path.iterdir())  # nothing written, nothing left behind
-    assert time.perf_counter() - t0 < 60
     return lines[0]
 
 
