@@ -14,6 +14,8 @@ How a model is loaded is policy that every surface shares, so it lives here, onc
 * ``tiny_decoder``: a TAESD-like decoder file for fast decoding (True: the shipped one).
 * ``compile=True``: the U-Net through ``torch.compile`` (:mod:`noisecraft.pipelines.compile`).
 * ``threads``: torch's CPU threads for this process (0 = torch's default).
+* ``embedding_dir``: a folder of textual-inversion embeddings; a prompt uses one by its
+  file's name, as in A1111 (:mod:`noisecraft.adapters.embedding_set`).
 
 :class:`~noisecraft.api.options.LoadOptions` checks every one of them, and how they combine,
 before anything loads.
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from noisecraft.api.embeddings import embedding_set
 from noisecraft.api.limits import Limits
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.pipeline import Pipeline
@@ -53,6 +56,7 @@ def load(
     threads: int = 0,
     max_pixels: int | None = None,
     max_images: int | None = None,
+    embedding_dir: str | os.PathLike | None = None,
 ) -> Pipeline:
     """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
 
@@ -83,6 +87,7 @@ def load(
         prediction=prediction,
         arch=arch,
         threads=threads,
+        embedding_dir=embedding_dir,
     )
     if threads:
         torch.set_num_threads(threads)
@@ -93,6 +98,8 @@ def load(
         from noisecraft.pipelines.compile import compile_unet
 
         net = compile_unet(net)
+    if embedding_dir is not None:
+        embedding_set(net, embedding_dir)
     return Pipeline(
         net,
         name=Path(model).stem,

@@ -32,6 +32,7 @@ class LoadOptions:
     prediction: str | None = None
     arch: str | None = None
     threads: int = 0
+    embedding_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -58,6 +59,12 @@ class LoadOptions:
                 settings=["threads"],
             )
         _check_device(self.device)
+        if self.embedding_dir is not None and not os.path.isdir(self.embedding_dir):
+            raise ConfigError(
+                f"@embedding_dir {self.embedding_dir} is not a folder; give the folder that "
+                "holds the embedding files",
+                settings=["embedding_dir"],
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

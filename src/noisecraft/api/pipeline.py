@@ -26,6 +26,7 @@ from typing import Any
 
 from PIL import Image
 
+from noisecraft.api.embeddings import check_embeddings, embedding_set, ti_hashes
 from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
 from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
 from noisecraft.api.limits import Limits
@@ -84,6 +85,12 @@ class Pipeline:
     def kind(self) -> str:
         """ "latent" (text-to-image) or "pixel" (class-conditional or unconditional)."""
         return "latent" if isinstance(self.model, LatentDiffusion) else "pixel"
+
+    def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> Any:
+        """Load a textual-inversion embedding (:mod:`noisecraft.adapters.embeddings`): the
+        word ``token`` (default: the file's stem as in A1111, or the token a diffusers file
+        names) in a prompt is then replaced by its vectors. Returns the embedding."""
+        return embedding_set(self.model).load(path, token)
 
     # ------------------------------------------------------------------ policy
     def defaults(self) -> dict[str, Any]:
@@ -247,9 +254,11 @@ class Pipeline:
         diffusers = req.scheduler_config is not None
         display, schedule = sampler_display(req.spec, diffusers=diffusers)
         classes = req.classes
+        prompt = req.image_prompts()[i] if latent else ""
+        negative = req.image_negative_prompts()[i] if latent else ""
         return format_parameters(
-            req.image_prompts()[i] if latent else "",
-            req.image_negative_prompts()[i] if latent else "",
+            prompt,
+            negative,
             steps=req.steps,
             sampler=display,
             schedule_type=schedule,
@@ -266,6 +275,7 @@ class Pipeline:
             extra={
                 **({"Class": classes[i]} if classes is not None else {}),
                 **mode_fields(self.options, req.fast_decode, self.decoder_name),
+                **(ti_hashes(self.model, prompt, negative) if latent else {}),
             },
         )
 
@@ -276,6 +286,7 @@ class Pipeline:
         made by img2img needs its ``init_image`` (and ``mask``) again."""
         params = read_parameters(source)
         check_modes(params, self.options, self.model_has_tiny_decoder)
+        check_embeddings(params, self.model)
         settings = settings_of(params, self.kind == "latent")
         settings.update({k: v for k, v in overrides.items() if v is not None})
         if settings.get("init_image") is None and params.get("denoising_strength") is not None:

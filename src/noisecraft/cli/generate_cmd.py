@@ -76,6 +76,7 @@ def generate_command(
     threads: o.Threads = 0,
     max_pixels: o.MaxPixels = None,
     max_images: o.MaxImages = None,
+    embedding_dir: o.EmbeddingDir = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     import noisecraft

@@ -43,6 +43,7 @@ LOAD_SETTINGS = (
     "threads",
     "max_pixels",
     "max_images",
+    "embedding_dir",
 )
 
 
@@ -168,5 +169,14 @@ Threads = Annotated[
     int,
     typer.Option(
         help="CPU threads (0: torch's default, one per core; 1 is faster on a busy machine)"
+    ),
+]
+EmbeddingDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--embedding-dir",
+        "--embeddings-dir",
+        help="folder of textual-inversion embeddings (.pt/.bin/.safetensors); a prompt uses "
+        "one by its file name, as in A1111",
     ),
 ]
