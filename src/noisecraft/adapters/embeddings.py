@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 
 from noisecraft.errors import CheckpointError
+from noisecraft.io.checkpoint import CheckpointInfo, save_checkpoint
 from noisecraft.io.file_hash import sha256_file, short_hash
 from noisecraft.io.safe_read import load_pickle, read_safetensors, sniff_format
 
@@ -151,15 +152,29 @@ def _vectors(tensor: Any, path: Path) -> Tensor:
     return v
 
 
-def embedding_state(embedding: Embedding) -> dict[str, Tensor]:
-    """The tensors of an A1111-format ``.safetensors`` embedding file: ``emb_params``."""
-    return {"emb_params": embedding.vectors.detach().to(torch.float32).contiguous().cpu()}
+def save_embedding(
+    embedding: Embedding,
+    path: str | os.PathLike,
+    *,
+    training: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``embedding`` as an A1111-format ``.safetensors`` file (``emb_params`` (n, d)),
+    atomically. Its metadata is a native checkpoint's (kind ``"textual_inversion"``: name,
+    vectors, width, and what trained it), which A1111 and diffusers ignore."""
+    info = CheckpointInfo(
+        kind="textual_inversion",
+        config={"name": embedding.name, "vectors": embedding.count, "width": embedding.width},
+        training=dict(training or {}),
+    )
+    vectors = embedding.vectors.detach().to(torch.float32).contiguous().cpu()
+    return save_checkpoint(path, {"emb_params": vectors}, info, overwrite=overwrite)
 
 
 __all__ = [
     "EMBEDDING_SUFFIXES",
     "MAX_VECTORS",
     "Embedding",
-    "embedding_state",
     "read_embedding",
+    "save_embedding",
 ]

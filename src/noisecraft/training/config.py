@@ -18,6 +18,9 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
 * ``"text_latent"``: the second stage, a text-conditioned U-Net on the latents of a trained
   VAE -- ``[latent]`` (:class:`LatentConfig`) and ``[text_encoder]``
   (:class:`~noisecraft.models.text_encoder.TextEncoderConfig`) on top of the pixel sections.
+* ``"textual_inversion"``: new token vectors for a trained, frozen text-to-image model
+  (Gal et al. 2022) -- ``[inversion]`` (:class:`InversionConfig`) with ``[data]``,
+  ``[train]``, ``[run]``.
 * ``"tiny_decoder"``: a TAESD-like decoder distilled from a trained VAE's decoder --
   ``[latent]`` (the teacher), ``[tiny_decoder]``
   (:class:`~noisecraft.models.tiny_decoder.TinyDecoderConfig`) and ``[distill]``
@@ -46,6 +49,7 @@ from noisecraft.models.tiny_decoder import TinyDecoderConfig
 from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
 from noisecraft.samplers.registry import lookup as lookup_sampler
+from noisecraft.training.inversion_config import InversionConfig
 from noisecraft.training.ranges import Float, Int, check_choice, check_numbers, non_finite
 from noisecraft.training.vae_loss import VAELossConfig
 
@@ -55,6 +59,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "vae": ("data", "vae", "vae_loss", "train", "run"),
     "text_latent": ("data", "latent", "text_encoder", "model", "diffusion", "train", "run"),
     "tiny_decoder": ("data", "latent", "tiny_decoder", "distill", "train", "run"),
+    "textual_inversion": ("data", "inversion", "train", "run"),
 }
 
 
@@ -276,6 +281,7 @@ class ExperimentConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     tiny_decoder: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
 
     def __post_init__(self) -> None:
         if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
@@ -334,6 +340,7 @@ _SECTION_TYPES: dict[str, type] = {
     "vae_loss": VAELossConfig,
     "latent": LatentConfig,
     "distill": DistillConfig,
+    "inversion": InversionConfig,
 }
 
 

@@ -6,6 +6,8 @@
   CLIP text encoder on the cached latents of a trained VAE (second stage).
 * ``tiny_decoder`` -- :class:`TinyDecoderTask`: a TAESD-like decoder distilled from a trained
   VAE's decoder (fast previews and decodes).
+* ``textual_inversion`` -- :class:`TextualInversionTask`: new token vectors (an embedding) for
+  a trained, frozen text-to-image model.
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -20,6 +22,7 @@ from noisecraft.training.data import ImageDataset
 from noisecraft.training.tasks.base import Task, TaskLoss
 from noisecraft.training.tasks.pixel import PixelTask
 from noisecraft.training.tasks.text_latent import TextLatentTask
+from noisecraft.training.tasks.textual_inversion import TextualInversionTask
 from noisecraft.training.tasks.tiny_decoder import TinyDecoderTask
 from noisecraft.training.tasks.vae import VAETask
 
@@ -28,6 +31,7 @@ TASKS: dict[str, type] = {
     "vae": VAETask,
     "text_latent": TextLatentTask,
     "tiny_decoder": TinyDecoderTask,
+    "textual_inversion": TextualInversionTask,
 }
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
@@ -46,6 +50,7 @@ __all__ = [
     "Task",
     "TaskLoss",
     "TextLatentTask",
+    "TextualInversionTask",
     "TinyDecoderTask",
     "VAETask",
     "build_task",
