@@ -2,9 +2,9 @@
 
     python scripts/measure_ti_thickness.py [EMBEDDING] [--token "<thick>"]
 
-100 prompts, ten per digit ("a handwritten seven" / "a handwritten seven <thick>"), seeds
-0..99 (the same seed for the prompt with and without the token), DPM++ 2M (Karras) 20 steps,
-CFG 5. For each set: mean stroke thickness (ink pixels per skeleton pixel,
+100 prompts, ten per digit ("a handwritten seven", "a handwritten seven <thick>" and
+"a <thick> handwritten seven"), seeds 0..99 (the same seed with and without the token),
+DPM++ 2M (Karras) 20 steps, CFG 5. For each set: mean stroke thickness (ink pixels per skeleton pixel,
 noisecraft.metrics.stroke) and the shipped classifier's digit accuracy on the 28x28 centre.
 Real MNIST (5,000 digits) and its thickest 10 % are measured for reference. Prints a
 Markdown table (README "Textual inversion").
@@ -23,7 +23,7 @@ from noisecraft.training.captions import DIGIT_WORDS
 from noisecraft.training.config import DataConfig
 from noisecraft.training.data import load_mnist
 
-DEFAULT = "src/noisecraft/assets/mnist_thick.safetensors"
+DEFAULT = "runs/mnist_text_ti/model.safetensors"
 
 
 def measure(pipe, prompts: list[str], digits: list[int]) -> tuple[float, float, torch.Tensor]:
@@ -48,18 +48,22 @@ def main() -> None:
     pipe.load_embedding(args.embedding, args.token)
     digits = [d for d in range(10) for _ in range(10)]
     plain = [f"a handwritten {DIGIT_WORDS[d]}" for d in digits]
-    with_token = [f"{p} {args.token}" for p in plain]
+    after = [f"{p} {args.token}" for p in plain]
+    before = [p.replace("a handwritten", f"a {args.token} handwritten") for p in plain]
     t0, a0, th0 = measure(pipe, plain, digits)
-    t1, a1, th1 = measure(pipe, with_token, digits)
+    t1, a1, th1 = measure(pipe, after, digits)
+    t2, a2, th2 = measure(pipe, before, digits)
     real = stroke_thickness(load_mnist(DataConfig(name="mnist", image_size=28)).images)
-    top = real.sort(descending=True).values[: len(real) // 10]
+    top = real.sort(descending=True).values[: len(real) // 10]  # the training images
     print("| images | mean thickness (px) | digit accuracy |")
     print("|---|---|---|")
     print(f"| MNIST, all 5,000 | {real.mean():.2f} | |")
     print(f"| MNIST, thickest 10 % (training set) | {top.mean():.2f} | |")
     print(f'| "a handwritten <digit>" | {t0:.2f} | {a0:.0%} |')
     print(f'| "a handwritten <digit> {args.token}" | {t1:.2f} | {a1:.0%} |')
-    print(f"same seed thicker with the token: {(th1 > th0).float().mean():.0%} of 100")
+    print(f'| "a {args.token} handwritten <digit>" | {t2:.2f} | {a2:.0%} |')
+    for name, th in (("after", th1), ("before", th2)):
+        print(f"token {name}: same seed thicker in {(th > th0).float().mean():.0%} of 100")
 
 
 if __name__ == "__main__":
