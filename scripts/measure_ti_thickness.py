@@ -5,9 +5,9 @@
 100 prompts, ten per digit ("a handwritten seven", "a handwritten seven <thick>" and
 "a <thick> handwritten seven"), seeds 0..99 (the same seed with and without the token),
 DPM++ 2M (Karras) 20 steps, CFG 5. For each set: mean stroke thickness (ink pixels per
-skeleton pixel, noisecraft.metrics.stroke) and the shipped classifier's digit accuracy on the 28x28 centre.
-Real MNIST (5,000 digits) and its thickest 10 % are measured for reference. Prints a
-Markdown table (README "Textual inversion").
+skeleton pixel, noisecraft.metrics.stroke) and the shipped classifier's digit accuracy on
+the 28x28 centre. Real MNIST (5,000 digits) and its thickest 10 % are measured for
+reference. Prints a Markdown table (README "Textual inversion").
 """
 
 from __future__ import annotations
