@@ -17,6 +17,8 @@ How a model is loaded is policy that every surface shares, so it lives here, onc
 * ``loras=[(path, weight), ...]``: LoRA files applied to every call (merged into the weights
   before fast mode quantises them); ``lora_dir``: the folder where ``<lora:NAME:W>`` prompt
   tags find their files (A1111's ``--lora-dir``). See :mod:`noisecraft.api.loras`.
+* ``embedding_dir``: a folder of textual-inversion embeddings; a prompt uses one by its
+  file's name, as in A1111 (:mod:`noisecraft.adapters.embedding_set`).
 
 :class:`~noisecraft.api.options.LoadOptions` checks every one of them, and how they combine,
 before anything loads.
@@ -31,6 +33,7 @@ from typing import Any
 
 import torch
 
+from noisecraft.api.embeddings import embedding_set
 from noisecraft.api.limits import Limits
 from noisecraft.api.loras import PipelineLoRAs
 from noisecraft.api.options import LoadOptions
@@ -60,6 +63,7 @@ def load(
     max_images: int | None = None,
     lora_dir: str | os.PathLike | None = None,
     loras: Sequence[Any] = (),
+    embedding_dir: str | os.PathLike | None = None,
 ) -> Pipeline:
     """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
 
@@ -92,6 +96,7 @@ def load(
         threads=threads,
         lora_dir=lora_dir,
         loras=loras,
+        embedding_dir=embedding_dir,
     )
     if threads:
         torch.set_num_threads(threads)
@@ -103,6 +108,8 @@ def load(
         from noisecraft.pipelines.compile import compile_unet
 
         net = compile_unet(net)
+    if embedding_dir is not None:
+        embedding_set(net, embedding_dir)
     return Pipeline(
         net,
         name=Path(model).stem,

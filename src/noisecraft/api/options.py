@@ -36,6 +36,7 @@ class LoadOptions:
     threads: int = 0
     lora_dir: str | os.PathLike | None = None
     loras: tuple[tuple[Path, float], ...] = ()
+    embedding_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loras, (str, os.PathLike)):
@@ -69,6 +70,12 @@ class LoadOptions:
                 settings=["threads"],
             )
         _check_device(self.device)
+        if self.embedding_dir is not None and not os.path.isdir(self.embedding_dir):
+            raise ConfigError(
+                f"@embedding_dir {self.embedding_dir} is not a folder; give the folder that "
+                "holds the embedding files",
+                settings=["embedding_dir"],
+            )
 
     @property
     def torch_dtype(self) -> torch.dtype:

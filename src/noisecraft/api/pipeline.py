@@ -27,6 +27,7 @@ from typing import Any
 
 from PIL import Image
 
+from noisecraft.api.embeddings import check_embeddings, embedding_set, ti_hashes
 from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
 from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
 from noisecraft.api.limits import Limits
@@ -112,6 +113,12 @@ class Pipeline:
     def kind(self) -> str:
         """ "latent" (text-to-image) or "pixel" (class-conditional or unconditional)."""
         return "latent" if isinstance(self.model, LatentDiffusion) else "pixel"
+
+    def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> Any:
+        """Load a textual-inversion embedding (:mod:`noisecraft.adapters.embeddings`): the
+        word ``token`` (default: the file's stem as in A1111, or the token a diffusers file
+        names) in a prompt is then replaced by its vectors. Returns the embedding."""
+        return embedding_set(self.model).load(path, token)
 
     # ------------------------------------------------------------------ policy
     def defaults(self) -> dict[str, Any]:
@@ -303,9 +310,10 @@ class Pipeline:
         classes = req.classes
         if prompt is None:
             prompt = req.image_prompts()[i] if latent else ""
+        negative = req.image_negative_prompts()[i] if latent else ""
         return format_parameters(
             prompt,
-            req.image_negative_prompts()[i] if latent else "",
+            negative,
             steps=req.steps,
             sampler=display,
             schedule_type=schedule,
@@ -323,6 +331,7 @@ class Pipeline:
                 **({"Class": classes[i]} if classes is not None else {}),
                 **mode_fields(self.options, req.fast_decode, self.decoder_name),
                 **({LORA_HASHES: format_lora_hashes(loras)} if loras else {}),
+                **(ti_hashes(self.model, prompt, negative) if latent else {}),
             },
         )
 
@@ -335,6 +344,7 @@ class Pipeline:
         check_modes(params, self.options, self.model_has_tiny_decoder)
         if LORA_HASHES in params.get("extra", {}):
             self._loras.check_hashes(params["extra"][LORA_HASHES])
+        check_embeddings(params, self.model)
         settings = settings_of(params, self.kind == "latent")
         settings.update({k: v for k, v in overrides.items() if v is not None})
         if settings.get("init_image") is None and params.get("denoising_strength") is not None:

@@ -79,6 +79,7 @@ def generate_command(
     max_images: o.MaxImages = None,
     loras: o.Loras = None,
     lora_dir: o.LoraDir = None,
+    embedding_dir: o.EmbeddingDir = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     import noisecraft

@@ -46,6 +46,7 @@ LOAD_SETTINGS = (
     "max_images",
     "lora_dir",
     "loras",
+    "embedding_dir",
 )
 
 
@@ -185,5 +186,14 @@ LoraDir = Annotated[
     Path | None,
     typer.Option(
         metavar="DIR", help="folder of LoRA files that <lora:NAME:WEIGHT> in a prompt names"
+    ),
+]
+EmbeddingDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--embedding-dir",
+        "--embeddings-dir",
+        help="folder of textual-inversion embeddings (.pt/.bin/.safetensors); a prompt uses "
+        "one by its file name, as in A1111",
     ),
 ]

@@ -101,6 +101,11 @@ class LatentDiffusion:
       :class:`~noisecraft.models.tiny_decoder.TinyDecoder` trained for this VAE, for
       ``preview="tiny"`` and ``GenerateRequest(fast_decode=True)`` (:meth:`tiny_decode`).
       Not saved with the model: it is its own checkpoint (kind ``"tiny_decoder"``).
+    * ``textual_inversion``: the embeddings a prompt may name (Gal et al. 2022), an
+      :class:`~noisecraft.adapters.embeddings.EmbeddingSet` or anything with its two members:
+      called on a prompt fragment's token ids it returns them with each embedding's name
+      replaced by a tuple of new ids (from the text encoder's ``vocab_size`` on), and
+      ``vectors`` (k, width) are those ids' token vectors. Not saved with the model.
     """
 
     unet: UNet
@@ -118,6 +123,7 @@ class LatentDiffusion:
     execution_device: torch.device | None = None
     offload: Any = None
     tiny_decoder: Any = None
+    textual_inversion: Any = None
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -236,14 +242,16 @@ class LatentDiffusion:
         return c_skip_for(self.prediction, sigma)
 
     # ------------------------------------------------------------------ prompts
-    def _tokenize(self, prompt: str) -> tuple[Tensor, Tensor | None]:
-        """(n_chunks, 77) ids and weights (None = all 1) of one prompt; never truncated."""
-        tok = self.tokenizer
+    def tokenize_prompt(self, prompt: str) -> tuple[Tensor, Tensor | None]:
+        """(n_chunks, 77) ids and weights (None = all 1) of one prompt; never truncated.
+        Ids from the text encoder's ``vocab_size`` on are :attr:`textual_inversion` vectors."""
+        tok, ti = self.tokenizer, self.textual_inversion
+        kw = {} if ti is None else {"embeddings": ti}
         if self.prompt_weighting and hasattr(tok, "encode_weighted"):
-            ids, weights = tok.encode_weighted(prompt)
+            ids, weights = tok.encode_weighted(prompt, **kw)
             return ids, None if bool((weights == 1).all()) else weights
         if hasattr(tok, "encode_chunks"):
-            return tok.encode_chunks(prompt), None
+            return tok.encode_chunks(prompt, **kw), None
         ids = tok([prompt])
         return ids.reshape(-1, ids.shape[-1]), None
 
@@ -261,7 +269,7 @@ class LatentDiffusion:
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        tokenized = [self._tokenize(p) for p in prompts]
+        tokenized = [self.tokenize_prompt(p) for p in prompts]
         k = max(ids.shape[0] for ids, _ in tokenized)
         empty = self.tokenizer([""]).reshape(1, -1)
         any_weights = any(w is not None for _, w in tokenized)
@@ -278,7 +286,10 @@ class LatentDiffusion:
         ids = torch.cat(all_ids).to(self.device)
         weights = torch.cat(all_w) if any_weights else None
         skip = self.clip_skip if clip_skip is None else clip_skip
-        z = encode_prompt_chunks(self.text_encoder, ids, weights, clip_skip=skip)
+        extra = None if self.textual_inversion is None else self.textual_inversion.vectors
+        z = encode_prompt_chunks(
+            self.text_encoder, ids, weights, clip_skip=skip, extra_tokens=extra
+        )
         return z.reshape(len(prompts), -1, z.shape[-1])
 
     def effective_clip_skip(self, clip_skip: int | None = None) -> int:

@@ -8,6 +8,10 @@ from its end, the tokens after that comma move to the next chunk (0 disables thi
 ``comma_padding_backtrack`` default is 20). ``BREAK`` closes the current chunk. The ids come
 from :class:`~noisecraft.models.tokenizer.CLIPTokenizer`, the weights from the emphasis syntax
 of :mod:`noisecraft.models.prompt_weights`.
+
+A segment's ids may hold tuples: the ids of one textual-inversion embedding (A1111 puts an
+embedding's vectors whole into one chunk: when they do not fit in what is left of the chunk,
+the chunk is closed first).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class WeightedTokens(NamedTuple):
 
 
 def chunk_segments(
-    segments: Iterable[tuple[list[int], float] | None],
+    segments: Iterable[tuple[Sequence[int | tuple[int, ...]], float] | None],
     *,
     size: int,
     comma: int | None,
@@ -42,7 +46,8 @@ def chunk_segments(
 
     ``size``: tokens per chunk (75); ``comma``: the comma's id (None: never backtrack);
     ``wrap``: ids -> start + ids + end + padding. Returns the chunks' ids and weights; start,
-    end and padding have weight 1.0. An empty prompt gives one chunk.
+    end and padding have weight 1.0. An empty prompt gives one chunk. A tuple among a
+    segment's ids is kept whole in one chunk (an embedding's vectors; at most ``size``).
     """
     out_ids: list[list[int]] = []
     out_weights: list[list[float]] = []
@@ -75,6 +80,13 @@ def chunk_segments(
             if len(tokens) == size:
                 close(tokens, weights)
                 tokens, weights, last_comma = [], [], -1
+            if isinstance(token, tuple):  # an embedding: all its vectors in this chunk
+                if len(tokens) + len(token) > size:
+                    close(tokens, weights)
+                    tokens, weights, last_comma = [], [], -1
+                tokens.extend(token)
+                weights.extend([weight] * len(token))
+                continue
             tokens.append(token)
             weights.append(weight)
     if tokens or not out_ids:

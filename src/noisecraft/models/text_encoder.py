@@ -168,16 +168,25 @@ def quick_gelu(x: Tensor) -> Tensor:
 
 
 class CLIPTextEmbeddings(nn.Module):
-    """``token_embedding(ids) + position_embedding(0..L-1)``."""
+    """``token_embedding(ids) + position_embedding(0..L-1)``; ids from ``vocab_size`` on
+    index ``extra`` (k, width), the vectors of textual-inversion embeddings (Gal et al. 2022)."""
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
         self.token_embedding = nn.Embedding(config.vocab_size, config.width)
         self.position_embedding = nn.Embedding(config.max_positions, config.width)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, extra: Tensor | None = None) -> Tensor:
         positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
-        return self.token_embedding(input_ids) + self.position_embedding(positions)
+        if extra is None:
+            tokens = self.token_embedding(input_ids)
+        else:
+            vocab = self.token_embedding.num_embeddings
+            added = input_ids >= vocab
+            tokens = self.token_embedding(input_ids.masked_fill(added, 0))
+            rows = extra.to(tokens)[(input_ids - vocab).clamp(min=0)]
+            tokens = torch.where(added[..., None], rows, tokens)
+        return tokens + self.position_embedding(positions)
 
 
 class CLIPAttention(nn.Module):
@@ -296,7 +305,7 @@ class CLIPTextEncoder(nn.Module):
                 nn.init.normal_(lin.weight, std=std)
                 nn.init.zeros_(lin.bias)
 
-    def _check_ids(self, input_ids: Tensor) -> None:
+    def _check_ids(self, input_ids: Tensor, extra: int = 0) -> None:
         c = self.config
         if input_ids.ndim != 2 or input_ids.dtype.is_floating_point:
             raise ConfigError(
@@ -313,7 +322,7 @@ class CLIPTextEncoder(nn.Module):
             raise ConfigError("text encoder input has no tokens; pass at least BOS and EOS")
         # An out-of-range id would be a device-side assert on CUDA; say what is wrong instead.
         lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= c.vocab_size:
+        if lo < 0 or hi >= c.vocab_size + extra:
             bad = lo if lo < 0 else hi
             raise ConfigError(
                 f"token id {bad} is outside the vocabulary (0..{c.vocab_size - 1}); "
@@ -338,21 +347,24 @@ class CLIPTextEncoder(nn.Module):
         clip_skip: int | None = None,
         attention_mask: Tensor | None = None,
         output_hidden_states: bool = False,
+        extra_tokens: Tensor | None = None,
     ) -> TextEncoderOutput:
         """Encode token ids (B, L); see :class:`TextEncoderOutput` for what comes back.
 
         ``clip_skip`` (default ``config.clip_skip``): 1 = last layer, ``k`` = the output of
         ``hidden_states[-k]`` passed through ``final_layer_norm`` (A1111; diffusers' ``k - 1``).
         ``attention_mask`` (B, L), 1 = token, 0 = padding: padded keys are masked on top of the
-        causal mask (SD does not use one: its padding is attended to).
+        causal mask (SD does not use one: its padding is attended to). ``extra_tokens``
+        (k, width): the token vectors of ids ``vocab_size .. vocab_size + k - 1``
+        (textual-inversion embeddings, :mod:`noisecraft.adapters.embeddings`).
         """
         c = self.config
         clip_skip = c.clip_skip if clip_skip is None else clip_skip
         _check_clip_skip(clip_skip, c.layers)
-        self._check_ids(input_ids)
+        self._check_ids(input_ids, 0 if extra_tokens is None else len(extra_tokens))
         mask = None if attention_mask is None else self._mask(attention_mask, input_ids)
 
-        h = self.embeddings(input_ids)
+        h = self.embeddings(input_ids, extra_tokens)
         states = [h] if output_hidden_states else None
         take = c.layers + 1 - clip_skip  # hidden_states[-clip_skip] is after this many layers
         chosen = h
@@ -365,8 +377,8 @@ class CLIPTextEncoder(nn.Module):
         last = self.final_layer_norm(chosen)
 
         rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        if c.eos_token_id is None:
-            eos = input_ids.argmax(dim=-1)
+        if c.eos_token_id is None:  # the end token is the largest id of the vocabulary
+            eos = input_ids.masked_fill(input_ids >= c.vocab_size, -1).argmax(dim=-1)
         else:
             eos = (input_ids == c.eos_token_id).int().argmax(dim=-1)
         # LayerNorm is per token: normalising the selected rows equals selecting normalised rows.
@@ -427,6 +439,7 @@ def encode_prompt_chunks(
     weights: Tensor | None = None,
     *,
     clip_skip: int | None = None,
+    extra_tokens: Tensor | None = None,
 ) -> Tensor:
     """Encode a long prompt as A1111 does: chunk by chunk, weighted, concatenated.
 
@@ -440,12 +453,13 @@ def encode_prompt_chunks(
 
     so ``mean(z') == mean(z)`` and all-1.0 weights change nothing. Returns the chunks
     concatenated along the tokens: (1, 77 * n_chunks, width), a UNet ``context`` of one prompt.
+    ``extra_tokens``: textual-inversion vectors (:meth:`CLIPTextEncoder.forward`).
     """
     if ids.ndim != 2:
         raise ConfigError(
             f"prompt chunks must be token ids of shape (n_chunks, tokens), got {tuple(ids.shape)}"
         )
-    z = encoder(ids, clip_skip=clip_skip).last_hidden_state  # (n, L, width)
+    z = encoder(ids, clip_skip=clip_skip, extra_tokens=extra_tokens).last_hidden_state
     if weights is not None:
         if weights.shape != ids.shape:
             raise ConfigError(

@@ -30,7 +30,7 @@ AUTOMATIC1111 web UI does (:mod:`.prompt_chunks`; :mod:`.prompt_weights` parses 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from types import MappingProxyType
 
@@ -79,6 +79,10 @@ __all__ = [
 CONTEXT_LENGTH = 77
 CHUNK_LENGTH = CONTEXT_LENGTH - 2
 _pretokenize = pretokenize  # the name the tests and earlier code import
+
+#: A prompt fragment's token ids -> the same with each textual-inversion name replaced by a
+#: tuple of its vectors' ids (:mod:`noisecraft.adapters.embeddings`).
+EmbeddingLookup = Callable[[list[int]], list[int | tuple[int, ...]]]
 
 # GPT-2's split (letters / numbers / other runs) of a CLIP word; only the special
 # token strings are CLIP words that it splits further.
@@ -389,12 +393,29 @@ class CLIPTokenizer:
         chunks, _ = self._chunk([(list(ids), 1.0)], comma_backtrack)
         return torch.tensor(chunks, dtype=torch.long)
 
-    def encode_chunks(self, text: str, *, comma_backtrack: int = COMMA_BACKTRACK) -> torch.Tensor:
-        """``chunk_ids(encode(text))``: all of a long prompt, shape (n_chunks, 77)."""
-        return self.chunk_ids(self.encode(text), comma_backtrack=comma_backtrack)
+    def encode_chunks(
+        self,
+        text: str,
+        *,
+        comma_backtrack: int = COMMA_BACKTRACK,
+        embeddings: EmbeddingLookup | None = None,
+    ) -> torch.Tensor:
+        """``chunk_ids(encode(text))``: all of a long prompt, shape (n_chunks, 77).
+
+        ``embeddings``: textual-inversion names to replace by their vectors' ids (as in
+        :meth:`encode_weighted`)."""
+        ids: list = self.encode(text)
+        if embeddings is not None:
+            ids = embeddings(ids)
+        chunks, _ = self._chunk([(ids, 1.0)], comma_backtrack)
+        return torch.tensor(chunks, dtype=torch.long)
 
     def encode_weighted(
-        self, prompt: str, *, comma_backtrack: int = COMMA_BACKTRACK
+        self,
+        prompt: str,
+        *,
+        comma_backtrack: int = COMMA_BACKTRACK,
+        embeddings: EmbeddingLookup | None = None,
     ) -> WeightedTokens:
         """Ids and per-token emphasis weights of an A1111-syntax prompt, (n_chunks, 77) each.
 
@@ -403,16 +424,21 @@ class CLIPTokenizer:
         ``BREAK`` closes the current chunk (padding it), and the chunks are cut as in
         :meth:`chunk_ids`. Start, end and padding have weight 1.0.
 
+        ``embeddings`` (textual inversion, :mod:`noisecraft.adapters.embeddings`): maps a
+        fragment's ids to the same ids with each embedding's name replaced by a tuple of its
+        vectors' ids, which stays whole in one chunk and takes the fragment's weight (A1111's
+        ``tokenize_line``).
+
         Differences from A1111: a ``BREAK`` inside brackets (whose marker weight A1111
-        multiplies, so it then encodes the word "break") still breaks here; textual
-        inversion embeddings are not looked up.
+        multiplies, so it then encodes the word "break") still breaks here.
         """
         segments: list[tuple[list[int], float] | None] = []
         for text, weight in parse_prompt_attention(prompt):
             if text == BREAK and weight < 0:
                 segments.append(None)
             else:
-                segments.append((self.encode(text), weight))
+                ids: list = self.encode(text)
+                segments.append((ids if embeddings is None else embeddings(ids), weight))
         ids, weights = self._chunk(segments, comma_backtrack)
         w = torch.tensor(weights, dtype=torch.float32)
         if not torch.isfinite(w).all():  # ((((a)))) nested ~930 deep: 1.1^931 > float32's max
@@ -423,7 +449,9 @@ class CLIPTokenizer:
         return WeightedTokens(torch.tensor(ids, dtype=torch.long), w)
 
     def _chunk(
-        self, segments: Iterable[tuple[list[int], float] | None], comma_backtrack: int
+        self,
+        segments: Iterable[tuple[Sequence[int | tuple[int, ...]], float] | None],
+        comma_backtrack: int,
     ) -> tuple[list[list[int]], list[list[float]]]:
         """A1111's chunking over (ids, weight) segments; None is a BREAK."""
         return chunk_segments(

@@ -18,6 +18,9 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
 * ``"text_latent"``: the second stage, a text-conditioned U-Net on the latents of a trained
   VAE -- ``[latent]`` (:class:`LatentConfig`) and ``[text_encoder]``
   (:class:`~noisecraft.models.text_encoder.TextEncoderConfig`) on top of the pixel sections.
+* ``"textual_inversion"``: new token vectors for a trained, frozen text-to-image model
+  (Gal et al. 2022) -- ``[inversion]`` (:class:`InversionConfig`) with ``[data]``,
+  ``[train]``, ``[run]``.
 * ``"tiny_decoder"``: a TAESD-like decoder distilled from a trained VAE's decoder --
   ``[latent]`` (the teacher), ``[tiny_decoder]``
   (:class:`~noisecraft.models.tiny_decoder.TinyDecoderConfig`) and ``[distill]``
@@ -49,6 +52,7 @@ from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
 from noisecraft.samplers.registry import lookup as lookup_sampler
 from noisecraft.training.adapter_configs import LoRATrainConfig
+from noisecraft.training.inversion_config import InversionConfig
 from noisecraft.training.ranges import Float, Int, check_choice, check_numbers, non_finite
 from noisecraft.training.vae_loss import VAELossConfig
 
@@ -59,6 +63,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "text_latent": ("data", "latent", "text_encoder", "model", "diffusion", "train", "run"),
     "tiny_decoder": ("data", "latent", "tiny_decoder", "distill", "train", "run"),
     "lora": ("data", "lora", "train", "run"),
+    "textual_inversion": ("data", "inversion", "train", "run"),
 }
 
 
@@ -281,6 +286,7 @@ class ExperimentConfig:
     tiny_decoder: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
+    inversion: InversionConfig = field(default_factory=InversionConfig)
 
     def __post_init__(self) -> None:
         if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
@@ -340,6 +346,7 @@ _SECTION_TYPES: dict[str, type] = {
     "latent": LatentConfig,
     "distill": DistillConfig,
     "lora": LoRATrainConfig,
+    "inversion": InversionConfig,
 }
 
 

@@ -7,6 +7,8 @@
 * ``tiny_decoder`` -- :class:`TinyDecoderTask`: a TAESD-like decoder distilled from a trained
   VAE's decoder (fast previews and decodes).
 * ``lora`` -- :class:`LoRATask`: a style LoRA over a frozen text-to-image model.
+* ``textual_inversion`` -- :class:`TextualInversionTask`: new token vectors (an embedding) for
+  a trained, frozen text-to-image model.
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -22,6 +24,7 @@ from noisecraft.training.tasks.base import Task, TaskLoss
 from noisecraft.training.tasks.lora import LoRATask
 from noisecraft.training.tasks.pixel import PixelTask
 from noisecraft.training.tasks.text_latent import TextLatentTask
+from noisecraft.training.tasks.textual_inversion import TextualInversionTask
 from noisecraft.training.tasks.tiny_decoder import TinyDecoderTask
 from noisecraft.training.tasks.vae import VAETask
 
@@ -31,6 +34,7 @@ TASKS: dict[str, type] = {
     "text_latent": TextLatentTask,
     "tiny_decoder": TinyDecoderTask,
     "lora": LoRATask,
+    "textual_inversion": TextualInversionTask,
 }
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
@@ -50,6 +54,7 @@ __all__ = [
     "Task",
     "TaskLoss",
     "TextLatentTask",
+    "TextualInversionTask",
     "TinyDecoderTask",
     "VAETask",
     "build_task",
