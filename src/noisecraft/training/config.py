@@ -22,6 +22,8 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
   ``[latent]`` (the teacher), ``[tiny_decoder]``
   (:class:`~noisecraft.models.tiny_decoder.TinyDecoderConfig`) and ``[distill]``
   (:class:`DistillConfig`) with ``[data]``, ``[train]``, ``[run]``.
+* ``"lcm_distill"``: a latent consistency student of a trained text-to-image model --
+  ``[lcm]`` (:class:`LCMConfig`) with ``[data]``, ``[train]``, ``[run]``.
 
 A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
 silently train the wrong thing). Every number is checked against its range when a section is
@@ -55,6 +57,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "vae": ("data", "vae", "vae_loss", "train", "run"),
     "text_latent": ("data", "latent", "text_encoder", "model", "diffusion", "train", "run"),
     "tiny_decoder": ("data", "latent", "tiny_decoder", "distill", "train", "run"),
+    "lcm_distill": ("data", "lcm", "train", "run"),
 }
 
 
@@ -237,6 +240,39 @@ class DistillConfig:
         check_numbers(self, "distill", gradient_weight=Float(0), latent_noise=Float(0))
 
 
+@dataclass(frozen=True)
+class LCMConfig:
+    """Latent consistency distillation (:mod:`noisecraft.training.tasks.lcm_distill`).
+
+    * ``teacher``: a native ``latent_diffusion`` file (e.g. the shipped mini SD).
+    * ``guidance_min`` / ``guidance_max``: the teacher's CFG scale, drawn per sample
+      uniformly in this range (``u + g (c - u)``), baked into the student.
+    * ``original_steps``: the DDIM grid of the teacher solver (skip ``k = T // original_steps``).
+    * ``target_decay``: EMA decay of the target network (0: the student itself, no grad).
+    * ``huber_c``: pseudo-Huber constant of the loss (0: squared error).
+    """
+
+    teacher: str = ""
+    guidance_min: float = 5.0
+    guidance_max: float = 5.0
+    original_steps: int = 50
+    target_decay: float = 0.95
+    huber_c: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "lcm",
+            guidance_min=Float(0),
+            guidance_max=Float(0),
+            original_steps=Int(1),
+            target_decay=Float(0, 1, hi_open=True),
+            huber_c=Float(0),
+        )
+        if self.guidance_max < self.guidance_min:
+            raise ConfigError("lcm.guidance_max must be >= lcm.guidance_min")
+
+
 #: Largest ``train.seed``: the step generators seed with ``(seed * 1_000_003 + step) * 7``,
 #: which must stay below 2**64.
 MAX_SEED = 2**32 - 1
@@ -276,6 +312,7 @@ class ExperimentConfig:
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     tiny_decoder: TinyDecoderConfig = field(default_factory=TinyDecoderConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
 
     def __post_init__(self) -> None:
         if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
@@ -334,6 +371,7 @@ _SECTION_TYPES: dict[str, type] = {
     "vae_loss": VAELossConfig,
     "latent": LatentConfig,
     "distill": DistillConfig,
+    "lcm": LCMConfig,
 }
 
 

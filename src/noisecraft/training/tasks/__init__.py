@@ -6,6 +6,8 @@
   CLIP text encoder on the cached latents of a trained VAE (second stage).
 * ``tiny_decoder`` -- :class:`TinyDecoderTask`: a TAESD-like decoder distilled from a trained
   VAE's decoder (fast previews and decodes).
+* ``lcm_distill`` -- :class:`LCMDistillTask`: a latent consistency student of a trained
+  text-to-image model (few-step sampling).
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -18,6 +20,7 @@ from noisecraft.errors import unknown_name
 from noisecraft.training.config import TASK_SECTIONS, ExperimentConfig
 from noisecraft.training.data import ImageDataset
 from noisecraft.training.tasks.base import Task, TaskLoss
+from noisecraft.training.tasks.lcm_distill import LCMDistillTask
 from noisecraft.training.tasks.pixel import PixelTask
 from noisecraft.training.tasks.text_latent import TextLatentTask
 from noisecraft.training.tasks.tiny_decoder import TinyDecoderTask
@@ -28,6 +31,7 @@ TASKS: dict[str, type] = {
     "vae": VAETask,
     "text_latent": TextLatentTask,
     "tiny_decoder": TinyDecoderTask,
+    "lcm_distill": LCMDistillTask,
 }
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
@@ -42,6 +46,7 @@ def build_task(cfg: ExperimentConfig, dataset: ImageDataset, device: torch.devic
 
 __all__ = [
     "TASKS",
+    "LCMDistillTask",
     "PixelTask",
     "Task",
     "TaskLoss",
