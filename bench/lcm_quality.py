@@ -36,6 +36,10 @@ STUDENT = ASSETS / "mnist_text_lcm_unet.safetensors"
 #: (label, sampler, steps, CFG, uses the student)
 ROWS = (
     ("teacher", "DPM++ 2M", 20, 5.0, False),
+    ("teacher", "DPM++ 2M", 4, 5.0, False),
+    ("teacher, not distilled", "LCM", 1, 1.0, False),
+    ("teacher, not distilled", "LCM", 2, 1.0, False),
+    ("teacher, not distilled", "LCM", 4, 1.0, False),
     ("LCM student", "LCM", 1, 1.0, True),
     ("LCM student", "LCM", 2, 1.0, True),
     ("LCM student", "LCM", 4, 1.0, True),
