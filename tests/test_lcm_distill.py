@@ -156,6 +156,10 @@ def test_config_errors_are_one_line(tmp_path, teacher_file):
         with pytest.raises(ConfigError, match=match) as e:
             Trainer(cfg)
         assert "\n" not in str(e.value)
+    cfg = lcm_config(tmp_path / "run", teacher_file)
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, image_size=16))
+    with pytest.raises(ConfigError, match="set data.image_size = 8"):
+        Trainer(cfg)
     with pytest.raises(ConfigError, match="guidance_max"):
         LCMConfig(guidance_min=3.0, guidance_max=2.0)
     with pytest.raises(ConfigError, match="target_decay"):

@@ -137,18 +137,18 @@ class LCMDistillTask:
 
     @torch.no_grad()
     def _encode(self, images: Tensor) -> Tensor:
-        out = []
-        for i in range(0, len(images), 256):
-            x = images[i : i + 256].to(self.device)
-            out.append(self.teacher.vae.encode_latents(x, None, sample=False).float().cpu())
-        latents = torch.cat(out)
+        """The teacher VAE's scaled posterior modes of ``images`` (on the CPU)."""
         size = self.teacher.image_size
         if images.shape[-1] != size:
             raise ConfigError(
                 f"data.image_size = {images.shape[-1]} but the teacher makes {size}px images; "
                 f"set data.image_size = {size}"
             )
-        return latents
+        out = []
+        for i in range(0, len(images), 256):
+            x = images[i : i + 256].to(self.device)
+            out.append(self.teacher.vae.encode_latents(x, None, sample=False).float().cpu())
+        return torch.cat(out)
 
     def draw(self, step: int, generator: torch.Generator) -> Batch:
         """Latents, caption rows, grid timesteps, noise and guidance of global step ``step``."""
