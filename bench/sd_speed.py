@@ -34,6 +34,12 @@ Sections (``--only``):
   only: a shallow call on the input of the full call before it reproduces that call). Then a
   whole generation at ``--pipeline-sizes``: fast mode (10 DPM++ 2M Karras steps) against
   diffusers' ``--steps`` DPM++ 2M steps, different images by design (no diff).
+* ``lcm`` (not in the default run): few-step sampling at ``--pipeline-sizes``, as an LCM-LoRA
+  or LCM student runs: 4 LCM steps at CFG 1 (one U-Net row per step, no negative prompt)
+  against diffusers' ``LCMScheduler`` at guidance 1 (the same image: max diff is float
+  rounding), next to the ``--steps`` DPM++ 2M generation with CFG 7.5 (batch-2 U-Net calls)
+  of the ``pipeline`` section. With random weights the images are noise; the times are those
+  of real weights of this architecture.
 
 Each section runs in its own child process (so peaks and allocator state do not mix).
 
@@ -42,6 +48,7 @@ Each section runs in its own child process (so peaks and allocator state do not 
     python bench/sd_speed.py --tiny --sizes 64 --repeats 2    # develop on a loaded machine
     python bench/sd_speed.py --device cuda                    # fp16 weights on both sides
     python bench/sd_speed.py --only fast --pipeline-sizes 512 # fast mode against diffusers
+    python bench/sd_speed.py --only lcm --pipeline-sizes 512  # 4 LCM steps vs 20 DPM++ 2M CFG
 
 ``--write docs/performance.md --block NAME`` replaces the generated block NAME of that page
 (between its ``<!-- sd_speed:NAME:begin -->`` / ``:end -->`` markers) with this run's table.
@@ -66,7 +73,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("unet", "vae", "text", "pipeline", "fast")
+SECTIONS = ("unet", "vae", "text", "pipeline", "fast", "lcm")
 DEFAULT_SECTIONS = SECTIONS[:4]
 DTYPES = {"fp32": "float32", "fp16": "float16"}  # --dtype -> torch dtype name
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -288,19 +295,23 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
         rows += _pipeline_rows(args, device, dtype, meter)
     elif section == "fast":
         rows += _fast_rows(args, device, dtype, meter)
+    elif section == "lcm":
+        rows += _lcm_rows(args, device, dtype, meter)
     else:
         raise ValueError(section)
     return rows
 
 
-def _diffusers_generation(pipe: Any, size: int, steps: int, seed: int) -> Any:
+def _diffusers_generation(
+    pipe: Any, size: int, steps: int, seed: int, guidance: float = 7.5
+) -> Any:
     """One image of ``PROMPT`` from diffusers' pipeline: CFG 7.5, pixels in [0, 1]."""
     import torch
 
     return pipe(
         prompt=PROMPT,
         num_inference_steps=steps,
-        guidance_scale=7.5,
+        guidance_scale=guidance,
         generator=[torch.Generator().manual_seed(seed)],
         output_type="pt",
         height=size,
@@ -348,6 +359,55 @@ def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Met
                 args.pipeline_repeats,
             )
         )
+    return rows
+
+
+def _lcm_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -> list[dict]:
+    """The ``lcm`` section (module docstring): 4 LCM steps at CFG 1, then ``--steps``
+    DPM++ 2M steps at CFG 7.5, each against diffusers on the same weights."""
+    import _sd15
+    import torch
+
+    from noisecraft.pipelines import GenerateRequest, generate
+    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+
+    parts = _sd15.build_ours(args.tiny, device=device, dtype=dtype)
+    model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
+    pipes = {
+        name: _sd15.diffusers_pipeline(model, cls)
+        for name, cls in (("lcm", "LCMScheduler"), ("dpmpp_2m", "DPMSolverMultistepScheduler"))
+    }
+    cases = (("lcm", 4, 1.0), ("dpmpp_2m", args.steps, 7.5))
+    rows = []
+    for size in args.pipeline_sizes:
+        for sampler, steps, cfg in cases:
+
+            def ours(size=size, sampler=sampler, steps=steps, cfg=cfg) -> torch.Tensor:
+                request = GenerateRequest(
+                    n=1,
+                    prompts=[PROMPT],
+                    sampler=sampler,
+                    steps=steps,
+                    cfg=cfg,
+                    width=size,
+                    height=size,
+                    seeds=[args.seed],
+                    scheduler_config=SD15_SCHEDULER_CONFIG,
+                )
+                return (generate(model, request) / 2 + 0.5).clamp(0, 1)
+
+            def theirs(size=size, sampler=sampler, steps=steps, cfg=cfg) -> torch.Tensor:
+                return _diffusers_generation(pipes[sampler], size, steps, args.seed, cfg)
+
+            rows.append(
+                compare(
+                    f"generation {size}², {steps} {sampler} steps, CFG {cfg:g} + decode",
+                    ours,
+                    theirs,
+                    meter,
+                    args.pipeline_repeats,
+                )
+            )
     return rows
 
 
@@ -564,7 +624,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--pipeline-sizes", type=_ints, default=[256], help="sides of generations")
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median)")
     p.add_argument("--pipeline-repeats", type=int, default=2, help="timed generations per side")
-    p.add_argument("--only", default=",".join(DEFAULT_SECTIONS), help="unet,vae,text,pipeline,fast")
+    p.add_argument(
+        "--only", default=",".join(DEFAULT_SECTIONS), help="unet,vae,text,pipeline,fast,lcm"
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp16 weights on both sides)")
     p.add_argument(
         "--dtype",

@@ -49,6 +49,21 @@ def test_sd_speed_exact_rows_match_diffusers_and_fast_rows_stay_close():
     assert out["env"]["dtype"] == "float32"
 
 
+def test_sd_speed_lcm_rows_are_diffusers_images():
+    """The ``lcm`` section: 4 LCM steps at CFG 1 and the DPM++ 2M CFG generation, each the
+    same image as diffusers' (LCMScheduler / DPMSolverMultistepScheduler) on shared weights."""
+    out = _sd_speed(
+        *("--only", "lcm", "--pipeline-sizes", "64", "--pipeline-repeats", "1", "--steps", "3")
+    )
+    cases = [r["case"] for r in out["rows"]]
+    assert cases == [
+        "generation 64², 4 lcm steps, CFG 1 + decode",
+        "generation 64², 3 dpmpp_2m steps, CFG 7.5 + decode",
+    ]
+    for r in out["rows"]:
+        assert r["rel_diff"] <= 1e-4, (r["case"], r["rel_diff"])
+
+
 def test_sd_speed_float16_path_runs_on_cpu():
     """``--dtype fp16``: the weights and inputs a CUDA run uses, on both sides."""
     out = _sd_speed("--only", "unet,text", "--sizes", "64", "--repeats", "1", "--dtype", "fp16")

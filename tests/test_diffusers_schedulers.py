@@ -20,6 +20,7 @@ over many step counts, without a model.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -140,6 +141,8 @@ def test_ddim_final_sigma_is_alphas_cumprod_zero():
         ("DPM++ 2M Karras", "DPMSolverMultistepScheduler", "dpmpp_2m", "karras"),
         ("DPM++ 2M SDE", "DPMSolverMultistepScheduler", "dpmpp_2m_sde", "linspace"),
         ("UniPC", "UniPCMultistepScheduler", "unipc", "linspace"),
+        ("LCM", "LCMScheduler", "lcm", "lcm"),
+        ("k_lcm", "LCMScheduler", "lcm", "lcm"),
     ],
 )
 def test_sampler_names_map_to_the_scheduler_diffusers_users_swap_in(
@@ -217,6 +220,9 @@ def test_options_of_each_scheduler():
             lambda: for_sampler("euler").sampler_options(NoiseSchedule.scaled_linear(), eta=0.5),
             "takes no eta",
         ),
+        (lambda: from_diffusers("LCMScheduler", {"timestep_scaling": 1.0}), "timestep_scaling"),
+        (lambda: for_sampler("LCM Karras"), "only its own lcm timesteps"),
+        (lambda: for_sampler("euler", spacing="lcm"), "no lcm timesteps"),
         (
             lambda: from_diffusers(
                 "DPMSolverMultistepScheduler", {**SD15, "lambda_min_clipped": 0.0}
@@ -373,6 +379,7 @@ def test_same_image_as_diffusers_from_a_folder_and_a_single_file(imported, name,
         ("euler_ancestral", "txt2img", (5, 9), None),
         ("dpmpp_2m_sde", "txt2img", (5, 9), None),
         ("dpmpp_2m_karras", "txt2img", (5, 9), None),  # deterministic batch: one run
+        ("lcm", "txt2img", (5, 9), None),  # LCM: one draw per step per image
     ],
 )
 def test_stochastic_and_batched_with_per_image_generators(sd, name, mode, seeds, eta):
@@ -441,6 +448,8 @@ def test_mapping_is_a_frozen_value():
         ("ddim", "img2img"),
         ("dpmpp_2m_karras", "txt2img"),
         ("euler", "txt2img"),
+        ("lcm", "txt2img"),
+        ("lcm", "img2img"),
     ],
 )
 def test_the_unet_sees_diffusers_timesteps(sd, name, mode):
@@ -467,3 +476,55 @@ def test_the_unet_sees_diffusers_timesteps(sd, name, mode):
         torch.testing.assert_close(got, want, rtol=0, atol=2e-3)
     else:
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 50])
+def test_lcm_at_one_two_and_fifty_steps(sd, steps):
+    """1 step: no noise drawn; 50 steps: every timestep of the distillation grid, down to
+    t = 19, where LCM's c_skip (6.9e-6) is largest -- still within float rounding."""
+    _check(*_pair(sd, "lcm", "txt2img", steps=steps))
+
+
+def test_trailing_spacing_with_cfg_1_as_turbo_models_run(sd):
+    """SD-Turbo-style sampling: Euler on diffusers' "trailing" timesteps (999, 749, ...) at
+    guidance 1, where diffusers skips the unconditional pass; so does generate() (one U-Net
+    row per step)."""
+    model, parts, _, _ = sd
+    cfg = {**SD15, "timestep_spacing": "trailing"}
+    pipe = diffusers.StableDiffusionPipeline(
+        **{**parts, "scheduler": _scheduler("EulerDiscreteScheduler", cfg)}
+    )
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        want = pipe(
+            prompt=PROMPT,
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            generator=[torch.Generator().manual_seed(4)],
+            output_type="pt",
+            height=H,
+            width=W,
+        ).images.float()
+    rows = []
+    forward = model.unet.forward
+    model.unet.forward = lambda x, t, **kw: rows.append(len(x)) or forward(x, t, **kw)
+    try:
+        req = GenerateRequest(
+            n=1,
+            prompts=[PROMPT],
+            steps=2,
+            cfg=1.0,
+            seeds=[4],
+            sampler="euler",
+            spacing="trailing",
+            height=H,
+            width=W,
+        )
+        got = (generate(model, req) / 2 + 0.5).clamp(0, 1)
+        with_config = dataclasses.replace(req, scheduler_config=cfg, spacing=None)
+        got_config = (generate(model, with_config) / 2 + 0.5).clamp(0, 1)
+    finally:
+        del model.unet.forward
+    assert rows == [1, 1, 1, 1]
+    _check(got, want)
+    _check(got_config, want)

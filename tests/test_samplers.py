@@ -32,6 +32,7 @@ from noisecraft.samplers import (
     sample_euler,
     sample_euler_ancestral,
     sample_heun,
+    sample_lcm,
     sample_unipc,
 )
 from noisecraft.samplers.dpmpp import _brownian_pair
@@ -41,8 +42,10 @@ MU, S = 0.5, 0.5
 NAMES = list(SAMPLERS)
 STOCHASTIC = [n for n in NAMES if REGISTRY[n].stochastic]
 DETERMINISTIC = [n for n in NAMES if not REGISTRY[n].stochastic]
+# samplers with no ODE limit: DDPM, and LCM's consistency steps (x0, then fresh noise)
+NO_ODE = ("ddpm", "lcm")
 # the deterministic (eta = 0) limit of the stochastic samplers, for the convergence test
-ODE_OPTIONS = {n: {"eta": 0.0} for n in STOCHASTIC if n != "ddpm"}
+ODE_OPTIONS = {n: {"eta": 0.0} for n in STOCHASTIC if n not in NO_ODE}
 
 
 def gaussian_denoiser(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -83,7 +86,7 @@ def _ode_errors(
     return at_min, final
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n != "ddpm"])
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in NO_ODE])
 def test_converges_to_the_ode_solution_at_its_stated_order(name):
     """The observed order (slope of log error vs log steps) is at least the stated one - 0.5.
 
@@ -131,7 +134,8 @@ def test_unipc_order_is_predictor_order_plus_one():
 # ------------------------------------------------------------- stochastic: distribution
 
 
-STOCHASTIC_RUNS = {n: SAMPLERS[n] for n in STOCHASTIC}
+# LCM needs a consistency function, not E[x0 | x] (test_lcm_with_the_exact_consistency_...)
+STOCHASTIC_RUNS = {n: SAMPLERS[n] for n in STOCHASTIC if n != "lcm"}
 STOCHASTIC_RUNS["ddim_eta1"] = functools.partial(sample_ddim, eta=1.0)
 
 
@@ -150,6 +154,46 @@ def test_stochastic_sampler_reproduces_the_data_distribution(run):
     assert y.dtype == torch.float32
     assert abs(y.mean().item() - MU) < 5 * S / math.sqrt(n)
     assert abs(y.var().item() / S**2 - 1) < 5 * math.sqrt(2 / n) + 0.02
+
+
+def test_lcm_step_is_x0_then_fresh_noise_at_the_next_sigma():
+    """Luo et al. 2023 Alg. 3 in the VE view: x <- D(x, s_i) + s_{i+1} z_i, one z per step
+    drawn from the generator, and the last step returns D(x, s_{N-1}) itself."""
+    x, sigmas = _inputs(4)
+    g = torch.Generator().manual_seed(3)
+    out = sample_lcm(gaussian_denoiser, x, sigmas, generator=torch.Generator().manual_seed(3))
+    y = x
+    for i in range(len(sigmas) - 1):
+        d = gaussian_denoiser(y, sigmas[i].expand(len(y)))
+        z = torch.randn(y.shape, generator=g)
+        y = d + sigmas[i + 1] * z
+    torch.testing.assert_close(out, y, rtol=0, atol=1e-6)
+    one = sample_lcm(gaussian_denoiser, x, torch.tensor([float(sigmas[0]), 0.0]))
+    torch.testing.assert_close(one, gaussian_denoiser(x, sigmas[:1].expand(len(x))))
+
+
+def consistency_function(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """The exact consistency function of N(MU, S^2) data: the end point at sigma = 0 of the
+    probability-flow ODE through (x, sigma) (Song et al. 2023, sec. 3)."""
+    s2 = sigma.view(-1, *([1] * (x.ndim - 1))) ** 2
+    return MU + S / (S**2 + s2).sqrt() * (x - MU)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_with_the_exact_consistency_function_samples_the_data_in_few_steps(steps):
+    """Multistep consistency sampling is exact at ANY step count when f is the consistency
+    function (Var f(x_i) = S^2, then + s_{i+1}^2 of fresh noise); with the denoiser E[x0 | x]
+    it is not (each step shrinks the variance by S^2 / (S^2 + s^2))."""
+    n = 20000
+    sigmas = karras(steps, 0.5, 14.6).float()
+    g = torch.Generator().manual_seed(1234)
+    x = MU + math.sqrt(S**2 + float(sigmas[0]) ** 2) * torch.randn(n, 1, generator=g)
+    y = sample_lcm(consistency_function, x, sigmas, generator=g)
+    assert abs(y.mean().item() - MU) < 5 * S / math.sqrt(n)
+    assert abs(y.var().item() / S**2 - 1) < 5 * math.sqrt(2 / n)
+    if steps > 1:
+        mmse = sample_lcm(gaussian_denoiser, x, sigmas, generator=g)
+        assert mmse.var().item() / S**2 < 0.9
 
 
 # ------------------------------------------------------------------ the shared contract
@@ -403,6 +447,7 @@ def test_registry_names_and_info():
         "dpmpp_2m_sde_heun",
         "dpmpp_3m_sde",
         "unipc",
+        "lcm",
     }
     assert list(REGISTRY) == list(SAMPLERS)
     for r in REGISTRY.values():
@@ -417,6 +462,7 @@ def test_registry_names_and_info():
         "dpmpp_2m_sde",
         "dpmpp_2m_sde_heun",
         "dpmpp_3m_sde",
+        "lcm",
     }
 
 

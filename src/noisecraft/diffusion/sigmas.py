@@ -5,7 +5,9 @@ diffusers names them: timesteps are chosen on the training grid and their sigmas
 interpolated linearly in sigma (diffusers' ``EulerDiscreteScheduler``). karras
 (Karras et al. 2022 eq. 5) and exponential (uniform in log sigma) are spaced in sigma
 directly, between the schedule's own smallest and largest sigma unless told otherwise.
-Every result ends in a final 0.
+lcm is the timestep subset of latent consistency sampling (diffusers' ``LCMScheduler``:
+:func:`~noisecraft.diffusion.consistency.lcm_timesteps`, on the grid of ``original_steps``
+distillation timesteps). Every result ends in a final 0.
 
 diffusers' schedulers do not share one timestep grid; ``grid`` picks whose:
 
@@ -26,14 +28,15 @@ import math
 import torch
 from torch import Tensor
 
+from noisecraft.diffusion.consistency import ORIGINAL_STEPS, lcm_timesteps
 from noisecraft.diffusion.schedule import NoiseSchedule
 from noisecraft.errors import ConfigError, unknown_name
 
-SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential")
+SPACINGS = ("leading", "trailing", "linspace", "karras", "exponential", "lcm")
 GRIDS = ("euler", "ddim", "multistep")
 #: Spacings whose timesteps lie on the training grid, sigmas interpolated linearly in sigma
 #: (diffusers' Euler); a denoiser inverts that interpolation exactly.
-TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace", "lcm")
 
 
 def _check(schedule: NoiseSchedule, steps: int, spacing: str, grid: str = "euler") -> None:
@@ -51,10 +54,17 @@ def _check(schedule: NoiseSchedule, steps: int, spacing: str, grid: str = "euler
 
 
 def _grid_timesteps(
-    schedule: NoiseSchedule, steps: int, spacing: str, steps_offset: int, grid: str = "euler"
+    schedule: NoiseSchedule,
+    steps: int,
+    spacing: str,
+    steps_offset: int,
+    grid: str = "euler",
+    original_steps: int = ORIGINAL_STEPS,
 ) -> Tensor:
-    """Decreasing float64 timesteps on the training grid (diffusers' three spacings)."""
+    """Decreasing float64 timesteps on the training grid (diffusers' three spacings, lcm)."""
     T = schedule.num_steps
+    if spacing == "lcm":  # the same integers on every grid
+        return lcm_timesteps(T, steps, original_steps).double()
     if spacing == "trailing":  # T, T - r, T - 2r, ... rounded, minus 1; r = T / steps
         i = torch.arange(steps, dtype=torch.float64)
         return (T - i * (T / steps)).round() - 1
@@ -92,11 +102,12 @@ def _sigmas64(
     sigma_min: float | None,
     sigma_max: float | None,
     grid: str = "euler",
+    original_steps: int = ORIGINAL_STEPS,
 ) -> tuple[Tensor, Tensor]:
     """(sigmas without the final 0, timesteps), both float64, length ``steps``."""
     _check(schedule, steps, spacing, grid)
     if spacing in TIMESTEP_SPACINGS:
-        ts = _grid_timesteps(schedule, steps, spacing, steps_offset, grid)
+        ts = _grid_timesteps(schedule, steps, spacing, steps_offset, grid, original_steps)
         return schedule.t_to_sigma(ts, interpolation="linear"), ts
     smin = float(schedule.sigmas[0]) if sigma_min is None else float(sigma_min)
     smax = float(schedule.sigmas[-1]) if sigma_max is None else float(sigma_max)
@@ -127,6 +138,7 @@ def make_sigmas(
     sigma_max: float | None = None,
     dtype: torch.dtype = torch.float32,
     grid: str = "euler",
+    original_steps: int = ORIGINAL_STEPS,
 ) -> Tensor:
     """Decreasing sigmas of length ``steps + 1`` whose last element is 0.
 
@@ -135,9 +147,12 @@ def make_sigmas(
     only "leading" reads it); karras and exponential equal ``use_karras_sigmas`` /
     ``use_exponential_sigmas``. ``sigma_min`` / ``sigma_max`` / ``rho`` apply to those two.
     ``grid="ddim"`` / ``"multistep"`` give the sigmas of diffusers' DDIM / DPM++ and UniPC
-    timesteps instead (module docstring).
+    timesteps instead (module docstring). ``original_steps``: the distillation grid of the
+    lcm spacing (diffusers' ``original_inference_steps``).
     """
-    s, _ = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max, grid)
+    s, _ = _sigmas64(
+        schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max, grid, original_steps
+    )
     return torch.cat([s, s.new_zeros(1)]).to(dtype)
 
 
@@ -151,6 +166,7 @@ def discrete_timesteps(
     sigma_min: float | None = None,
     sigma_max: float | None = None,
     grid: str = "euler",
+    original_steps: int = ORIGINAL_STEPS,
 ) -> Tensor:
     """The ``steps`` decreasing timesteps behind :func:`make_sigmas` (float64).
 
@@ -158,5 +174,7 @@ def discrete_timesteps(
     ``schedule.sigma_to_t(sigma)`` (log-sigma interpolation) for karras / exponential,
     as diffusers' Euler scheduler reports them; rounded where ``grid`` says diffusers rounds.
     """
-    _, ts = _sigmas64(schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max, grid)
+    _, ts = _sigmas64(
+        schedule, steps, spacing, steps_offset, rho, sigma_min, sigma_max, grid, original_steps
+    )
     return ts

@@ -55,6 +55,7 @@ SD15_SCHEDULERS: Mapping[str, tuple[str, Mapping[str, Any]]] = MappingProxyType(
             MappingProxyType({**SD15_SCHEDULER_CONFIG, "algorithm_type": "sde-dpmsolver++"}),
         ),
         "unipc": ("UniPCMultistepScheduler", SD15_SCHEDULER_CONFIG),
+        "lcm": ("LCMScheduler", SD15_SCHEDULER_CONFIG),
     }
 )
 
@@ -72,6 +73,8 @@ class DiffusersSampling:
       "vp" (* sqrt(1 + sigma_max^2): VP latents of std 1).
     * ``final_sigma``: "zero", or "sigma_min" (DDIM's last step to ``alphas_cumprod[0]``).
     * ``sigma_range``: the ends of karras / exponential sigmas, "schedule" or "grid".
+    * ``original_steps``: the distillation grid of the "lcm" spacing (``LCMScheduler``'s
+      ``original_inference_steps``).
     * ``options``: fixed sampler options; ``takes_eta``: whether the pipeline's ``eta``
       reaches the scheduler; ``lms_history``: LMS img2img weights on the full grid.
     """
@@ -89,6 +92,7 @@ class DiffusersSampling:
     sigma_min: float | None = None
     sigma_max: float | None = None
     lambda_min_clipped: float = -math.inf
+    original_steps: int = 50
     options: tuple[tuple[str, Any], ...] = ()
     takes_eta: bool = False
     lms_history: bool = False
@@ -133,6 +137,7 @@ class DiffusersSampling:
             sigma_max=hi,
             dtype=dtype,
             grid=self.grid,
+            original_steps=self.original_steps,
         )
 
     def timesteps(self, schedule: NoiseSchedule, steps: int) -> Tensor:
@@ -147,6 +152,7 @@ class DiffusersSampling:
             sigma_min=lo,
             sigma_max=hi,
             grid=self.grid,
+            original_steps=self.original_steps,
         )
 
     # ------------------------------------------------------------------ sampling

@@ -58,6 +58,13 @@ tests/test_diffusers_schedulers.py):
   through sigmas it never visited, of which only those of the derivatives it has are used
   (``zip(lms_coeffs, reversed(self.derivatives))``) -> sampler option ``history_sigmas``.
 
+- **LCM** (``LCMScheduler``): timesteps from ``set_timesteps``'s "skipping step" subset of
+  the ``original_inference_steps`` grid (``timestep_spacing`` is not read) -> the "lcm"
+  spacing; VP latents (``init_noise_sigma`` 1); ``step`` re-noises ``c_out x0 + c_skip x``
+  to the next timestep with one draw from the generator, except at the last step. The
+  boundary scalings are ~(1, 0) on that grid with ``timestep_scaling`` 10 and are left out
+  (:mod:`noisecraft.samplers.lcm`), so other scalings are refused.
+
 Config keys that belong to the model (betas, ``num_train_timesteps``, ``prediction_type``,
 ``rescale_betas_zero_snr``, ``trained_betas``) are not read here. Values noisecraft does not
 reproduce raise :class:`~noisecraft.errors.ConfigError` instead of giving another image.
@@ -319,6 +326,34 @@ def _unipc(config: Mapping[str, Any]) -> DiffusersSampling:
     )
 
 
+def _lcm(config: Mapping[str, Any]) -> DiffusersSampling:
+    c = _Config(
+        "LCMScheduler",
+        config,
+        {
+            **_SCHEDULE_KEYS,
+            "original_inference_steps": 50,
+            "clip_sample": False,
+            "thresholding": False,
+            "timestep_scaling": 10.0,
+            "rescale_betas_zero_snr": False,
+        },
+    )
+    c.require("clip_sample", False)
+    c.require("thresholding", False)
+    c.require("timestep_scaling", 10.0, 10)
+    return DiffusersSampling(
+        scheduler=c.scheduler,
+        sampler="lcm",
+        spacing="lcm",
+        timestep_spacing="lcm",
+        grid="ddim",
+        quantize=True,
+        noise_scale="vp",
+        original_steps=int(c["original_inference_steps"]),
+    )
+
+
 _RULES: dict[str, Callable[[Mapping[str, Any]], DiffusersSampling]] = {
     "DDIMScheduler": _ddim,
     "EulerDiscreteScheduler": _euler,
@@ -326,6 +361,7 @@ _RULES: dict[str, Callable[[Mapping[str, Any]], DiffusersSampling]] = {
     "LMSDiscreteScheduler": _lms,
     "DPMSolverMultistepScheduler": _dpmpp,
     "UniPCMultistepScheduler": _unipc,
+    "LCMScheduler": _lcm,
 }
 
 #: noisecraft sampler -> (diffusers class, config keys that select the algorithm), from the
@@ -366,6 +402,9 @@ def scheduler_for(
         )
     cls, select = _SCHEDULER_FOR[name]
     cfg = {**dict(config or {}), **select}
+    if spacing is not None and (name == "lcm") != (spacing == "lcm"):
+        what = "has only its own lcm timesteps" if name == "lcm" else "has no lcm timesteps"
+        raise ConfigError(f"diffusers' {cls} {what}; leave out the {spacing} spacing")
     if spacing in ("karras", "exponential"):
         if name in ("ddim", "euler_ancestral"):
             raise ConfigError(
@@ -373,7 +412,7 @@ def scheduler_for(
             )
         cfg["use_karras_sigmas"] = spacing == "karras"
         cfg["use_exponential_sigmas"] = spacing == "exponential"
-    elif spacing is not None:  # leading / trailing / linspace
+    elif spacing is not None and spacing != "lcm":  # leading / trailing / linspace
         cfg["timestep_spacing"] = spacing
         cfg["use_karras_sigmas"] = cfg["use_exponential_sigmas"] = False
     return cls, cfg

@@ -35,6 +35,7 @@ from noisecraft.samplers.euler import (
     sample_euler_ancestral,
     sample_heun,
 )
+from noisecraft.samplers.lcm import sample_lcm
 from noisecraft.samplers.lms import sample_lms, sample_plms
 from noisecraft.samplers.registry import (
     RECORDS,
@@ -72,6 +73,7 @@ __all__ = [
     "sample_euler",
     "sample_euler_ancestral",
     "sample_heun",
+    "sample_lcm",
     "sample_lms",
     "sample_plms",
     "sample_unipc",

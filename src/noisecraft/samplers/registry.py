@@ -13,7 +13,10 @@ where A1111 names one, else A1111's "model default" grid, for which noisecraft u
 "linspace" (diffusers' Euler grid: uniform in timestep; A1111's own interpolates log sigma
 between the training sigmas, which differs slightly). DDIM, PLMS and UniPC are A1111's
 "timestep" samplers, which ignore the schedule type; DDPM is not an A1111 sampler (its
-display name only follows A1111's style).
+display name only follows A1111's style). LCM's default grid is "lcm", the subset of the
+50-point distillation grid that diffusers' ``LCMScheduler`` samples on (A1111's "LCM",
+``modules/sd_samplers_lcm.py``, also samples on that 50-point grid, with its own
+interpolated subset of it).
 """
 
 from __future__ import annotations
@@ -40,11 +43,12 @@ from noisecraft.samplers.euler import (
     sample_euler_ancestral,
     sample_heun,
 )
+from noisecraft.samplers.lcm import sample_lcm
 from noisecraft.samplers.lms import sample_lms, sample_plms
 from noisecraft.samplers.unipc import sample_unipc
 
-#: Grids a record may name as its default (the ones A1111's table uses, plus linspace).
-DEFAULT_SCHEDULES = ("linspace", "karras", "exponential")
+#: Grids a record may name as its default (the ones A1111's table uses, linspace, lcm).
+DEFAULT_SCHEDULES = ("linspace", "karras", "exponential", "lcm")
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,17 @@ RECORDS: tuple[SamplerRecord, ...] = (
         a1111_names=("UniPC",),
         aliases=("uni_pc", "uni_pc_bh2"),
         diffusers_scheduler=DiffusersScheduler("UniPCMultistepScheduler"),
+    ),
+    SamplerRecord(
+        name="lcm",
+        function=sample_lcm,
+        stochastic=True,
+        order=1,
+        nfe_per_step=1,
+        description="latent consistency multistep: x0, then fresh noise (Luo et al. 2023)",
+        a1111_names=("LCM", "k_lcm"),
+        default_schedule="lcm",
+        diffusers_scheduler=DiffusersScheduler("LCMScheduler"),
     ),
 )
 

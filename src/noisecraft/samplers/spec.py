@@ -30,14 +30,15 @@ from noisecraft.errors import unknown_name
 from noisecraft.samplers.registry import SamplerRecord, lookup
 
 #: sigma spacing -> AUTOMATIC1111's ``Schedule type`` label. "Uniform" is A1111's label of
-#: the model's own grid, noisecraft's linspace; Leading / Trailing are noisecraft's labels
-#: of diffusers' spacings (A1111 has none).
+#: the model's own grid, noisecraft's linspace; Leading / Trailing / LCM are noisecraft's
+#: labels of diffusers' spacings (A1111 has none).
 SCHEDULE_LABELS = {
     "linspace": "Uniform",
     "karras": "Karras",
     "exponential": "Exponential",
     "leading": "Leading",
     "trailing": "Trailing",
+    "lcm": "LCM",
 }
 
 #: Words accepted for a schedule (lower case) -> spacing; None is "Automatic".

@@ -1,5 +1,6 @@
 """The recipe sections of the adapter-training tasks (kept apart from :mod:`.config`, which
-builds them): ``[lora]`` of the ``lora`` task."""
+builds them): ``[lora]`` of the ``lora`` task, ``[inversion]`` of ``textual_inversion``,
+``[lcm]`` of ``lcm_distill``."""
 
 from __future__ import annotations
 
@@ -50,4 +51,89 @@ class LoRATrainConfig:
             raise ConfigError("lora.keyword must be a word that triggers the style")
 
 
-__all__ = ["LoRATrainConfig"]
+@dataclass(frozen=True)
+class InversionConfig:
+    """What the ``textual_inversion`` task learns
+    (:mod:`noisecraft.training.tasks.textual_inversion`).
+
+    * ``model``: the frozen text-to-image model (a ``latent_diffusion`` file, or the shipped
+      ``"mnist-text"``); ``token``: the word the embedding is trained under, ``vectors`` how
+      many token vectors it has, initialised from the token embeddings of ``init_text``.
+    * ``select``: which images of ``[data]`` to learn from -- ``"all"``, the ``fraction``
+      with the ``"thickest"`` / ``"thinnest"`` strokes (:mod:`noisecraft.metrics.stroke`), or
+      the images of the class names in ``classes`` (``"classes"``).
+    * ``templates``: captions, ``{token}`` the token, ``{word}`` / ``{digit}`` the label
+      (digits) or ``{name}`` (other classes); one drawn per image and step.
+    * ``min_snr_gamma``: Min-SNR loss weighting (0 = plain eps MSE).
+    """
+
+    model: str = "mnist-text"
+    token: str = "<thick>"
+    vectors: int = 2
+    init_text: str = "bold"
+    select: str = "thickest"  # all | thickest | thinnest | classes
+    fraction: float = 0.1
+    classes: tuple[str, ...] = ()
+    templates: tuple[str, ...] = (
+        "a handwritten {word} {token}",
+        "a {token} {digit}",
+        "the digit {digit} {token}",
+        "a {token} handwritten {word}",
+        "{token} {word}",
+        "the number {digit}, {token}",
+    )
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "inversion",
+            vectors=Int(1, 75),
+            fraction=Float(0, 1, lo_open=True),
+            min_snr_gamma=Float(0),
+        )
+        check_choice(self, "inversion", "select", ("all", "thickest", "thinnest", "classes"))
+        if (self.select == "classes") != bool(self.classes):
+            raise ConfigError(
+                'inversion.classes lists the classes to learn from, with select = "classes" only'
+            )
+        if not str(self.token).strip():
+            raise ConfigError('inversion.token must be a word, e.g. "<thick>"')
+        if not self.templates or any("{token}" not in t for t in self.templates):
+            raise ConfigError("every inversion.templates caption must contain {token}")
+
+
+@dataclass(frozen=True)
+class LCMConfig:
+    """Latent consistency distillation (:mod:`noisecraft.training.tasks.lcm_distill`).
+
+    * ``teacher``: a native ``latent_diffusion`` file (e.g. the shipped mini SD).
+    * ``guidance_min`` / ``guidance_max``: the teacher's CFG scale, drawn per sample
+      uniformly in this range (``u + g (c - u)``), baked into the student.
+    * ``original_steps``: the DDIM grid of the teacher solver (skip ``k = T // original_steps``).
+    * ``target_decay``: EMA decay of the target network (0: the student itself, no grad).
+    * ``huber_c``: pseudo-Huber constant of the loss (0: squared error).
+    """
+
+    teacher: str = ""
+    guidance_min: float = 5.0
+    guidance_max: float = 5.0
+    original_steps: int = 50
+    target_decay: float = 0.95
+    huber_c: float = 0.001
+
+    def __post_init__(self) -> None:
+        check_numbers(
+            self,
+            "lcm",
+            guidance_min=Float(0),
+            guidance_max=Float(0),
+            original_steps=Int(1),
+            target_decay=Float(0, 1, hi_open=True),
+            huber_c=Float(0),
+        )
+        if self.guidance_max < self.guidance_min:
+            raise ConfigError("lcm.guidance_max must be >= lcm.guidance_min")
+
+
+__all__ = ["InversionConfig", "LCMConfig", "LoRATrainConfig"]

@@ -27,6 +27,8 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
   (:class:`DistillConfig`) with ``[data]``, ``[train]``, ``[run]``.
 * ``"lora"``: a LoRA over a frozen text-to-image model that learns a style keyword --
   ``[lora]`` (:class:`LoRATrainConfig`) with ``[data]``, ``[train]``, ``[run]``.
+* ``"lcm_distill"``: a latent consistency student of a trained text-to-image model --
+  ``[lcm]`` (:class:`LCMConfig`) with ``[data]``, ``[train]``, ``[run]``.
 
 A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
 silently train the wrong thing). Every number is checked against its range when a section is
@@ -51,8 +53,7 @@ from noisecraft.models.tiny_decoder import TinyDecoderConfig
 from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
 from noisecraft.samplers.registry import lookup as lookup_sampler
-from noisecraft.training.adapter_configs import LoRATrainConfig
-from noisecraft.training.inversion_config import InversionConfig
+from noisecraft.training.adapter_configs import InversionConfig, LCMConfig, LoRATrainConfig
 from noisecraft.training.ranges import Float, Int, check_choice, check_numbers, non_finite
 from noisecraft.training.vae_loss import VAELossConfig
 
@@ -64,6 +65,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "tiny_decoder": ("data", "latent", "tiny_decoder", "distill", "train", "run"),
     "lora": ("data", "lora", "train", "run"),
     "textual_inversion": ("data", "inversion", "train", "run"),
+    "lcm_distill": ("data", "lcm", "train", "run"),
 }
 
 
@@ -287,6 +289,7 @@ class ExperimentConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
+    lcm: LCMConfig = field(default_factory=LCMConfig)
 
     def __post_init__(self) -> None:
         if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
@@ -347,6 +350,7 @@ _SECTION_TYPES: dict[str, type] = {
     "distill": DistillConfig,
     "lora": LoRATrainConfig,
     "inversion": InversionConfig,
+    "lcm": LCMConfig,
 }
 
 

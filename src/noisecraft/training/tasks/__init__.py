@@ -9,6 +9,8 @@
 * ``lora`` -- :class:`LoRATask`: a style LoRA over a frozen text-to-image model.
 * ``textual_inversion`` -- :class:`TextualInversionTask`: new token vectors (an embedding) for
   a trained, frozen text-to-image model.
+* ``lcm_distill`` -- :class:`LCMDistillTask`: a latent consistency student of a trained
+  text-to-image model (few-step sampling).
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -21,6 +23,7 @@ from noisecraft.errors import unknown_name
 from noisecraft.training.config import TASK_SECTIONS, ExperimentConfig
 from noisecraft.training.data import ImageDataset
 from noisecraft.training.tasks.base import Task, TaskLoss
+from noisecraft.training.tasks.lcm_distill import LCMDistillTask
 from noisecraft.training.tasks.lora import LoRATask
 from noisecraft.training.tasks.pixel import PixelTask
 from noisecraft.training.tasks.text_latent import TextLatentTask
@@ -35,6 +38,7 @@ TASKS: dict[str, type] = {
     "tiny_decoder": TinyDecoderTask,
     "lora": LoRATask,
     "textual_inversion": TextualInversionTask,
+    "lcm_distill": LCMDistillTask,
 }
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
@@ -50,6 +54,7 @@ def build_task(cfg: ExperimentConfig, dataset: ImageDataset, device: torch.devic
 __all__ = [
     "TASKS",
     "LoRATask",
+    "LCMDistillTask",
     "PixelTask",
     "Task",
     "TaskLoss",
