@@ -70,3 +70,37 @@ def test_one_step_is_what_distillation_buys(models, scorer):
     acc_raw, fid_raw = scorer(digit_images(teacher, "LCM", 1, 1.0, SEEDS))
     assert acc_s >= 0.95, acc_s
     assert fid_s < 0.6 * fid_raw, (fid_s, fid_raw)
+
+
+def test_the_student_by_name_samples_with_lcm_defaults_and_replays(models, tmp_path, capsys):
+    """``--model mnist-text-lcm``: the teacher with the student U-Net, LCM / 4 steps / CFG 1
+    unless asked otherwise, recorded in the PNG and replayed from it."""
+    import noisecraft
+    from noisecraft.cli.main import main
+    from noisecraft.errors import ConfigError
+    from noisecraft.pipelines import GenerateRequest, generate
+
+    pipe = noisecraft.load("mnist-text-lcm")
+    result = pipe("a handwritten 7", seed=3, progress=False)
+    info = result.infotext
+    for field in ("Steps: 4", "Sampler: LCM", "CFG scale: 1.0", "LCM U-Net: mnist_text_lcm_unet"):
+        assert field in info, info
+    req = GenerateRequest(
+        n=1, prompts=["a handwritten 7"], sampler="LCM", steps=4, cfg=1.0, seeds=[3]
+    )
+    want = generate(models[1], req)
+    assert torch.equal(result.tensors, want)
+    png = result.save(tmp_path / "lcm.png")[0]
+    with pytest.raises(ConfigError, match="made with the LCM student U-Net"):
+        noisecraft.load("mnist-text").replay(png)
+    out = tmp_path / "again.png"
+    assert main(["generate", "--from-png", str(png), "--out", str(out)]) == 0
+    from PIL import Image
+
+    from noisecraft.api.infotext import read_parameters
+
+    again, first = Image.open(out), Image.open(png)
+    assert again.tobytes() == first.tobytes()  # the same pixels
+    a, b = read_parameters(out), read_parameters(png)
+    assert {**a, "model": None} == {**b, "model": None}, (a, b)  # and the same settings
+    capsys.readouterr()

@@ -81,3 +81,26 @@ def test_the_shipped_lora_gives_the_same_image_in_diffusers(tmp_path):
     theirs = np.round(want[..., 0] * 255)
     assert np.abs(mine - theirs).max() <= 2
     assert ink_height(got.tensors)[0] <= TINY_MAX_HEIGHT  # the LoRA took effect in both
+
+
+# ---------------------------------------------------------------- the shipped embedding
+
+EMBEDDING = ASSETS / "embeddings" / "unlucky.safetensors"
+
+
+def test_the_shipped_embedding_teaches_the_word_unlucky():
+    """configs/mnist_text_ti.toml: "unlucky" learned from the fours of MNIST. Measured with
+    bench/embedding_unlucky.py (200 images): 100 % fours with the embedding, 0 % without."""
+    from noisecraft.io.file_hash import sha256_file, short_hash
+    from noisecraft.metrics.digit_shape import read_digits
+
+    assert EMBEDDING.stat().st_size <= 5e6
+    with_ti = noisecraft.load("mnist-text")  # a shipped model knows its shipped embeddings
+    plain = noisecraft.load("mnist-text")
+    plain.model.textual_inversion = None
+    call = dict(sampler="DPM++ 2M", steps=20, cfg=5.0, seed=0, progress=False)
+    result = with_ti(["a handwritten unlucky"] * 50, **call)
+    fours = (read_digits(result.tensors) == 4).float().mean().item()
+    without = read_digits(plain(["a handwritten unlucky"] * 50, **call).tensors) == 4
+    assert fours >= 0.9 and without.float().mean().item() <= 0.1, (fours, without)
+    assert f'TI hashes: "unlucky: {short_hash(sha256_file(EMBEDDING))}"' in result.infotexts[0]

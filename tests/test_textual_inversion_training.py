@@ -92,6 +92,11 @@ def test_it_learns_from_the_thickest_tenth_with_captions_naming_the_token(tmp_pa
 
 def test_the_recipe_is_a_textual_inversion_run_and_bad_templates_are_refused():
     cfg = load_config("configs/mnist_text_ti.toml")
-    assert cfg.task.name == "textual_inversion" and cfg.inversion.select == "thickest"
+    assert cfg.task.name == "textual_inversion" and cfg.inversion.select == "classes"
+    assert cfg.inversion.classes == ("4",) and cfg.inversion.token == "unlucky"
+    thick = load_config("configs/mnist_text_ti_thick.toml")
+    assert thick.inversion.select == "thickest" and thick.run.dir != cfg.run.dir
+    with pytest.raises(ConfigError, match="inversion.classes"):
+        load_config("configs/mnist_text_ti.toml", ['inversion.select="all"'])
     with pytest.raises(ConfigError, match=r"\{token\}"):
         load_config("configs/mnist_text_ti.toml", ['inversion.templates=["a {digit}"]'])

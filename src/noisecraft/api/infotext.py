@@ -36,6 +36,7 @@ SETTINGS = {
     "eta": "eta",
 }
 FAST, LOW_MEMORY, TINY_DECODER = "Fast mode", "Low memory", "Tiny decoder"
+LCM_UNET = "LCM U-Net"
 
 
 def read_infotext(source: str | os.PathLike | Image.Image) -> str:
@@ -94,6 +95,8 @@ def mode_fields(options: LoadOptions, fast_decode: bool, decoder: str | None) ->
         fields[LOW_MEMORY] = options.low_memory
     if fast_decode:
         fields[TINY_DECODER] = decoder or "True"
+    if options.lcm_unet is not None:
+        fields[LCM_UNET] = Path(options.lcm_unet).stem
     return fields
 
 
@@ -101,6 +104,7 @@ def load_options_of(params: Mapping[str, Any]) -> dict[str, Any]:
     """The :func:`noisecraft.load` options that an infotext's modes need (``tiny_decoder``:
     True, the shipped one, when the recorded decoder is a shipped model's)."""
     from noisecraft.api.shipped import SHIPPED_TINY_DECODERS
+    from noisecraft.io.shipped import SHIPPED_LCM_UNETS
 
     extra = params.get("extra", {})
     out: dict[str, Any] = {}
@@ -108,6 +112,9 @@ def load_options_of(params: Mapping[str, Any]) -> dict[str, Any]:
         out["fast"] = True
     if LOW_MEMORY in extra:
         out["low_memory"] = extra[LOW_MEMORY]
+    students = {p.stem: p for p in SHIPPED_LCM_UNETS.values()}
+    if extra.get(LCM_UNET) in students:
+        out["lcm_unet"] = students[extra[LCM_UNET]]
     shipped = {p.stem for p in SHIPPED_TINY_DECODERS.values()}
     if extra.get(TINY_DECODER) in shipped:
         out["tiny_decoder"] = True
@@ -128,6 +135,17 @@ def check_modes(params: Mapping[str, Any], options: LoadOptions, has_tiny_decode
             f"this image was made with @low_memory {extra[LOW_MEMORY]}; load the model so "
             "to make it again",
             settings=["low_memory"],
+        )
+    made_with = extra.get(LCM_UNET)
+    has = None if options.lcm_unet is None else Path(options.lcm_unet).stem
+    if made_with != has:
+        raise ConfigError(
+            f"this image was made with the LCM student U-Net {made_with}; load the model with "
+            "@lcm_unet to make it again"
+            if made_with
+            else f"this image was made without the LCM student U-Net {has}; load the model "
+            "without @lcm_unet to make it again",
+            settings=["lcm_unet"],
         )
     if TINY_DECODER in extra and not has_tiny_decoder:
         raise ConfigError(

@@ -38,10 +38,11 @@ from noisecraft.api.limits import Limits
 from noisecraft.api.loras import PipelineLoRAs
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.pipeline import Pipeline
-from noisecraft.api.shipped import DEFAULT_MODEL, resolve_model, shipped_tiny_decoder
+from noisecraft.api.shipped import DEFAULT_MODEL, is_shipped, resolve_model, shipped_tiny_decoder
 from noisecraft.errors import ConfigError
 from noisecraft.io.formats.auto import load_any
 from noisecraft.io.native import load_tiny_decoder
+from noisecraft.io.shipped import SHIPPED_EMBEDDING_DIR, shipped_lcm_unet
 from noisecraft.models import LatentDiffusion
 
 
@@ -64,6 +65,7 @@ def load(
     lora_dir: str | os.PathLike | None = None,
     loras: Sequence[Any] = (),
     embedding_dir: str | os.PathLike | None = None,
+    lcm_unet: str | os.PathLike | None = None,
 ) -> Pipeline:
     """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
 
@@ -97,6 +99,7 @@ def load(
         lora_dir=lora_dir,
         loras=loras,
         embedding_dir=embedding_dir,
+        lcm_unet=lcm_unet if lcm_unet is not None else shipped_lcm_unet(model),
     )
     if threads:
         torch.set_num_threads(threads)
@@ -110,6 +113,8 @@ def load(
         net = compile_unet(net)
     if embedding_dir is not None:
         embedding_set(net, embedding_dir)
+    if is_shipped(model):
+        _with_shipped_embeddings(net)
     return Pipeline(
         net,
         name=Path(model).stem,
@@ -118,6 +123,18 @@ def load(
         decoder_name=None if decoder is None else decoder.stem,
         loras=adapters,
     )
+
+
+def _with_shipped_embeddings(net: Any) -> None:
+    """A shipped model knows the embeddings shipped for it (``lucky`` for mnist-text), unless
+    the embedding folder has one of the same name."""
+    files = sorted(SHIPPED_EMBEDDING_DIR.glob("*.safetensors"))
+    if not files or getattr(net, "text_encoder", None) is None:
+        return
+    ti = embedding_set(net)
+    for path in files:
+        if path.stem not in ti.names:
+            ti.load(path)
 
 
 def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
@@ -139,11 +156,16 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         arch=o.arch,
     )
     latent = isinstance(net, LatentDiffusion)
-    for name, used in (("fast", o.fast), ("dtype", o.dtype != "fp32"), ("offload", o.offload)):
+    uses = (("fast", o.fast), ("dtype", o.dtype != "fp32"), ("offload", o.offload))
+    for name, used in (*uses, ("lcm_unet", o.lcm_unet is not None)):
         if used and not latent:
             raise ConfigError(
                 f"@{name} is for latent (Stable Diffusion-type) models", settings=[name]
             )
+    if o.lcm_unet is not None:  # a distilled LCM student in place of the U-Net
+        from noisecraft.adapters.lcm_student import apply_lcm_student
+
+        net = apply_lcm_student(net, o.lcm_unet)
     if o.dtype != "fp32":  # weights stored in the dtype they run in (VAE: vae_dtype_for)
         net = net.to(dtype=o.torch_dtype)
     if o.offload:  # weights stay in CPU memory; each layer visits the device for its forward

@@ -37,6 +37,7 @@ class LoadOptions:
     lora_dir: str | os.PathLike | None = None
     loras: tuple[tuple[Path, float], ...] = ()
     embedding_dir: str | os.PathLike | None = None
+    lcm_unet: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loras, (str, os.PathLike)):
@@ -70,6 +71,19 @@ class LoadOptions:
                 settings=["threads"],
             )
         _check_device(self.device)
+        if self.lcm_unet is not None:
+            if not os.path.isfile(self.lcm_unet):
+                raise ConfigError(
+                    f"@lcm_unet {self.lcm_unet} is not a file; give the unet_fp16.safetensors "
+                    "an lcm_distill run wrote",
+                    settings=["lcm_unet"],
+                )
+            if self.low_memory is not None:
+                raise ConfigError(
+                    "@lcm_unet replaces the U-Net at full precision; load without @low_memory "
+                    "(the student needs only 4 steps)",
+                    settings=["lcm_unet", "low_memory"],
+                )
         if self.embedding_dir is not None and not os.path.isdir(self.embedding_dir):
             raise ConfigError(
                 f"@embedding_dir {self.embedding_dir} is not a folder; give the folder that "

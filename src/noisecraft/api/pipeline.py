@@ -54,6 +54,10 @@ DEFAULT_CFG = {"latent": 7.0, "pixel": 2.0}
 RANDOM_SEED_RANGE = 4294967294
 
 
+#: Steps of an LCM student when a call gives none (LCM paper: 2-4 steps).
+LCM_STEPS = 4
+
+
 class Pipeline:
     """A loaded model that makes images (module docstring). Build it with
     :func:`noisecraft.load`; ``model`` is the loaded
@@ -124,6 +128,8 @@ class Pipeline:
     def defaults(self) -> dict[str, Any]:
         """Sampler, schedule, steps and CFG used where a call gives none."""
         fast = self.options.fast
+        if self.options.lcm_unet is not None:  # a consistency student: few steps, no CFG
+            return {"sampler": "LCM", "schedule": None, "steps": LCM_STEPS, "cfg": 1.0}
         return {
             "sampler": FAST.sampler if fast else DEFAULT_SAMPLER,
             "schedule": FAST.spacing if fast else None,

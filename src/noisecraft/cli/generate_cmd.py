@@ -80,6 +80,7 @@ def generate_command(
     loras: o.Loras = None,
     lora_dir: o.LoraDir = None,
     embedding_dir: o.EmbeddingDir = None,
+    lcm_unet: o.LcmUnet = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     import noisecraft

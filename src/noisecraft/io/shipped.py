@@ -16,12 +16,21 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 SHIPPED_MODELS = {
     "mnist": ASSETS / "mnist.safetensors",  # class-conditional pixel model
     "mnist-text": ASSETS / "mnist_text.safetensors",  # text-to-image latent model (mini SD)
+    "mnist-text-lcm": ASSETS / "mnist_text.safetensors",  # ... with its LCM student U-Net
 }
+#: The LCM student U-Net a shipped model name loads in place of its U-Net
+#: (configs/mnist_text_lcm.toml; sampled with the LCM sampler, 4 steps, CFG 1).
+SHIPPED_LCM_UNETS = {"mnist-text-lcm": ASSETS / "mnist_text_lcm_unet.safetensors"}
 #: The tiny decoder fast decoding uses for a shipped model when none is given.
-SHIPPED_TINY_DECODERS = {"mnist-text": ASSETS / "mnist_text_tiny_decoder.safetensors"}
+SHIPPED_TINY_DECODERS = {
+    "mnist-text": ASSETS / "mnist_text_tiny_decoder.safetensors",
+    "mnist-text-lcm": ASSETS / "mnist_text_tiny_decoder.safetensors",
+}
 #: LoRAs that ship with the package (``<lora:mnist_tiny>`` finds them without a LoRA folder;
 #: a file of the same name in the user's folder wins).
 SHIPPED_LORA_DIR = ASSETS / "loras"
+#: Textual-inversion embeddings for the shipped text model (``lucky``), known to it by name.
+SHIPPED_EMBEDDING_DIR = ASSETS / "embeddings"
 #: The model ``noisecraft.load()`` loads when given none.
 DEFAULT_MODEL = "mnist-text"
 
@@ -45,6 +54,11 @@ def resolve_model(name: str | os.PathLike) -> Path:
     return Path(name)
 
 
+def shipped_lcm_unet(name: str | os.PathLike) -> Path | None:
+    """The LCM student U-Net shipped for the model name ``name``, or None."""
+    return SHIPPED_LCM_UNETS.get(str(name)) if is_shipped(name) else None
+
+
 def shipped_tiny_decoder(name: str | os.PathLike) -> Path | None:
     """The tiny decoder shipped for the model ``name``, or None."""
     return SHIPPED_TINY_DECODERS.get(str(name)) if is_shipped(name) else None
@@ -53,10 +67,13 @@ def shipped_tiny_decoder(name: str | os.PathLike) -> Path | None:
 __all__ = [
     "ASSETS",
     "DEFAULT_MODEL",
+    "SHIPPED_EMBEDDING_DIR",
+    "SHIPPED_LCM_UNETS",
     "SHIPPED_LORA_DIR",
     "SHIPPED_MODELS",
     "SHIPPED_TINY_DECODERS",
     "is_shipped",
     "resolve_model",
+    "shipped_lcm_unet",
     "shipped_tiny_decoder",
 ]

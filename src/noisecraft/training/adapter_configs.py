@@ -93,13 +93,18 @@ class InversionConfig:
             min_snr_gamma=Float(0),
         )
         check_choice(self, "inversion", "select", ("all", "thickest", "thinnest", "classes"))
+        if any(not isinstance(c, (str, int)) or isinstance(c, bool) for c in self.classes):
+            raise ConfigError(f"inversion.classes must be class names, got {list(self.classes)!r}")
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if (self.select == "classes") != bool(self.classes):
             raise ConfigError(
                 'inversion.classes lists the classes to learn from, with select = "classes" only'
             )
         if not str(self.token).strip():
             raise ConfigError('inversion.token must be a word, e.g. "<thick>"')
-        if not self.templates or any("{token}" not in t for t in self.templates):
+        if not self.templates or any(
+            not isinstance(t, str) or "{token}" not in t for t in self.templates
+        ):
             raise ConfigError("every inversion.templates caption must contain {token}")
 
 

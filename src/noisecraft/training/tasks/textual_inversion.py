@@ -111,6 +111,19 @@ class TextualInversionTask(TimestepSamplerState):
 
     def _select(self, dataset: ImageDataset) -> ImageDataset:
         ic = self.cfg.inversion
+        if ic.select == "classes":
+            if dataset.labels is None:
+                raise ConfigError('inversion.select = "classes" needs a labelled dataset')
+            names = [str(n) for n in dataset.class_names]
+            idx = [names.index(str(c)) for c in ic.classes if str(c) in names]
+            if len(idx) != len(ic.classes):
+                raise ConfigError(
+                    f"inversion.classes {list(ic.classes)} names classes the data lacks; it "
+                    f"has {', '.join(names)}"
+                )
+            keep = torch.isin(dataset.labels, torch.tensor(idx)).nonzero().flatten()
+            self.selected = keep
+            return ImageDataset(dataset.images[keep], dataset.labels[keep], dataset.class_names)
         if ic.select == "all":
             return dataset
         thickness = stroke_thickness(dataset.images)
