@@ -124,9 +124,10 @@ class AttentionRecorder:
                 return
             x = args[0]
             context = args[1] if len(args) > 1 else kwargs.get("context")
-            if context is None:
+            hw = cell.get("hw")
+            if context is None or hw is None:  # self-attention, or called outside its block
                 return
-            self.add(attention_probs(module, x[: self.batch], context[: self.batch]), cell["hw"])
+            self.add(attention_probs(module, x[: self.batch], context[: self.batch]), hw)
 
         return hook
 
