@@ -6,8 +6,18 @@ loading options (:mod:`noisecraft.api.loading`).
 """
 
 from noisecraft.api.loading import load
+from noisecraft.api.observed import AttentionMaps, Observed
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.pipeline import Pipeline
 from noisecraft.api.result import GenerationResult
+from noisecraft.pipelines.observe import Observer
 
-__all__ = ["GenerationResult", "LoadOptions", "Pipeline", "load"]
+__all__ = [
+    "AttentionMaps",
+    "GenerationResult",
+    "LoadOptions",
+    "Observed",
+    "Observer",
+    "Pipeline",
+    "load",
+]

@@ -32,6 +32,7 @@ from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
 from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
 from noisecraft.api.limits import Limits
 from noisecraft.api.loras import LORA_HASHES, LoadedLoRA, PipelineLoRAs, format_lora_hashes
+from noisecraft.api.observed import Observed, attention_maps
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.result import GenerationResult
 from noisecraft.errors import ConfigError
@@ -40,6 +41,7 @@ from noisecraft.models import LatentDiffusion
 from noisecraft.pipelines import GenerateRequest, count_steps, generate
 from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 from noisecraft.pipelines.fast import FAST
+from noisecraft.pipelines.observe import Observation, Observer
 from noisecraft.pipelines.png_params import (
     format_parameters,
     sampler_display,
@@ -224,6 +226,7 @@ class Pipeline:
         *,
         callback: Callable[[dict], None] | None = None,
         progress: bool = False,
+        observe: Observer | None = None,
         **settings: Any,
     ) -> GenerationResult:
         """Make images. ``prompt`` (text-to-image models; one, or one per image; A1111's
@@ -244,7 +247,10 @@ class Pipeline:
           tiny decoder;
         * ``callback(step)`` after every sampler step (``step`` holds ``i``, ``x``,
           ``sigma``, ``denoised``, the run's ``start`` / ``stop`` images, ``step`` / ``total``
-          counted over the whole call); ``progress`` shows a progress bar.
+          counted over the whole call); ``progress`` shows a progress bar;
+        * ``observe``: an :class:`~noisecraft.pipelines.observe.Observer`; what it records
+          is ``result.observed`` (:mod:`noisecraft.api.observed`): with ``attention=True``
+          each image's cross-attention map per prompt word (DAAM), as arrays and overlays.
         """
         written, loras = None, []
         if self.kind == "latent":  # <lora:NAME:W> tags: removed from the text, applied
@@ -264,6 +270,7 @@ class Pipeline:
             bar = tqdm(
                 total=total, desc=f"generating {req.n} image(s) ({req.spec}, {req.steps} steps)"
             )
+        observation = self._observation(observe)
         done = 0
 
         def on_step(d: dict) -> None:
@@ -275,12 +282,15 @@ class Pipeline:
                 callback({**d, "step": done, "total": total})
 
         try:
-            images = generate(self.model, req, callback=on_step if total else None)
+            images = generate(
+                self.model, req, callback=on_step if total else None, observation=observation
+            )
         finally:
             if bar is not None:
                 bar.close()
+        pil = [to_pil(x) for x in images]
         return GenerationResult(
-            images=[to_pil(x) for x in images],
+            images=pil,
             seeds=req.image_seeds(),
             infotexts=[
                 self.infotext(
@@ -295,6 +305,40 @@ class Pipeline:
             ],
             tensors=images,
             request=req,
+            observed=None if observation is None else self._observed(req, observation, pil),
+        )
+
+    def _observation(self, observe: Observer | None) -> Observation | None:
+        if observe is None:
+            return None
+        if not isinstance(observe, Observer):
+            raise ConfigError(
+                f"@observe must be an Observer, got {type(observe).__name__}", settings=["observe"]
+            )
+        if observe.attention and self.kind != "latent":
+            raise ConfigError(
+                "attention maps need a text-to-image model (this one has no cross-attention); "
+                "leave out @observe",
+                settings=["observe"],
+            )
+        if observe.attention and self.options.compile:
+            raise ConfigError(
+                "attention maps cannot be recorded from a compiled U-Net; load without compile",
+                settings=["observe", "compile"],
+            )
+        return Observation(observe)
+
+    def _observed(
+        self, req: GenerateRequest, observation: Observation, images: list[Image.Image]
+    ) -> Observed:
+        if not observation.observer.attention:
+            return Observed()
+        prompts = req.image_prompts()
+        return Observed(
+            attention=[
+                attention_maps(sums, self.model.prompt_words(prompts[i]), images[i])
+                for i, sums in enumerate(observation.attention)
+            ]
         )
 
     # ------------------------------------------------------------------ infotext

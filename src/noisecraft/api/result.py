@@ -49,7 +49,9 @@ class GenerationResult:
     * ``seeds``: the seed of each (the seed that re-creates it alone);
     * ``infotexts``: each image's ``parameters`` text (:meth:`Pipeline.replay` reads it back);
     * ``tensors``: the images as (n, C, H, W) floats in [-1, 1] before 8-bit rounding;
-    * ``request``: the validated :class:`~noisecraft.pipelines.generate.GenerateRequest`.
+    * ``request``: the validated :class:`~noisecraft.pipelines.generate.GenerateRequest`;
+    * ``observed``: what the call's ``observe`` asked for
+      (:class:`~noisecraft.api.observed.Observed`), None without one.
     """
 
     images: Sequence[Image.Image]
@@ -57,6 +59,7 @@ class GenerationResult:
     infotexts: Sequence[str]
     tensors: Tensor
     request: Any
+    observed: Any = None
 
     @property
     def infotext(self) -> str:

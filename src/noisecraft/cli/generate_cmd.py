@@ -16,6 +16,7 @@ from typing import Annotated
 import typer
 
 from noisecraft.cli import options as o
+from noisecraft.errors import ConfigError
 
 #: The settings of ``Pipeline.__call__`` that ``generate`` exposes (besides --size).
 CALL_SETTINGS = (
@@ -59,6 +60,8 @@ def generate_command(
         "image.png"
     ),
     overwrite: o.Overwrite = False,
+    attention_maps: o.AttentionMapsDir = None,
+    attention_steps: o.AttentionSteps = None,
     from_png: Annotated[
         Path | None, typer.Option("--from-png", help="re-create the image described in this PNG")
     ] = None,
@@ -92,6 +95,12 @@ def generate_command(
     settings = {**o.api_settings(given, CALL_SETTINGS), **o.parse_size(size)}
     for path in output_paths(out, n):  # refuse before the (slow) load
         check_writable(path, overwrite=overwrite)
+    steps_range = o.parse_step_range(attention_steps)
+    if attention_maps is not None:
+        check_writable(attention_maps, overwrite=True, folder=True)
+        settings["observe"] = noisecraft.Observer(attention=True, steps=steps_range)
+    elif steps_range is not None:
+        raise ConfigError("--attention-steps needs --attention-maps OUT_DIR")
     if fast_decode:
         settings["fast_decode"] = True
         given["tiny_decoder"] = tiny_decoder or True  # the shipped one unless given
@@ -108,3 +117,17 @@ def generate_command(
         result = pipe(progress=True, **settings)
     for path in result.save(out, overwrite=overwrite):
         typer.echo(f"wrote {path}")
+    if attention_maps is not None:
+        _write_attention_maps(result, attention_maps, overwrite)
+
+
+def _write_attention_maps(result: object, folder: Path, overwrite: bool) -> None:
+    """Image i's maps into ``folder`` (one image) or ``folder/i`` (several)."""
+    maps = result.observed.attention  # type: ignore[attr-defined]
+    for i, m in enumerate(maps):
+        if m is None:
+            typer.echo(f"no attention was recorded for image {i} (no step in the range)")
+            continue
+        target = folder if len(maps) == 1 else folder / str(i)
+        paths = m.save(target, overwrite=overwrite)
+        typer.echo(f"wrote {len(paths) - 1} attention maps and {paths[-1]}")

@@ -27,6 +27,7 @@ FLAGS = {
     "height": "H",
     "source": "--from-png",
     "loras": "--lora",
+    "observe": "--attention-steps",
 }
 
 #: The settings of ``noisecraft.load`` that commands expose.
@@ -69,6 +70,17 @@ def parse_size(text: str | None) -> dict[str, int]:
     if len(parts) != 2 or not all(p.isascii() and p.isdigit() and int(p) > 0 for p in parts):
         raise ConfigError(f"--size must be WIDTHxHEIGHT, e.g. 512x512; got '{text}'")
     return {"width": int(parts[0]), "height": int(parts[1])}
+
+
+def parse_step_range(text: str | None) -> tuple[int, int] | None:
+    """``"5:15"`` -> (5, 15) (steps 5..14); ``":10"`` -> (0, 10); None -> None."""
+    if text is None:
+        return None
+    start, sep, end = text.replace(" ", "").partition(":")
+    start = start or "0"
+    if not sep or not (start.isascii() and start.isdigit() and end.isascii() and end.isdigit()):
+        raise ConfigError(f"--attention-steps must be START:END, e.g. 0:10; got '{text}'")
+    return int(start), int(end)
 
 
 # ---------------------------------------------------------------------------- what to make
@@ -121,6 +133,19 @@ FastDecode = Annotated[
     typer.Option(help="decode with a tiny TAESD-like decoder (fast, small quality cost)"),
 ]
 Overwrite = Annotated[bool, typer.Option(help="replace existing output files")]
+AttentionMapsDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--attention-maps",
+        help="write a cross-attention heat map per prompt word (DAAM) and a grid to this folder",
+    ),
+]
+AttentionSteps = Annotated[
+    str | None,
+    typer.Option(
+        "--attention-steps", help="with --attention-maps: only steps START:END (end excluded)"
+    ),
+]
 MaxPixels = Annotated[
     int | None,
     typer.Option(help="largest image allowed, in pixels (default 4194304 = 2048x2048)"),

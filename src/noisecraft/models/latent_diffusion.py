@@ -27,6 +27,7 @@ from noisecraft.diffusion import DiscreteDenoiser, NoiseSchedule
 from noisecraft.diffusion.parametrization import c_skip_for, check_prediction
 from noisecraft.diffusion.sigmas import TIMESTEP_SPACINGS
 from noisecraft.errors import ConfigError
+from noisecraft.models.prompt_tokens import PromptWord, words_of_tokenizer
 from noisecraft.models.text_encoder import CLIPTextEncoder, encode_prompt_chunks
 from noisecraft.models.unet import UNet
 from noisecraft.models.vae import AutoencoderKL
@@ -254,6 +255,14 @@ class LatentDiffusion:
             return tok.encode_chunks(prompt, **kw), None
         ids = tok([prompt])
         return ids.reshape(-1, ids.shape[-1]), None
+
+    def prompt_words(self, prompt: str) -> list[PromptWord]:
+        """The words of ``prompt`` with their positions in its context (the ids that
+        :meth:`encode_prompt` encodes; :mod:`noisecraft.models.prompt_tokens`)."""
+        if not hasattr(self.tokenizer, "vocab"):
+            raise ConfigError("reading a prompt's words needs a CLIP tokenizer with a vocabulary")
+        ids, weights = self._tokenize(prompt)
+        return words_of_tokenizer(ids, weights, self.tokenizer)
 
     def encode_prompt(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         """Text encoder context of each prompt: (B, 77 * k, width).

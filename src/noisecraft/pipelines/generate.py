@@ -47,6 +47,7 @@ from noisecraft.pipelines.backends import DiffusionModel, as_model
 from noisecraft.pipelines.deepcache import deepcache
 from noisecraft.pipelines.fast import as_fast_mode
 from noisecraft.pipelines.inpaint import InpaintDenoiser
+from noisecraft.pipelines.observe import Observation
 from noisecraft.pipelines.request import (
     DEFAULT_IMG2IMG_STRENGTH,
     GenerateRequest,
@@ -131,6 +132,7 @@ def generate(
     preview_every: int = 0,
     preview: str = "cheap",
     decode: bool = True,
+    observation: Observation | None = None,
 ) -> Tensor:
     """Make ``request.n`` images; returns a float tensor (n, C, H, W) in [-1, 1] on the CPU.
 
@@ -144,6 +146,8 @@ def generate(
     the model's tiny decoder (:mod:`noisecraft.models.tiny_decoder`). Pixel models
     preview the x0 estimate itself. ``decode=False`` returns the final latents instead of
     images (for latent models; the same tensor for pixel models, not clamped).
+    ``observation`` (:mod:`noisecraft.pipelines.observe`) records what its observer asks
+    for (cross-attention maps) during each run; None (the default) registers nothing.
 
     img2img (``init_image``) starts at ``sigmas[start_index()]`` from ``z + sigma * noise``
     (SDEdit, Meng et al. 2022) and runs the same sampler on the rest of the sigmas; strength 0
@@ -198,11 +202,23 @@ def generate(
         cb = None
         if callback is not None:
             cb = _make_callback(callback, m, b, start, stop, preview_every, preview, steps_run)
-        if steps_run > 0:
-            with _fast_unet(m, request):
-                x = sampler(
-                    fn, x, sigmas, generator=run.generator, callback=cb, extra_args=cond, **options
-                )
+        watch = contextlib.nullcontext()
+        if observation is not None:
+            watch = observation.run(m.unet, stop - start, tuple(shape[1:]))
+        with watch as on_step:
+            if on_step is not None:
+                cb = _chain(on_step, cb)
+            if steps_run > 0:
+                with _fast_unet(m, request):
+                    x = sampler(
+                        fn,
+                        x,
+                        sigmas,
+                        generator=run.generator,
+                        callback=cb,
+                        extra_args=cond,
+                        **options,
+                    )
         if inputs.blend:  # the known region is the clean init latents at the end
             x = (1.0 - run.mask) * run.known + run.mask * x
         if decode and request.fast_decode:
@@ -220,6 +236,19 @@ def _fast_unet(m: DiffusionModel, request: GenerateRequest) -> Any:
     if fast is None or fast.deepcache is None or fast.deepcache.interval == 1:
         return contextlib.nullcontext()
     return deepcache(m.unet, fast.deepcache)
+
+
+def _chain(
+    first: Callable[[dict], None], then: Callable[[dict], None] | None
+) -> Callable[[dict], None]:
+    if then is None:
+        return first
+
+    def cb(d: dict) -> None:
+        first(d)
+        then(d)
+
+    return cb
 
 
 def _quantized(denoiser: Denoiser) -> Denoiser:
