@@ -104,3 +104,11 @@ def test_the_shipped_embedding_teaches_the_word_unlucky():
     without = read_digits(plain(["a handwritten unlucky"] * 50, **call).tensors) == 4
     assert fours >= 0.9 and without.float().mean().item() <= 0.1, (fours, without)
     assert f'TI hashes: "unlucky: {short_hash(sha256_file(EMBEDDING))}"' in result.infotexts[0]
+
+
+def test_attention_maps_name_an_embedding_by_its_word():
+    """The observer reads an embedding's vectors back as its word (2 vectors, one map)."""
+    model = noisecraft.load("mnist-text").model
+    words = model.prompt_words("a handwritten unlucky, tiny")
+    assert [w.text for w in words] == ["a", "handwritten", "unlucky", ",", "tiny"]
+    assert len(words[2].positions) == 2 and words[2].positions == (3, 4)

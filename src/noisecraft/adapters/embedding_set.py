@@ -200,6 +200,14 @@ class EmbeddingSet:
                 return len(name_ids), name
         return None
 
+    def piece_of(self, offset: int) -> str:
+        """A BPE-like piece for vector ``offset`` (id ``vocab_size + offset``): the
+        embedding's name, ending a word (``</w>``) at its last vector."""
+        k = self._entry_of(offset)
+        entry = self._entries[k]
+        last = offset == self._offsets[k] + entry.count - 1
+        return entry.name + ("</w>" if last else "")
+
     def _entry_of(self, offset: int) -> int:
         for k in range(len(self._offsets) - 1, -1, -1):
             if self._offsets[k] <= offset:

@@ -261,8 +261,12 @@ class LatentDiffusion:
         :meth:`encode_prompt` encodes; :mod:`noisecraft.models.prompt_tokens`)."""
         if not hasattr(self.tokenizer, "vocab"):
             raise ConfigError("reading a prompt's words needs a CLIP tokenizer with a vocabulary")
-        ids, weights = self._tokenize(prompt)
-        return words_of_tokenizer(ids, weights, self.tokenizer)
+        ids, weights = self.tokenize_prompt(prompt)
+        ti, extra = self.textual_inversion, {}
+        if ti is not None:  # an embedding's vectors read back as its name
+            vocab = self.text_encoder.config.vocab_size
+            extra = {i: ti.piece_of(i - vocab) for i in set(ids.flatten().tolist()) if i >= vocab}
+        return words_of_tokenizer(ids, weights, self.tokenizer, extra=extra)
 
     def encode_prompt(self, prompts: Sequence[str], clip_skip: int | None = None) -> Tensor:
         """Text encoder context of each prompt: (B, 77 * k, width).

@@ -74,15 +74,25 @@ def prompt_words(
     return words
 
 
-def words_of_tokenizer(ids: Tensor, weights: Tensor | None, tokenizer: object) -> list[PromptWord]:
+def words_of_tokenizer(
+    ids: Tensor, weights: Tensor | None, tokenizer: object, extra: Mapping[int, str] = {}
+) -> list[PromptWord]:
     """:func:`prompt_words` with a :class:`~noisecraft.models.tokenizer.CLIPTokenizer`'s
-    vocabulary, decoder and end token."""
+    vocabulary, decoder and end token; ``extra``: pieces of ids past the vocabulary (the
+    vectors of a textual-inversion embedding, read back as its name)."""
     vocab: Mapping[str, int] = tokenizer.vocab  # type: ignore[attr-defined]
-    pieces = {i: s for s, i in vocab.items()}
+    pieces = {**{i: s for s, i in vocab.items()}, **extra}
+
+    def decode(group: list[int]) -> str:
+        named = [extra[i] for i in group if i in extra]
+        if named:
+            return named[0].removesuffix(_EOW)
+        return tokenizer.decode(group)  # type: ignore[attr-defined]
+
     return prompt_words(
         ids,
         weights,
         pieces=pieces,
-        decode=tokenizer.decode,  # type: ignore[attr-defined]
+        decode=decode,
         eos_token_id=tokenizer.eos_token_id,  # type: ignore[attr-defined]
     )
