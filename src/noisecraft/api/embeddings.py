@@ -9,6 +9,7 @@ Replaying such an image finds each by name again (:func:`check_embeddings`).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,7 +39,9 @@ def _used(model: Any, prompts: list[str]) -> list[Embedding]:
     ti = getattr(model, "textual_inversion", None)
     if ti is None:
         return []
-    return ti.used(model.tokenize_prompt(p)[0] for p in prompts)
+    with warnings.catch_warnings():  # the prompts were read (and warned about) once already
+        warnings.simplefilter("ignore")
+        return ti.used([model.tokenize_prompt(p)[0] for p in prompts])
 
 
 def _clean(name: str) -> str:
