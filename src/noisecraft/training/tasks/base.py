@@ -32,7 +32,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from noisecraft.diffusion import NoiseSchedule, ObjectiveConfig
+from noisecraft.diffusion import NoiseSchedule, ObjectiveConfig, training_losses
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset
 
@@ -116,6 +116,7 @@ def draw_timesteps_and_noise(
 
 __all__ = [
     "Batch",
+    "CaptionedLatentLoss",
     "Task",
     "TaskLoss",
     "build_schedule",
@@ -144,3 +145,24 @@ class TimestepSamplerState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("t_sampler") and hasattr(self.t_sampler, "load_state_dict"):
             self.t_sampler.load_state_dict(state["t_sampler"])
+
+
+class CaptionedLatentLoss:
+    """Mixin of the text-to-image tasks: the diffusion objective (DESIGN.md contract 5) of
+    ``net(x_t, t, input_ids)`` on a batch of latents ``z0`` with caption ids, weighted by the
+    timestep sampler's importance ``weights``."""
+
+    schedule: NoiseSchedule
+    objective: ObjectiveConfig
+
+    def loss(self, net: nn.Module, batch: Batch) -> TaskLoss:
+        out = training_losses(
+            net,
+            self.schedule,
+            batch["z0"],
+            batch["t"],
+            config=self.objective,
+            noise=batch["noise"],
+            model_kwargs={"input_ids": batch["input_ids"]},
+        )
+        return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from noisecraft.adapters.lora_files import write_kohya_lora
 from noisecraft.adapters.lora_keys import lora_targets
 from noisecraft.adapters.lora_module import LoRAModule
-from noisecraft.diffusion import ObjectiveConfig, training_losses
+from noisecraft.diffusion import ObjectiveConfig
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError
 from noisecraft.io.checkpoint import METADATA_KEY, CheckpointInfo
@@ -48,7 +48,11 @@ from noisecraft.training import captions
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.styles import apply_style
-from noisecraft.training.tasks.base import Batch, TaskLoss, TimestepSamplerState
+from noisecraft.training.tasks.base import (
+    Batch,
+    CaptionedLatentLoss,
+    TimestepSamplerState,
+)
 from noisecraft.training.tasks.text_latent import TextConditionedUNet
 
 #: The U-Net layers of ``layers = "attention"``: its transformer blocks (kohya's default).
@@ -123,7 +127,7 @@ def _pkey(key: str) -> str:
     return key.replace(".", ":")
 
 
-class LoRATask(TimestepSamplerState):
+class LoRATask(CaptionedLatentLoss, TimestepSamplerState):
     """Train a style LoRA on a frozen text-to-image model (see the module docstring)."""
 
     name = "lora"
@@ -201,18 +205,6 @@ class LoRATask(TimestepSamplerState):
             "weights": weights,
             "noise": noise,
         }
-
-    def loss(self, net: nn.Module, batch: Batch) -> TaskLoss:
-        out = training_losses(
-            net,
-            self.schedule,
-            batch["z0"],
-            batch["t"],
-            config=self.objective,
-            noise=batch["noise"],
-            model_kwargs={"input_ids": batch["input_ids"]},
-        )
-        return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
 
     # ------------------------------------------------------------------ outputs
     def save_model(self, model: nn.Module, path: Path, training: dict[str, Any]) -> None:

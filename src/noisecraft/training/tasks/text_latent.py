@@ -31,7 +31,6 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisecraft.diffusion import training_losses
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError, unknown_name
 from noisecraft.io.native import save_model
@@ -45,7 +44,7 @@ from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import (
     Batch,
-    TaskLoss,
+    CaptionedLatentLoss,
     TimestepSamplerState,
     build_schedule,
     draw_timesteps_and_noise,
@@ -75,7 +74,7 @@ class TextConditionedUNet(nn.Module):
         return self.unet(x, t, context=context)
 
 
-class TextLatentTask(TimestepSamplerState):
+class TextLatentTask(CaptionedLatentLoss, TimestepSamplerState):
     """Train a text-to-image latent diffusion model (see the module docstring)."""
 
     name = "text_latent"
@@ -202,18 +201,6 @@ class TextLatentTask(TimestepSamplerState):
     def captions_of(self, batch: Batch) -> list[str]:
         """The caption text of each row of a batch (for inspection and tests)."""
         return [self.tokenizer.decode(ids) for ids in batch["input_ids"]]
-
-    def loss(self, net: nn.Module, batch: Batch) -> TaskLoss:
-        out = training_losses(
-            net,
-            self.schedule,
-            batch["z0"],
-            batch["t"],
-            config=self.objective,
-            noise=batch["noise"],
-            model_kwargs={"input_ids": batch["input_ids"]},
-        )
-        return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
 
     # ------------------------------------------------------------------ outputs
     def pipeline(self, model: nn.Module) -> LatentDiffusion:

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from noisecraft.adapters.embedding_set import EmbeddingSet
 from noisecraft.adapters.embeddings import Embedding, save_embedding
-from noisecraft.diffusion import ObjectiveConfig, training_losses
+from noisecraft.diffusion import ObjectiveConfig
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError
 from noisecraft.io.native import load_latent_diffusion
@@ -42,7 +42,7 @@ from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
 from noisecraft.training.tasks.base import (
     Batch,
-    TaskLoss,
+    CaptionedLatentLoss,
     TimestepSamplerState,
     draw_timesteps_and_noise,
 )
@@ -64,7 +64,7 @@ class InvertedToken(nn.Module):
         return model.unet(x, t, context=out.last_hidden_state[inverse])
 
 
-class TextualInversionTask(TimestepSamplerState):
+class TextualInversionTask(CaptionedLatentLoss, TimestepSamplerState):
     """Learn ``inversion.token`` for a frozen latent model (module docstring)."""
 
     name = "textual_inversion"
@@ -177,18 +177,6 @@ class TextualInversionTask(TimestepSamplerState):
         batch: Batch = {"z0": self.latents[idx], "input_ids": self.captions[labels, choice]}
         batch.update(draw_timesteps_and_noise(self.t_sampler, batch["z0"].shape, g))
         return batch
-
-    def loss(self, net: nn.Module, batch: Batch) -> TaskLoss:
-        out = training_losses(
-            net,
-            self.schedule,
-            batch["z0"],
-            batch["t"],
-            config=self.objective,
-            noise=batch["noise"],
-            model_kwargs={"input_ids": batch["input_ids"]},
-        )
-        return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
 
     # ------------------------------------------------------------------ outputs
     def embedding(self, model: nn.Module) -> Embedding:
