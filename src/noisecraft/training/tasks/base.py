@@ -117,6 +117,7 @@ def draw_timesteps_and_noise(
 __all__ = [
     "Batch",
     "CaptionedLatentLoss",
+    "grid_request",
     "Task",
     "TaskLoss",
     "build_schedule",
@@ -166,3 +167,20 @@ class CaptionedLatentLoss:
             model_kwargs={"input_ids": batch["input_ids"]},
         )
         return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
+
+
+def grid_request(cfg: ExperimentConfig, prompts: list[str], **seeds: Any) -> Any:
+    """The :class:`~noisecraft.pipelines.GenerateRequest` of a text task's sample grid: one
+    image per prompt with the ``[run]`` sampler, steps and CFG; ``seeds``: ``seed=`` or
+    ``seeds=`` (default seed 0)."""
+    from noisecraft.pipelines.generate import GenerateRequest
+
+    rc = cfg.run
+    return GenerateRequest(
+        n=len(prompts),
+        sampler=rc.sample_sampler,
+        steps=rc.sample_steps,
+        cfg=rc.sample_cfg,
+        prompts=prompts,
+        **(seeds or {"seed": 0}),
+    )

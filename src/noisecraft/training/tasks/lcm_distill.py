@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from noisecraft.diffusion.consistency import boundary_scalings, lcm_origin_timesteps
 from noisecraft.errors import CheckpointError, ConfigError
+from noisecraft.io.atomic import atomic_path
 from noisecraft.io.checkpoint import read_info
 from noisecraft.io.native import load_latent_diffusion, save_model
 from noisecraft.models.latent_diffusion import LatentDiffusion
@@ -231,7 +232,8 @@ class LCMDistillTask:
 def save_student(unet: nn.Module, path: Path, teacher: str) -> None:
     """The student U-Net's weights in float16 (its config is the teacher's)."""
     tensors = {k: v.detach().to(torch.float16).contiguous() for k, v in unet.state_dict().items()}
-    save_file(tensors, str(path), metadata={"kind": "lcm_unet", "teacher": Path(teacher).name})
+    with atomic_path(Path(path)) as tmp:  # as every file of a run: a kill leaves no half file
+        save_file(tensors, str(tmp), metadata={"kind": "lcm_unet", "teacher": Path(teacher).name})
 
 
 __all__ = ["ContextUNet", "LCMDistillTask", "STUDENT_FILE", "load_teacher", "save_student"]

@@ -43,7 +43,7 @@ from noisecraft.io.checkpoint import METADATA_KEY, CheckpointInfo
 from noisecraft.io.native import load_latent_diffusion
 from noisecraft.io.shipped import resolve_model
 from noisecraft.models.latent_diffusion import LatentDiffusion
-from noisecraft.pipelines.generate import GenerateRequest, generate
+from noisecraft.pipelines.generate import generate
 from noisecraft.training import captions
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
@@ -52,6 +52,7 @@ from noisecraft.training.tasks.base import (
     Batch,
     CaptionedLatentLoss,
     TimestepSamplerState,
+    grid_request,
 )
 from noisecraft.training.tasks.text_latent import TextConditionedUNet
 
@@ -238,20 +239,13 @@ class LoRATask(CaptionedLatentLoss, TimestepSamplerState):
 
     def sample_grid(self, model: nn.Module) -> tuple[Tensor, int]:
         """One row per class: 4 images with the keyword, then 4 without."""
-        rc, kw = self.cfg.run, self.cfg.lora.keyword
+        kw = self.cfg.lora.keyword
         names = self.dataset.class_names[:10]
         prompts = []
         for n in names:
             c = captions.grid_prompt(n)
             prompts += [f"{c}, {kw}"] * 4 + [c] * 4
-        req = GenerateRequest(
-            n=len(prompts),
-            sampler=rc.sample_sampler,
-            steps=rc.sample_steps,
-            cfg=rc.sample_cfg,
-            prompts=prompts,
-            seed=0,
-        )
+        req = grid_request(self.cfg, prompts)
         return generate(self.with_lora(model), req), 8
 
 

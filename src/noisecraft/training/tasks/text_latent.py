@@ -38,7 +38,7 @@ from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.text_encoder import CLIPTextEncoder
 from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.models.unet import UNet
-from noisecraft.pipelines.generate import GenerateRequest, generate
+from noisecraft.pipelines.generate import generate
 from noisecraft.training import captions
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
@@ -48,6 +48,7 @@ from noisecraft.training.tasks.base import (
     TimestepSamplerState,
     build_schedule,
     draw_timesteps_and_noise,
+    grid_request,
     objective_config,
 )
 from noisecraft.training.tasks.vae import load_latent_vae
@@ -221,17 +222,9 @@ class TextLatentTask(CaptionedLatentLoss, TimestepSamplerState):
 
     def sample_grid(self, model: nn.Module) -> tuple[Tensor, int]:
         """One row per class (up to 10), 8 images each, prompted with the class's first caption."""
-        rc = self.cfg.run
         names = self.dataset.class_names[:10]
         prompts = [captions.grid_prompt(n) for n in names for _ in range(8)]
-        req = GenerateRequest(
-            n=len(prompts),
-            sampler=rc.sample_sampler,
-            steps=rc.sample_steps,
-            cfg=rc.sample_cfg,
-            prompts=prompts,
-            seed=0,
-        )
+        req = grid_request(self.cfg, prompts)
         return generate(self.pipeline(model), req), 8
 
 

@@ -36,7 +36,7 @@ from noisecraft.io.native import load_latent_diffusion
 from noisecraft.io.shipped import resolve_model
 from noisecraft.metrics.stroke import stroke_thickness
 from noisecraft.models.latent_diffusion import LatentDiffusion
-from noisecraft.pipelines.generate import GenerateRequest, generate
+from noisecraft.pipelines.generate import generate
 from noisecraft.training.captions import DIGIT_WORDS
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
@@ -45,6 +45,7 @@ from noisecraft.training.tasks.base import (
     CaptionedLatentLoss,
     TimestepSamplerState,
     draw_timesteps_and_noise,
+    grid_request,
 )
 
 
@@ -193,21 +194,14 @@ class TextualInversionTask(CaptionedLatentLoss, TimestepSamplerState):
 
     def sample_grid(self, model: nn.Module) -> tuple[Tensor, int]:
         """One row per class (up to 10): 4 images without the token, then 4 with it."""
-        rc, names = self.cfg.run, self.dataset.class_names[:10]
+        names = self.dataset.class_names[:10]
         prompts = []
         for name in names:
             plain = self._caption(self.cfg.inversion.templates[0], name).replace(self.token, "")
             prompts += [plain.strip()] * 4 + [
                 self._caption(self.cfg.inversion.templates[0], name)
             ] * 4
-        req = GenerateRequest(
-            n=len(prompts),
-            sampler=rc.sample_sampler,
-            steps=rc.sample_steps,
-            cfg=rc.sample_cfg,
-            prompts=prompts,
-            seeds=[i % 4 for i in range(len(prompts))],
-        )
+        req = grid_request(self.cfg, prompts, seeds=[i % 4 for i in range(len(prompts))])
         return generate(self.pipeline(model), req), 8
 
 
