@@ -18,6 +18,37 @@ def jitter(
     return module.eval().requires_grad_(False) if freeze else module
 
 
+def narrow_sd15_model(seed: int = 0, image_size: int = 64):
+    """SD 1.5's layout (U-Net levels, 16 cross-attention modules with 8 heads, SD's VAE
+    and CLIP text encoder shapes) made narrow, with random weights: for shape and format
+    checks of what runs on SD 1.5, fast."""
+    import dataclasses
+
+    from noisecraft.diffusion import NoiseSchedule
+    from noisecraft.models.latent_diffusion import LatentDiffusion
+    from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
+    from noisecraft.models.tokenizer import CLIPTokenizer
+    from noisecraft.models.unet import UNet, UNetConfig
+    from noisecraft.models.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(seed)
+    unet = UNet(dataclasses.replace(UNetConfig.sd15(), model_channels=32, context_dim=32))
+    vae = AutoencoderKL(dataclasses.replace(VAEConfig.sd(), base_channels=32))
+    te = CLIPTextEncoder(
+        dataclasses.replace(
+            TextEncoderConfig.sd15(), width=32, layers=1, heads=2, intermediate_size=64
+        )
+    )
+    return LatentDiffusion(
+        unet=unet.eval(),
+        vae=vae.eval(),
+        text_encoder=te.eval(),
+        tokenizer=CLIPTokenizer.default(),
+        schedule=NoiseSchedule.scaled_linear(),
+        image_size=image_size,
+    )
+
+
 #: The tiny class-conditional recipe the CLI and training tests train (sklearn digits, 8x8).
 TINY_RECIPE = {
     "data": {"name": "digits", "image_size": 8, "limit": 128},

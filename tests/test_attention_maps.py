@@ -5,7 +5,6 @@ pictures, and on the shipped mini SD the digit's map covers the ink better than 
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import torch.nn.functional as F
 from PIL import Image
 
 import noisecraft
+from helpers import narrow_sd15_model
 from noisecraft.api import Observer, Pipeline
 from noisecraft.cli.main import main
 from noisecraft.errors import ConfigError
 from noisecraft.metrics.attention_overlap import ink_mask, top_overlap
-from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.prompt_tokens import words_of_tokenizer
 from noisecraft.models.tokenizer import CLIPTokenizer
 from noisecraft.nn.attention import CrossAttention
@@ -273,27 +272,8 @@ def test_cli_writes_one_overlay_per_word_and_a_grid(tmp_path, capsys):
 def test_sd15_layout_with_random_weights_shapes():
     """SD 1.5's U-Net layout (16 cross-attention modules over 3 levels, 8 heads), narrow and
     random, at 64x64: maps at the latent size, one per word; image unchanged by observing."""
-    from noisecraft.diffusion import NoiseSchedule
-    from noisecraft.models.text_encoder import CLIPTextEncoder, TextEncoderConfig
-    from noisecraft.models.unet import UNet, UNetConfig
-    from noisecraft.models.vae import AutoencoderKL, VAEConfig
-
-    torch.manual_seed(0)
-    unet = UNet(dataclasses.replace(UNetConfig.sd15(), model_channels=32, context_dim=32))
-    vae = AutoencoderKL(dataclasses.replace(VAEConfig.sd(), base_channels=32))
-    te = CLIPTextEncoder(
-        dataclasses.replace(
-            TextEncoderConfig.sd15(), width=32, layers=1, heads=2, intermediate_size=64
-        )
-    )
-    model = LatentDiffusion(
-        unet=unet.eval(),
-        vae=vae.eval(),
-        text_encoder=te.eval(),
-        tokenizer=CLIPTokenizer.default(),
-        schedule=NoiseSchedule.scaled_linear(),
-        image_size=64,
-    )
+    model = narrow_sd15_model()
+    unet = model.unet
     assert len(cross_attention_modules(unet)) == 16
     p = Pipeline(model)
     off = p("a red cube", steps=2)

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from noisecraft.api.observed_latents import LatentSteps
 from noisecraft.io.atomic import atomic_path, check_writable
 from noisecraft.io.write_errors import writing
 from noisecraft.models.prompt_tokens import PromptWord
@@ -69,9 +70,11 @@ class AttentionMaps:
 @dataclass(frozen=True)
 class Observed:
     """Everything observed in one call; ``attention``: per image, :class:`AttentionMaps`
-    (None where no step was observed, e.g. a step range past the last step)."""
+    (None where no step was observed, e.g. a step range past the last step); ``latents``:
+    per image, :class:`~noisecraft.api.observed_latents.LatentSteps` (``Observer(every=K)``)."""
 
     attention: Sequence[AttentionMaps | None] | None = None
+    latents: Sequence[LatentSteps] | None = None
 
 
 def attention_maps(

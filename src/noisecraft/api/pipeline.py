@@ -33,6 +33,7 @@ from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, s
 from noisecraft.api.limits import Limits
 from noisecraft.api.loras import LORA_HASHES, LoadedLoRA, PipelineLoRAs, format_lora_hashes
 from noisecraft.api.observed import Observed, attention_maps
+from noisecraft.api.observed_latents import latent_steps
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.result import GenerationResult
 from noisecraft.errors import ConfigError
@@ -250,7 +251,9 @@ class Pipeline:
           counted over the whole call); ``progress`` shows a progress bar;
         * ``observe``: an :class:`~noisecraft.pipelines.observe.Observer`; what it records
           is ``result.observed`` (:mod:`noisecraft.api.observed`): with ``attention=True``
-          each image's cross-attention map per prompt word (DAAM), as arrays and overlays.
+          each image's cross-attention map per prompt word (DAAM), as arrays and overlays;
+          with ``every=K`` the latents x_t and predicted x0 every K steps and at the end,
+          raw and decoded (:mod:`noisecraft.api.observed_latents`).
         """
         written, loras = None, []
         if self.kind == "latent":  # <lora:NAME:W> tags: removed from the text, applied
@@ -315,6 +318,12 @@ class Pipeline:
             raise ConfigError(
                 f"@observe must be an Observer, got {type(observe).__name__}", settings=["observe"]
             )
+        if observe.every and self.kind != "latent":
+            raise ConfigError(
+                "recording latents needs a latent (text-to-image) model; for a pixel model "
+                "use the callback, or noisecraft sample --save-every",
+                settings=["observe"],
+            )
         if observe.attention and self.kind != "latent":
             raise ConfigError(
                 "attention maps need a text-to-image model (this one has no cross-attention); "
@@ -331,15 +340,19 @@ class Pipeline:
     def _observed(
         self, req: GenerateRequest, observation: Observation, images: list[Image.Image]
     ) -> Observed:
-        if not observation.observer.attention:
-            return Observed()
-        prompts = req.image_prompts()
-        return Observed(
-            attention=[
+        attention = latents = None
+        if observation.observer.attention:
+            prompts = req.image_prompts()
+            attention = [
                 attention_maps(sums, self.model.prompt_words(prompts[i]), images[i])
                 for i, sums in enumerate(observation.attention)
             ]
-        )
+        if observation.observer.every:
+            latents = [
+                latent_steps(trace, self.model, images[i])
+                for i, trace in enumerate(observation.latents)
+            ]
+        return Observed(attention=attention, latents=latents)
 
     # ------------------------------------------------------------------ infotext
     def infotext(

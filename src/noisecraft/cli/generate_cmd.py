@@ -6,6 +6,9 @@ carries a ``parameters`` text chunk in AUTOMATIC1111's format; ``--from-png IMAG
 back and makes the same image again (:meth:`Pipeline.replay`), options given on the command
 line overriding what it says. ``--lora FILE[:WEIGHT]`` (repeatable) and ``<lora:NAME:W>`` in
 the prompt with ``--lora-dir`` apply LoRAs (:mod:`noisecraft.api.loras`).
+Seeing inside (:class:`~noisecraft.pipelines.observe.Observer`): ``--attention-maps DIR``
+(a heat map per prompt word), ``--save-every K`` (the latents every K steps into
+``OUT_steps/``) and ``--gif PATH`` (the denoising as an animation).
 """
 
 from __future__ import annotations
@@ -62,6 +65,8 @@ def generate_command(
     overwrite: o.Overwrite = False,
     attention_maps: o.AttentionMapsDir = None,
     attention_steps: o.AttentionSteps = None,
+    save_every: o.SaveEveryLatents = 0,
+    gif: o.DenoisingGif = None,
     from_png: Annotated[
         Path | None, typer.Option("--from-png", help="re-create the image described in this PNG")
     ] = None,
@@ -98,9 +103,21 @@ def generate_command(
     steps_range = o.parse_step_range(attention_steps)
     if attention_maps is not None:
         check_writable(attention_maps, overwrite=True, folder=True)
-        settings["observe"] = noisecraft.Observer(attention=True, steps=steps_range)
     elif steps_range is not None:
         raise ConfigError("--attention-steps needs --attention-maps OUT_DIR")
+    if save_every < 0:
+        raise ConfigError(f"--save-every must be 0 (off) or a step count >= 1, got {save_every}")
+    steps_dir = out.with_name(out.stem + "_steps") if save_every else None
+    gifs = output_paths(gif, n) if gif is not None else []
+    for path in gifs:
+        check_writable(path, overwrite=overwrite)
+    if steps_dir is not None:
+        check_writable(steps_dir, overwrite=True, folder=True)
+    if attention_maps is not None or save_every or gifs:
+        every = save_every or (1 if gifs else 0)
+        settings["observe"] = noisecraft.Observer(
+            attention=attention_maps is not None, steps=steps_range, every=every
+        )
     if fast_decode:
         settings["fast_decode"] = True
         given["tiny_decoder"] = tiny_decoder or True  # the shipped one unless given
@@ -119,6 +136,14 @@ def generate_command(
         typer.echo(f"wrote {path}")
     if attention_maps is not None:
         _write_attention_maps(result, attention_maps, overwrite)
+    latents = result.observed.latents if result.observed is not None else None
+    for i, steps in enumerate(latents or []):
+        if steps_dir is not None:
+            target = steps_dir if len(latents) == 1 else steps_dir / str(i)
+            steps.save(target, overwrite=overwrite)
+            typer.echo(f"wrote {len(steps.steps)} steps of latents into {target}")
+        if gifs:
+            typer.echo(f"wrote {steps.save_gif(gifs[i], overwrite=overwrite)}")
 
 
 def _write_attention_maps(result: object, folder: Path, overwrite: bool) -> None:

@@ -146,6 +146,22 @@ AttentionSteps = Annotated[
         "--attention-steps", help="with --attention-maps: only steps START:END (end excluded)"
     ),
 ]
+SaveEveryLatents = Annotated[
+    int,
+    typer.Option(
+        "--save-every",
+        help="save x_t and predicted x0 every K steps and at the end (raw latents, cheap "
+        "preview and VAE decode, the channels on one scale) into OUT_steps/",
+    ),
+]
+DenoisingGif = Annotated[
+    Path | None,
+    typer.Option(
+        "--gif",
+        help="also write a denoising GIF (x_t | predicted x0) here; every step unless "
+        "--save-every K",
+    ),
+]
 MaxPixels = Annotated[
     int | None,
     typer.Option(help="largest image allowed, in pixels (default 4194304 = 2048x2048)"),

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -27,21 +27,18 @@ from noisecraft.diffusion import DiscreteDenoiser, NoiseSchedule
 from noisecraft.diffusion.parametrization import c_skip_for, check_prediction
 from noisecraft.diffusion.sigmas import TIMESTEP_SPACINGS
 from noisecraft.errors import ConfigError
+from noisecraft.models.latent_preview import (
+    SD_LATENT_RGB,
+    fit_latent_rgb,
+    latent_to_rgb,
+    sd_latent_rgb,
+)
 from noisecraft.models.prompt_tokens import PromptWord, words_of_tokenizer
 from noisecraft.models.text_encoder import CLIPTextEncoder, encode_prompt_chunks
 from noisecraft.models.unet import UNet
 from noisecraft.models.vae import AutoencoderKL
 from noisecraft.models.vae_tiling import decode_latents
 from noisecraft.nn.quantize import quantize_int8
-
-#: Linear map from SD 1.x latents (as the U-Net sees them, i.e. scaled) to RGB in about
-#: [-1, 1]: the "Approx cheap" live preview of AUTOMATIC1111 (factors by Keturn, 2022).
-SD_LATENT_RGB = (
-    (0.298, 0.207, 0.208),
-    (0.187, 0.286, 0.173),
-    (-0.158, 0.189, 0.264),
-    (-0.184, -0.271, -0.473),
-)
 
 #: Anything that maps a list of prompts to (B, 77) token ids; a CLIPTokenizer also chunks
 #: long prompts (``encode_chunks``) and reads A1111 weights (``encode_weighted``).
@@ -125,6 +122,7 @@ class LatentDiffusion:
     offload: Any = None
     tiny_decoder: Any = None
     textual_inversion: Any = None
+    _latent_rgb: Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         check_prediction(self.prediction)
@@ -237,7 +235,23 @@ class LatentDiffusion:
             return self.decode(denoised).clamp(-1, 1)
         if mode == "tiny":
             return self.tiny_decode(denoised)
-        return latent_to_rgb(denoised)
+        return latent_to_rgb(denoised, self.latent_rgb())
+
+    def latent_rgb(self) -> Tensor:
+        """(C + 1, out) factors of the cheap preview (:mod:`~noisecraft.models.latent_preview`):
+        AUTOMATIC1111's for SD's VAE (4 latent channels, RGB), else fitted once to this
+        model's VAE decoder and kept."""
+        cfg = self.vae.config
+        if cfg.z_channels == 4 and cfg.out_channels == 3:
+            return sd_latent_rgb()
+        if self._latent_rgb is None:
+            self._latent_rgb = fit_latent_rgb(
+                self.decode,
+                lambda im: self.vae.encode_latents(im, None, sample=False),
+                cfg.z_channels,
+                device=self.device,
+            )
+        return self._latent_rgb
 
     def c_skip(self, sigma: Tensor) -> Tensor:
         return c_skip_for(self.prediction, sigma)
@@ -350,21 +364,6 @@ def vae_dtype_for(dtype: torch.dtype) -> torch.dtype:
     """The VAE's dtype when the rest runs in ``dtype``: float32 for float16 (SD's VAE decoder
     overflows float16 at large sizes; diffusers' ``force_upcast``), else ``dtype``."""
     return torch.float32 if dtype == torch.float16 else dtype
-
-
-def latent_to_rgb(latents: Tensor) -> Tensor:
-    """Cheap preview of latents: SD 1.x's linear latent -> RGB map for 4 channels
-    (:data:`SD_LATENT_RGB`), else the first 3 channels (1 channel repeated); clamped to
-    [-1, 1], at latent resolution."""
-    c = latents.shape[1]
-    if c == 4:
-        coefs = torch.tensor(SD_LATENT_RGB, dtype=latents.dtype, device=latents.device)
-        rgb = torch.einsum("bchw,cr->brhw", latents, coefs)
-    elif c >= 3:
-        rgb = latents[:, :3]
-    else:
-        rgb = latents[:, :1].expand(-1, 3, -1, -1)
-    return rgb.clamp(-1, 1)
 
 
 __all__ = ["SD_LATENT_RGB", "LatentDiffusion", "latent_to_rgb", "vae_dtype_for"]

@@ -221,6 +221,8 @@ def generate(
                     )
         if inputs.blend:  # the known region is the clean init latents at the end
             x = (1.0 - run.mask) * run.known + run.mask * x
+        if observation is not None:
+            observation.final(x, steps_run)
         if decode and request.fast_decode:
             x = m.tiny_decode(x)  # validate() checked that the model has a tiny decoder
         elif decode:

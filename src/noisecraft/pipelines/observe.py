@@ -1,4 +1,5 @@
-"""Observing a text-to-image call from inside: cross-attention maps per prompt word.
+"""Observing a text-to-image call from inside: cross-attention maps per prompt word, and
+the latents every K steps.
 
 An :class:`Observer` says what to record; :func:`~noisecraft.pipelines.generate.generate`
 hands it to an :class:`AttentionRecorder` for each sampling run, which registers forward
@@ -17,11 +18,18 @@ The U-Net computes attention with SDPA, which never returns the probabilities, s
 computes ``q = to_q(x)``, ``k = to_k(context)`` and the softmax itself from the module's
 inputs, on the conditional rows only. It returns nothing and writes nothing into the
 module: the U-Net's output is bit-identical with and without it (tested).
+
+The latents (``Observer(every=K)``) are read from the sampler's callback, which every
+sampler calls after each step with its state ``x`` (k-diffusion's ``x = x0 + sigma * eps``)
+and the denoiser's ``denoised``: a :class:`LatentRecorder` keeps, every K-th step, the DDPM
+view ``x_t = x / sqrt(1 + sigma^2)`` (= ``sqrt(abar) x0 + sqrt(1 - abar) eps``, DDPM eq. 4
+with ``sigma^2 = (1 - abar) / abar``) and the predicted x0, and the final latents last.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +43,8 @@ from noisecraft.nn.attention import CrossAttention, SpatialTransformer
 
 __all__ = [
     "AttentionRecorder",
+    "LatentRecorder",
+    "LatentTrace",
     "Observation",
     "Observer",
     "attention_probs",
@@ -51,14 +61,21 @@ def _is_int(value: Any) -> bool:
 class Observer:
     """What to record during a call: ``attention`` maps per prompt word (DAAM), over the
     sampler steps ``steps = (start, end)`` (0-based, end excluded, counted in each sampling
-    run; None = all steps)."""
+    run; None = all steps); ``every = K > 0``: the latents x_t and the predicted x0 after
+    steps 0, K, 2K, ... and the final latents (0 = none)."""
 
     attention: bool = False
     steps: tuple[int, int] | None = None
+    every: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.attention, bool):
             raise ConfigError(f"observe attention must be True or False, got {self.attention!r}")
+        if not _is_int(self.every) or self.every < 0:
+            raise ConfigError(
+                f"observe every must be 0 (no latents) or a step count >= 1, got {self.every!r}",
+                settings=["observe"],
+            )
         if self.steps is not None:
             s = tuple(self.steps) if isinstance(self.steps, (tuple, list)) else None
             if s is None or len(s) != 2 or not all(_is_int(v) for v in s) or not 0 <= s[0] < s[1]:
@@ -163,17 +180,66 @@ def attention_probs(
     return probs.mean(dim=1) if mean_heads else probs
 
 
+@dataclass(frozen=True)
+class LatentTrace:
+    """One image's latents over a sampling run: ``steps`` (the step after which each row was
+    taken; the final row is the number of steps run), ``sigmas`` (0 for the final row),
+    ``xt`` and ``x0``, float32 (S, C, h, w) on the CPU (the final row: the result's latents
+    in both)."""
+
+    steps: list[int]
+    sigmas: Tensor
+    xt: Tensor
+    x0: Tensor
+
+
+class LatentRecorder:
+    """A sampler callback keeping x_t (DDPM's view, module docstring) and the predicted x0 of
+    every ``every``-th step of one run; :meth:`finish` adds the final latents and splits the
+    run into one :class:`LatentTrace` per image."""
+
+    def __init__(self, every: int):
+        self.every = every
+        self.steps: list[int] = []
+        self.sigmas: list[float] = []
+        self.xt: list[Tensor] = []
+        self.x0: list[Tensor] = []
+
+    def on_step(self, d: dict) -> None:
+        i = int(d["i"])
+        if i % self.every:
+            return
+        sigma = float(d["sigma"])
+        self.steps.append(i)
+        self.sigmas.append(sigma)
+        self.xt.append((d["x"] / math.sqrt(1.0 + sigma**2)).detach().float().cpu())
+        self.x0.append(d["denoised"].detach().float().cpu())
+
+    def finish(self, final: Tensor, steps_run: int) -> list[LatentTrace]:
+        """Add the final latents (B, C, h, w) as step ``steps_run``; one trace per image."""
+        final = final.detach().float().cpu()
+        xt = torch.stack([*self.xt, final], dim=1)  # (B, S, C, h, w)
+        x0 = torch.stack([*self.x0, final], dim=1)
+        sigmas = torch.tensor([*self.sigmas, 0.0])
+        steps = [*self.steps, steps_run]
+        return [LatentTrace(steps, sigmas, xt[j], x0[j]) for j in range(final.shape[0])]
+
+
 class Observation:
     """What an :class:`Observer` recorded in one :func:`generate` call.
 
     ``attention``: per image, the summed maps (L, h, w) of every context position (None for
-    an image no cross-attention call was observed for, e.g. a step range past the end).
-    :meth:`run` is what ``generate`` opens around each sampling run.
+    an image no cross-attention call was observed for, e.g. a step range past the end);
+    ``latents``: per image, a :class:`LatentTrace` (empty unless the observer's ``every``).
+    :meth:`run` is what ``generate`` opens around each sampling run; :meth:`final` takes the
+    run's final latents.
     """
 
     def __init__(self, observer: Observer):
         self.observer = observer
         self.attention: list[Tensor | None] = []
+        self.latents: list[LatentTrace] = []
+        self._latents: LatentRecorder | None = None
 
     @contextlib.contextmanager
     def run(
@@ -181,15 +247,38 @@ class Observation:
     ) -> Iterator[Callable[[dict], None] | None]:
         """Record a run of ``batch`` images with latents of ``size``; yields the callback
         the sampler must call after each step (None when nothing is recorded)."""
+        watchers: list[Callable[[dict], None]] = []
+        self._latents = LatentRecorder(self.observer.every) if self.observer.every else None
+        if self._latents is not None:
+            watchers.append(self._latents.on_step)
         if not self.observer.attention:
-            yield None
+            yield _all(watchers)
             self.attention.extend([None] * batch)
             return
         recorder = AttentionRecorder(batch, size, self.observer.steps)
         with recorder.watch(unet):
-            yield recorder.on_step
+            yield _all([recorder.on_step, *watchers])
         sums = recorder.sums
         self.attention.extend([None] * batch if sums is None else list(sums.cpu()))
+
+    def final(self, latents: Tensor, steps_run: int) -> None:
+        """The run's final latents (after ``steps_run`` steps), before decoding."""
+        if self._latents is not None:
+            self.latents.extend(self._latents.finish(latents, steps_run))
+            self._latents = None
+
+
+def _all(watchers: list[Callable[[dict], None]]) -> Callable[[dict], None] | None:
+    if not watchers:
+        return None
+    if len(watchers) == 1:
+        return watchers[0]
+
+    def cb(d: dict) -> None:
+        for w in watchers:
+            w(d)
+
+    return cb
 
 
 def word_maps(sums: Tensor, positions: list[tuple[int, ...]]) -> Tensor:
