@@ -40,6 +40,12 @@ Sections (``--only``):
   rounding), next to the ``--steps`` DPM++ 2M generation with CFG 7.5 (batch-2 U-Net calls)
   of the ``pipeline`` section. With random weights the images are noise; the times are those
   of real weights of this architecture.
+* ``observe`` (not in the default run): what seeing inside costs
+  (:mod:`noisecraft.pipelines.observe`), whole ``--steps`` DPM++ 2M CFG 7.5 generations at
+  ``--pipeline-sizes``: ours with the observer off against itself (an A/A row: the ratio's
+  spread is the noise of this measure), against diffusers, and with attention maps or the
+  latents every 5 steps recorded (``ratio`` < 1: the observer's cost; ``max |diff|`` 0: the
+  image is unchanged). Decoding the recorded latents (API level) is not included.
 
 Each section runs in its own child process (so peaks and allocator state do not mix).
 
@@ -49,6 +55,7 @@ Each section runs in its own child process (so peaks and allocator state do not 
     python bench/sd_speed.py --device cuda                    # fp16 weights on both sides
     python bench/sd_speed.py --only fast --pipeline-sizes 512 # fast mode against diffusers
     python bench/sd_speed.py --only lcm --pipeline-sizes 512  # 4 LCM steps vs 20 DPM++ 2M CFG
+    python bench/sd_speed.py --only observe --steps 10         # the observer's cost, on and off
 
 ``--write docs/performance.md --block NAME`` replaces the generated block NAME of that page
 (between its ``<!-- sd_speed:NAME:begin -->`` / ``:end -->`` markers) with this run's table.
@@ -73,7 +80,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("unet", "vae", "text", "pipeline", "fast", "lcm")
+SECTIONS = ("unet", "vae", "text", "pipeline", "fast", "lcm", "observe")
 DEFAULT_SECTIONS = SECTIONS[:4]
 DTYPES = {"fp32": "float32", "fp16": "float16"}  # --dtype -> torch dtype name
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -297,6 +304,8 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
         rows += _fast_rows(args, device, dtype, meter)
     elif section == "lcm":
         rows += _lcm_rows(args, device, dtype, meter)
+    elif section == "observe":
+        rows += _observe_rows(args, device, dtype, meter)
     else:
         raise ValueError(section)
     return rows
@@ -319,12 +328,40 @@ def _diffusers_generation(
     ).images
 
 
+def _our_generation(
+    model: Any,
+    args: argparse.Namespace,
+    size: int,
+    *,
+    sampler: str,
+    steps: int,
+    cfg: float = 7.5,
+    observer: Any = None,
+) -> Any:
+    """One image of ``PROMPT`` from ``generate`` with SD 1.5's scheduler config, pixels in
+    [0, 1]; ``observer``: a :class:`noisecraft.api.Observer` recording during the run."""
+    from noisecraft.pipelines import GenerateRequest, generate
+    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+    from noisecraft.pipelines.observe import Observation
+
+    request = GenerateRequest(
+        n=1,
+        prompts=[PROMPT],
+        sampler=sampler,
+        steps=steps,
+        cfg=cfg,
+        width=size,
+        height=size,
+        seeds=[args.seed],
+        scheduler_config=SD15_SCHEDULER_CONFIG,
+    )
+    observation = None if observer is None else Observation(observer)
+    return (generate(model, request, observation=observation) / 2 + 0.5).clamp(0, 1)
+
+
 def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -> list[dict]:
     import _sd15
     import torch
-
-    from noisecraft.pipelines import GenerateRequest, generate
-    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 
     parts = _sd15.build_ours(args.tiny, device=device, dtype=dtype)
     model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
@@ -334,18 +371,7 @@ def _pipeline_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Met
     for size in args.pipeline_sizes:
 
         def ours(size: int = size, steps: int = args.steps) -> torch.Tensor:
-            request = GenerateRequest(
-                n=1,
-                prompts=[PROMPT],
-                sampler=args.sampler,
-                steps=steps,
-                cfg=7.5,
-                width=size,
-                height=size,
-                seeds=[args.seed],
-                scheduler_config=SD15_SCHEDULER_CONFIG,
-            )
-            return (generate(model, request) / 2 + 0.5).clamp(0, 1)
+            return _our_generation(model, args, size, sampler=args.sampler, steps=steps)
 
         def theirs(size: int = size) -> torch.Tensor:
             return _diffusers_generation(pipe, size, args.steps, args.seed)
@@ -368,9 +394,6 @@ def _lcm_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -
     import _sd15
     import torch
 
-    from noisecraft.pipelines import GenerateRequest, generate
-    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
-
     parts = _sd15.build_ours(args.tiny, device=device, dtype=dtype)
     model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
     pipes = {
@@ -383,18 +406,7 @@ def _lcm_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -
         for sampler, steps, cfg in cases:
 
             def ours(size=size, sampler=sampler, steps=steps, cfg=cfg) -> torch.Tensor:
-                request = GenerateRequest(
-                    n=1,
-                    prompts=[PROMPT],
-                    sampler=sampler,
-                    steps=steps,
-                    cfg=cfg,
-                    width=size,
-                    height=size,
-                    seeds=[args.seed],
-                    scheduler_config=SD15_SCHEDULER_CONFIG,
-                )
-                return (generate(model, request) / 2 + 0.5).clamp(0, 1)
+                return _our_generation(model, args, size, sampler=sampler, steps=steps, cfg=cfg)
 
             def theirs(size=size, sampler=sampler, steps=steps, cfg=cfg) -> torch.Tensor:
                 return _diffusers_generation(pipes[sampler], size, steps, args.seed, cfg)
@@ -408,6 +420,44 @@ def _lcm_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -
                     args.pipeline_repeats,
                 )
             )
+    return rows
+
+
+def _observe_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -> list[dict]:
+    """The ``observe`` section (module docstring): a generation with the observer off against
+    itself (the noise of the measure), against diffusers, and against the observer on."""
+    import _sd15
+
+    from noisecraft.pipelines.observe import Observer
+
+    parts = _sd15.build_ours(args.tiny, device=device, dtype=dtype)
+    model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
+    pipe = _sd15.diffusers_pipeline(model, "DPMSolverMultistepScheduler")
+    rows = []
+    for size in args.pipeline_sizes:
+
+        def run(observer: Any = None, size: int = size) -> Any:
+            return _our_generation(
+                model, args, size, sampler="dpmpp_2m", steps=args.steps, observer=observer
+            )
+
+        head = f"generation {size}², {args.steps} dpmpp_2m steps"
+        cases = (
+            (f"{head}: observer off vs off (A/A)", run, run),
+            (
+                f"{head}: observer off vs diffusers",
+                run,
+                lambda size=size: _diffusers_generation(pipe, size, args.steps, args.seed),
+            ),
+            (
+                f"{head}: attention maps on vs off",
+                lambda: run(Observer(attention=True)),
+                run,
+            ),
+            (f"{head}: latents every 5 on vs off", lambda: run(Observer(every=5)), run),
+        )
+        for name, ours, theirs in cases:
+            rows.append(compare(name, ours, theirs, meter, args.pipeline_repeats))
     return rows
 
 
@@ -625,7 +675,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median)")
     p.add_argument("--pipeline-repeats", type=int, default=2, help="timed generations per side")
     p.add_argument(
-        "--only", default=",".join(DEFAULT_SECTIONS), help="unet,vae,text,pipeline,fast,lcm"
+        "--only", default=",".join(DEFAULT_SECTIONS), help="unet,vae,text,pipeline,fast,lcm,observe"
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp16 weights on both sides)")
     p.add_argument(

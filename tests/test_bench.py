@@ -49,19 +49,29 @@ def test_sd_speed_exact_rows_match_diffusers_and_fast_rows_stay_close():
     assert out["env"]["dtype"] == "float32"
 
 
-def test_sd_speed_lcm_rows_are_diffusers_images():
+def test_sd_speed_lcm_and_observe_rows():
     """The ``lcm`` section: 4 LCM steps at CFG 1 and the DPM++ 2M CFG generation, each the
-    same image as diffusers' (LCMScheduler / DPMSolverMultistepScheduler) on shared weights."""
+    same image as diffusers' (LCMScheduler / DPMSolverMultistepScheduler) on shared weights.
+    The ``observe`` section: the observer on leaves the image bit-identical; off, ours is
+    still diffusers' image."""
     out = _sd_speed(
-        *("--only", "lcm", "--pipeline-sizes", "64", "--pipeline-repeats", "1", "--steps", "3")
+        *("--only", "lcm,observe", "--pipeline-sizes", "64", "--pipeline-repeats", "1"),
+        *("--steps", "3"),
     )
     cases = [r["case"] for r in out["rows"]]
+    head = "generation 64², 3 dpmpp_2m steps: "
     assert cases == [
         "generation 64², 4 lcm steps, CFG 1 + decode",
         "generation 64², 3 dpmpp_2m steps, CFG 7.5 + decode",
+        head + "observer off vs off (A/A)",
+        head + "observer off vs diffusers",
+        head + "attention maps on vs off",
+        head + "latents every 5 on vs off",
     ]
     for r in out["rows"]:
         assert r["rel_diff"] <= 1e-4, (r["case"], r["rel_diff"])
+        if "vs off" in r["case"]:
+            assert r["max_diff"] == 0, r["case"]
 
 
 def test_sd_speed_float16_path_runs_on_cpu():
