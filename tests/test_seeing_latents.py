@@ -129,8 +129,9 @@ def test_saved_files_and_gif(observed, tmp_path):
     s = on.observed.latents[0]
     paths = s.save(tmp_path / "steps")
     names = {p.name for p in paths}
-    assert len(paths) == 4 * 4 + 3
+    assert len(paths) == 4 * 4 + 4
     assert {"step_000_xt_cheap.png", "step_007_x0_vae.png", "channels_xt.png"} <= names
+    assert Image.open(tmp_path / "steps" / "steps.png").width > 4 * 32
     raw = load_file(tmp_path / "steps" / "latents.safetensors")
     np.testing.assert_array_equal(raw["x0"].numpy(), s.x0)
     assert raw["steps"].tolist() == s.steps

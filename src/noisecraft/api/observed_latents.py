@@ -27,7 +27,7 @@ from noisecraft.io.atomic import atomic_path, check_writable
 from noisecraft.io.write_errors import writing
 from noisecraft.pipelines.observe import LatentTrace
 from noisecraft.viz.images import save_gif
-from noisecraft.viz.latents import channel_grid, side_by_side
+from noisecraft.viz.latents import channel_grid, picture_grid, side_by_side
 
 __all__ = ["DECODERS", "LatentSteps", "latent_steps"]
 
@@ -69,6 +69,16 @@ class LatentSteps:
         title = "x_t (noisy latents)" if which == "xt" else "predicted x0"
         return channel_grid(latents, self.row_labels(), title=title)
 
+    def pictures(self) -> Image.Image:
+        """Every row's pictures in one grid: x_t and x0, cheap preview and VAE, per step."""
+        rows = {
+            f"{name}, {dec}": images[dec]
+            for name, images in (("x_t", self.xt_images), ("x0", self.x0_images))
+            for dec in DECODERS
+        }
+        labels = [lab.replace(", ", "\n") for lab in self.row_labels()]
+        return picture_grid(rows, labels)
+
     def frames(self, decoder: str = "vae") -> list[np.ndarray]:
         """Frames of a denoising GIF: x_t left, the predicted x0 right, one per row."""
         return [
@@ -77,15 +87,16 @@ class LatentSteps:
         ]
 
     def file_names(self) -> list[str]:
-        """``step_NNN_{xt,x0}_{cheap,vae}.png`` per row, ``channels_xt.png``,
-        ``channels_x0.png`` and ``latents.safetensors`` (the raw arrays)."""
+        """``step_NNN_{xt,x0}_{cheap,vae}.png`` per row, ``steps.png`` (:meth:`pictures`),
+        ``channels_xt.png``, ``channels_x0.png`` and ``latents.safetensors`` (the raw
+        arrays)."""
         names = [
             f"step_{s:03d}_{which}_{dec}.png"
             for s in self.steps
             for which in ("xt", "x0")
             for dec in DECODERS
         ]
-        return [*names, "channels_xt.png", "channels_x0.png", "latents.safetensors"]
+        return [*names, "steps.png", "channels_xt.png", "channels_x0.png", "latents.safetensors"]
 
     def save(self, folder: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
         """Write :meth:`file_names` into ``folder`` (created); every path is checked before
@@ -99,7 +110,7 @@ class LatentSteps:
             for which in ("xt", "x0")
             for dec in DECODERS
         ]
-        images += [self.channels("xt"), self.channels("x0")]
+        images += [self.pictures(), self.channels("xt"), self.channels("x0")]
         for image, path in zip(images, paths, strict=False):
             with writing(path), atomic_path(path) as tmp:
                 image.save(tmp, format="PNG")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["channel_grid", "shared_scale", "side_by_side"]
+__all__ = ["channel_grid", "picture_grid", "shared_scale", "side_by_side"]
 
 
 def shared_scale(latents: np.ndarray) -> float:
@@ -63,6 +63,48 @@ def channel_grid(
             if k == 0:
                 ax.set_ylabel(row_labels[r], fontsize=7)
     fig.colorbar(im, ax=axes, shrink=0.8, label="latent value (one scale for all)")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    buf.seek(0)
+    return Image.open(buf).convert("RGB")
+
+
+def picture_grid(
+    rows: dict[str, Sequence[Image.Image]],
+    col_labels: Sequence[str],
+    *,
+    title: str = "",
+    cell_inches: float = 1.1,
+) -> Image.Image:
+    """Pictures in a grid, one labelled row per entry of ``rows`` (e.g. "x_t, VAE"), one
+    labelled column per step. An RGB PIL image."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(rows)
+    ncol = len(col_labels)
+    fig, axes = plt.subplots(
+        len(names),
+        ncol,
+        figsize=(cell_inches * ncol + 0.6, cell_inches * len(names) + 0.5),
+        squeeze=False,
+        layout="constrained",
+    )
+    for r, name in enumerate(names):
+        for k in range(ncol):
+            ax = axes[r][k]
+            ax.imshow(np.asarray(rows[name][k].convert("RGB")), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(col_labels[k], fontsize=7)
+            if k == 0:
+                ax.set_ylabel(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
     buf = io.BytesIO()
