@@ -15,7 +15,7 @@ from diffusers import ControlNetModel
 from safetensors.torch import load_file, save_file
 
 from helpers import jitter
-from noisecraft.errors import CheckpointError
+from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.io.controlnet_files import (
     convert_controlnet,
     is_controlnet,
@@ -129,8 +129,22 @@ def test_diffusers_round_trip_and_convert_are_bit_exact(tmp_path):
     a, c = load_file(single), load_file(tmp_path / "c.safetensors")
     assert a.keys() == c.keys()
     assert all(c[k].dtype == torch.float16 and torch.equal(a[k], c[k]) for k in a)
-    with pytest.raises(CheckpointError, match="converts to single-file or diffusers"):
+    with pytest.raises(ConfigError, match="convert it with to single-file or diffusers"):
         convert_controlnet(single, tmp_path / "d.safetensors", "noisecraft")
+
+
+def test_convert_command_converts_controlnets(tmp_path, capsys):
+    from noisecraft.cli.main import main
+
+    ours = _ours(7)
+    single = save_controlnet(ours, tmp_path / "cn.safetensors")
+    assert main(["convert", str(single), str(tmp_path / "cn"), "--to", "diffusers"]) == 0
+    assert "converted" in capsys.readouterr().out
+    _state_equal(ours, load_controlnet(tmp_path / "cn"))
+    assert main(["convert", str(tmp_path / "cn"), str(tmp_path / "x.safetensors")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--to single-file or diffusers" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 def test_full_pruned_and_pth_layouts_give_the_same_model(tmp_path):

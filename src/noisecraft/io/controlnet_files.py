@@ -215,8 +215,9 @@ def convert_controlnet(
     """Read the ControlNet at ``src`` (any format) and write it to ``dst`` in format ``to``
     (:data:`CONTROLNET_FORMATS`), tensors in their stored dtype: bit-exact both ways."""
     if to not in CONTROLNET_FORMATS:
-        raise CheckpointError(
-            f"{src} is a ControlNet; it converts to single-file or diffusers, not {to!r}"
+        raise ConfigError(
+            f"{src} is a ControlNet; convert it with @to single-file or diffusers (not {to!r})",
+            settings=["to"],
         )
     check_writable(dst, overwrite=overwrite, folder=to == "diffusers")
     model = load_controlnet(src, dtype=None)
