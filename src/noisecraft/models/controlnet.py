@@ -10,13 +10,14 @@ convs whose weight and bias start at zero),
 
 so a fresh ControlNet adds exactly nothing and training starts from the base model's output.
 For Stable Diffusion the condition goes through a small conv encoder first (the paper's
-``E``, section 3.3: four convs with 16, 32, 64 (in code 96), 128 (256) channels, three of
-stride 2, from 512x512 pixels to the 64x64 latent size), whose last conv is zero too; its
-output is added after the copy's first conv, every input block's output goes through its own
-zero conv (``zero_convs.N``) and becomes a residual added to the base U-Net's skip
-connection ``N``, and the middle block's through ``middle_block_out`` is added to the base's
-middle output (:meth:`noisecraft.models.unet.UNet.forward`'s ``down_residuals`` /
-``mid_residual``).
+``E``, section 3.3: "four convolution layers" of 16, 32, 64, 128 channels from 512x512
+pixels to the 64x64 latent size; the released code, which we follow, has eight 3x3 convs of
+16, 16, 32, 32, 96, 96, 256 and ``model_channels`` channels, three of stride 2, with SiLU
+between them), whose last conv is zero too. Its output is added after the copy's first
+conv; every input block's output goes through its own zero conv (``zero_convs.N``) and
+becomes a residual added to the base U-Net's skip connection ``N``, and the middle block's
+output through ``middle_block_out`` is added to the base's middle output
+(:meth:`noisecraft.models.unet.UNet.forward`'s ``down_residuals`` / ``mid_residual``).
 
 Module names are those of lllyasviel's ``cldm.cldm.ControlNet`` (the ``control_model.*`` of
 original files without the prefix): ``time_embed``, ``input_hint_block.{0,2,...,14}``,

@@ -101,11 +101,27 @@ def convert(
     prediction: str | None = None,
     arch: str | None = None,
 ) -> Path:
-    """Read ``src`` in any format and write it to ``dst`` in format ``to`` (see FORMATS)."""
+    """Read ``src`` in any format and write it to ``dst`` in format ``to`` (see FORMATS).
+
+    A ControlNet (:func:`noisecraft.io.controlnet_files.is_controlnet`) converts between its
+    own two formats, single-file and diffusers (:func:`.controlnet_files.convert_controlnet`).
+    """
     if to not in FORMATS:
         raise unknown_name("format", to, FORMATS)
     from noisecraft.io.atomic import check_writable
+    from noisecraft.io.controlnet_files import convert_controlnet, is_controlnet
     from noisecraft.io.write_errors import writing
+
+    if is_controlnet(src):
+        given = [
+            name for name, v in (("vae", vae), ("prediction", prediction), ("arch", arch)) if v
+        ]
+        if given:
+            raise ConfigError(
+                f"@{given[0]} applies to Stable Diffusion models; {src} is a ControlNet",
+                settings=given[:1],
+            )
+        return convert_controlnet(src, dst, to, overwrite=overwrite)
 
     dst = Path(dst)
     check_writable(dst, overwrite=overwrite, folder=to == "diffusers")  # before the slow load
