@@ -141,8 +141,9 @@ class PipelineControlNets:
     """The ControlNets of one pipeline: files loaded once (by path, size and time), names
     found in ``controlnet_dir``, and the names of loaded ones seen in earlier calls."""
 
-    def __init__(self, controlnet_dir: str | os.PathLike | None = None):
+    def __init__(self, controlnet_dir: str | os.PathLike | None = None, model: Any = None):
         self.controlnet_dir = None if controlnet_dir is None else Path(controlnet_dir)
+        self.model = model  # the LatentDiffusion the ControlNets drive (device, dtype, base)
         self._files: dict[tuple[str, int, int], tuple[Any, str]] = {}
         self._given: dict[str, Any] = {}  # name -> a loaded ControlNet passed in a call
 
@@ -178,8 +179,9 @@ class PipelineControlNets:
             )
         raise unknown_name("ControlNet", name, files or ["(none in the folder)"])
 
-    def resolve(self, model: Any, device: Any, dtype: Any) -> tuple[Any, str]:
-        """(loaded ControlNet, infotext ``Model`` value) of a unit's ``model``."""
+    def resolve(self, model: Any) -> tuple[Any, str]:
+        """(loaded ControlNet, infotext ``Model`` value) of a unit's ``model``, loaded on the
+        pipeline model's device in its U-Net's dtype (one for another base is refused)."""
         if isinstance(model, (str, os.PathLike)):
             model = self.find(os.fspath(model))
         if not isinstance(model, (str, os.PathLike)):
@@ -196,10 +198,11 @@ class PipelineControlNets:
         st = path.stat()
         key = (str(path.resolve()), st.st_mtime_ns, st.st_size)
         if key not in self._files:
-            from noisecraft.io.controlnet import load_controlnet
+            from noisecraft.io.controlnet_files import load_controlnet
 
-            net = load_controlnet(path, device=device)
-            net = net.to(device=device, dtype=dtype).eval().requires_grad_(False)
+            unet = self.model.unet
+            dtype = next(unet.parameters()).dtype
+            net = load_controlnet(path, unet.config, device=self.model.device, dtype=dtype)
             name = _clean(path.stem if path.is_file() else path.name)
             digest = legacy_model_hash(_weights_file(path))
             self._files[key] = (net, f"{name} [{digest}]" if digest else name)
@@ -221,15 +224,12 @@ def prepare_controls(
     nets: PipelineControlNets,
     height: int,
     width: int,
-    *,
-    device: Any,
-    dtype: Any,
 ) -> tuple[tuple[ControlInput, ...], list[UsedControl]]:
     """The request's :class:`ControlInput` units and what each records, for images of
     ``height`` x ``width``: models loaded, images preprocessed and fitted."""
     inputs, used = [], []
     for i, unit in enumerate(units):
-        net, name = nets.resolve(unit.model, device, dtype)
+        net, name = nets.resolve(unit.model)
         image = image_tensor(unit.image, 3, setting="control")
         if image.shape[0] != 1:
             raise ConfigError(
@@ -344,8 +344,6 @@ def replay_controls(
     units: Sequence[Mapping[str, Any]],
     images: ImageLike | Sequence[ImageLike] | None,
     nets: PipelineControlNets,
-    device: Any,
-    dtype: Any,
 ) -> list[Control]:
     """The :class:`Control` units that make a recorded image again: each recorded model
     found (by name; its hash checked), with the control ``images`` given again (one for
@@ -372,7 +370,7 @@ def replay_controls(
         )
     out = []
     for i, (unit, image) in enumerate(zip(units, images, strict=True)):
-        _, recorded = nets.resolve(unit["model"], device, dtype)
+        _, recorded = nets.resolve(unit["model"])
         m = _RE_MODEL.match(recorded)
         if unit["hash"] and m and m[2].lower() != unit["hash"]:
             raise ConfigError(

@@ -95,7 +95,7 @@ class Pipeline:
         self.limits = limits or Limits()
         self.decoder_name = decoder_name  # the tiny decoder's, for the infotext
         self._loras = loras or PipelineLoRAs(self.options.lora_dir)
-        self._controlnets = PipelineControlNets(self.options.controlnet_dir)
+        self._controlnets = PipelineControlNets(self.options.controlnet_dir, model)
         if isinstance(model, LatentDiffusion):
             from noisecraft.pipelines.lowmem import quantize_per_channel
 
@@ -246,10 +246,7 @@ class Pipeline:
             raise ConfigError("@control (ControlNet) is for latent models", settings=["control"])
         req.validate(self.model)  # the size is valid before the control images are fitted
         height, width = image_size(self.model, req)
-        dtype = next(self.model.unet.parameters()).dtype
-        inputs, used = prepare_controls(
-            units, self._controlnets, height, width, device=self.model.device, dtype=dtype
-        )
+        inputs, used = prepare_controls(units, self._controlnets, height, width)
         return dataclasses.replace(req, controls=inputs), used
 
     def __call__(
@@ -456,10 +453,7 @@ class Pipeline:
             settings.pop("strength", None)
         units = units_of(params.get("extra", {}))
         if units and settings.get("control") is None:
-            dtype = next(self.model.unet.parameters()).dtype
-            settings["control"] = replay_controls(
-                units, control_images, self._controlnets, self.model.device, dtype
-            )
+            settings["control"] = replay_controls(units, control_images, self._controlnets)
         return self(**settings)
 
 

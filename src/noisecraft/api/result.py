@@ -89,7 +89,7 @@ class GenerationResult:
             write_png(im, path, text, overwrite=overwrite)
             for im, path, text in zip(self.images, paths, self.infotexts, strict=True)
         ]
-        for im, path in zip(self.hints, hint_paths, strict=True):
+        for im, path in zip(self.hints if hints else [], hint_paths, strict=True):
             with writing(path), atomic_path(path) as tmp:
                 im.save(tmp, format="PNG")
             written.append(path)

@@ -15,8 +15,10 @@ Per unit (:class:`ControlInput`), as diffusers' ``StableDiffusionControlNetPipel
   residuals of several units are summed (``MultiControlNetModel``);
 * ``start`` / ``end``: the unit acts at step ``i`` of the ``n`` steps that run exactly when
   ``i / n >= start`` and ``(i + 1) / n <= end`` (``control_guidance_start`` / ``_end``; for
-  img2img, ``n`` counts the steps that run after ``strength``); the step of a call is read
-  off its timestep, so samplers that call the model more than once per step stay in it;
+  img2img, ``n`` counts the steps that run after ``strength``); a call belongs to the step
+  whose noise levels hold its own (``sigma_i >= sigma > sigma_i+1``, read off its
+  timestep), so a midpoint evaluation (DPM++ 2S, DPM++ SDE) stays in its step, and one at
+  the next step's sigma (Heun's, DPM2's second) is counted in the next step;
 * ``guess_mode``: the ControlNet sees only the conditional half of the guidance batch (the
   unconditional half gets no residual) and its residuals are scaled from 0.1 (shallowest)
   to 1 (middle), :func:`noisecraft.models.controlnet.guess_mode_scales`.
