@@ -15,10 +15,12 @@ from noisecraft import Control, LoadOptions
 from noisecraft.api.controls import UsedControl, format_unit, units_of
 from noisecraft.api.pipeline import Pipeline
 from noisecraft.cli.main import main
+from noisecraft.diffusion import NoiseSchedule
 from noisecraft.errors import ConfigError
 from noisecraft.io.controlnet_files import save_controlnet
 from noisecraft.io.file_hash import legacy_model_hash
 from noisecraft.io.native import save_model
+from noisecraft.models import PixelDiffusion
 from noisecraft.models.controlnet import ControlNet
 from noisecraft.models.unet import UNet
 from noisecraft.pipelines import GenerateRequest, generate
@@ -211,6 +213,13 @@ def test_api_records_units_and_replays(model, files):
     assert [p.name for p in paths] == ["api.png", "api_control0.png"]
     hint = np.asarray(Image.open(paths[1]))
     assert hint.shape == (H, W, 3) and set(np.unique(hint)) == {0, 255}
+
+
+def test_pixel_models_refuse_control(net):
+    unet = UNet(dataclasses.replace(UNET, in_channels=1, out_channels=1, context_dim=None))
+    pipe = Pipeline(PixelDiffusion(unet, NoiseSchedule.cosine(100), image_size=8))
+    with pytest.raises(ConfigError, match="for latent models"):
+        pipe(control=Control(net, np.zeros((8, 8), np.uint8)), steps=2)
 
 
 def test_cli_generate_and_from_png(files, capsys):

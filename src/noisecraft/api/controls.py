@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -181,7 +182,7 @@ class PipelineControlNets:
 
     def resolve(self, model: Any) -> tuple[Any, str]:
         """(loaded ControlNet, infotext ``Model`` value) of a unit's ``model``, loaded on the
-        pipeline model's device in its U-Net's dtype (one for another base is refused)."""
+        pipeline model's device (one for another base is refused)."""
         if isinstance(model, (str, os.PathLike)):
             model = self.find(os.fspath(model))
         if not isinstance(model, (str, os.PathLike)):
@@ -200,9 +201,11 @@ class PipelineControlNets:
         if key not in self._files:
             from noisecraft.io.controlnet_files import load_controlnet
 
-            unet = self.model.unet
-            dtype = next(unet.parameters()).dtype
-            net = load_controlnet(path, unet.config, device=self.model.device, dtype=dtype)
+            unet, device = self.model.unet, torch.device(self.model.device)
+            # the U-Net's dtype on a GPU; fp32 on the CPU (low-memory weights are stored
+            # fp16 / int8 there but run in fp32)
+            dtype = next(unet.parameters()).dtype if device.type != "cpu" else torch.float32
+            net = load_controlnet(path, unet.config, device=device, dtype=dtype)
             name = _clean(path.stem if path.is_file() else path.name)
             digest = legacy_model_hash(_weights_file(path))
             self._files[key] = (net, f"{name} [{digest}]" if digest else name)
