@@ -72,6 +72,18 @@ def test_untrained_controlnet_changes_nothing(model):
     assert torch.equal(generate(model, GenerateRequest(**BASE, controls=[unit])), plain)
 
 
+def test_guess_mode_batch_equals_images_alone(model, net):
+    """Guess mode runs the ControlNet on the conditional rows of a CFG batch of two images:
+    each image equals the one made alone (its seed), so the rows are not mixed up."""
+    units = [ControlInput(net, _hint(), guess_mode=True), ControlInput(net, _hint(6), 0.5)]
+    req = dict(BASE, n=2, seeds=[3, 8], prompts=["the cat", "a dog"])
+    both = generate(model, GenerateRequest(**req, controls=units))
+    for i in range(2):
+        alone = dict(req, n=1, seeds=[req["seeds"][i]], prompts=[req["prompts"][i]])
+        torch.testing.assert_close(both[i : i + 1], generate(model, GenerateRequest(**alone,
+                                   controls=units)), atol=1e-5, rtol=0)  # fmt: skip
+
+
 def test_two_calls_per_step_stay_in_their_step(model, net):
     """A call belongs to the step whose sigmas hold its own. Heun calls the model twice per
     step (once in the last), the second time at the next step's sigma: with start 0.5 of 4

@@ -297,25 +297,26 @@ class LatentModel:
         self, request: GenerateRequest, start: int, stop: int
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Text ``context`` of images ``start:stop``; with CFG also the negative prompts'.
+        With ControlNet units, each also marks its rows conditional or not
+        (:data:`~noisecraft.pipelines.control.ROWS_KEY`).
 
         Prompts and negative prompts are encoded in one batch, so both come out with the
         same number of 77-token chunks (shorter ones padded with empty-prompt chunks).
         """
         prompts = request.image_prompts()[start:stop]
-        rows: dict[str, Tensor] = {}
-        if request.controls:  # which rows are conditional (ControlNet's guess mode)
-            rows = control_rows(stop - start, True, self.device)
+
+        def rows(conditional: bool) -> dict[str, Tensor]:  # for ControlNet's guess mode
+            if not request.controls:
+                return {}
+            return control_rows(stop - start, conditional, self.device)
+
         if request.cfg == 1.0:
-            return {"context": self.model.encode_prompt(prompts, request.clip_skip), **rows}, None
+            context = self.model.encode_prompt(prompts, request.clip_skip)
+            return {"context": context, **rows(True)}, None
         negatives = request.image_negative_prompts()[start:stop]
         both = self.model.encode_prompt(prompts + negatives, request.clip_skip)
         cond, uncond = both.split(len(prompts))
-        if rows:
-            return {"context": cond, **rows}, {
-                "context": uncond,
-                **control_rows(stop - start, False, self.device),
-            }
-        return {"context": cond}, {"context": uncond}
+        return {"context": cond, **rows(True)}, {"context": uncond, **rows(False)}
 
 
 def _is_int(value: Any) -> bool:
