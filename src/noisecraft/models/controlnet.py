@@ -71,8 +71,6 @@ class ControlNetConfig:
     hint_in_channels: int = 3
 
     def __post_init__(self) -> None:
-        if isinstance(self.unet, dict):
-            object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
         if not isinstance(self.unet, UNetConfig):
             raise ConfigError("ControlNetConfig.unet must be a U-Net config")
         h = self.hint_channels
@@ -134,6 +132,9 @@ class ControlNet(UNetEncoder):
     ``forward(x, t, context, hint)`` gives the ``(down_residuals, mid_residual)`` that
     :meth:`UNet.forward` adds to its skips and middle output. The zero convolutions (and the
     hint encoder's last conv) start at zero, so an untrained ControlNet changes nothing.
+
+    ``controlnet_config`` is the whole :class:`ControlNetConfig`; ``config`` (as on
+    :class:`UNetEncoder`) its U-Net part, ``skip_channels`` the residuals' channels.
     """
 
     what = "ControlNet"
