@@ -4,7 +4,8 @@
 >>> pipe = noisecraft.load("mnist-text")              # doctest: +SKIP
 >>> pipe("a handwritten 7", seed=1).images[0]        # doctest: +SKIP
 
-``load``, ``Pipeline``, ``GenerationResult``, ``LoadOptions`` and ``Observer`` come from
+``load``, ``Pipeline``, ``GenerationResult``, ``LoadOptions``, ``Observer`` and ``Control`` (a
+ControlNet unit of a call) come from
 :mod:`noisecraft.api`, imported on first use (``import noisecraft`` stays light).
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 
 from noisecraft._version import __version__
 
-_API = ("GenerationResult", "LoadOptions", "Observer", "Pipeline", "load")
+_API = ("Control", "GenerationResult", "LoadOptions", "Observer", "Pipeline", "load")
 
 
 def __getattr__(name: str) -> Any:

@@ -5,6 +5,7 @@ package; the generation policy lives here (:mod:`noisecraft.api.pipeline`) and i
 loading options (:mod:`noisecraft.api.loading`).
 """
 
+from noisecraft.api.controls import Control
 from noisecraft.api.loading import load
 from noisecraft.api.observed import AttentionMaps, Observed
 from noisecraft.api.options import LoadOptions
@@ -14,6 +15,7 @@ from noisecraft.pipelines.observe import Observer
 
 __all__ = [
     "AttentionMaps",
+    "Control",
     "GenerationResult",
     "LoadOptions",
     "Observed",

@@ -19,6 +19,8 @@ How a model is loaded is policy that every surface shares, so it lives here, onc
   tags find their files (A1111's ``--lora-dir``). See :mod:`noisecraft.api.loras`.
 * ``embedding_dir``: a folder of textual-inversion embeddings; a prompt uses one by its
   file's name, as in A1111 (:mod:`noisecraft.adapters.embedding_set`).
+* ``controlnet_dir``: a folder of ControlNet files / diffusers folders that a call's
+  ``Control(model=NAME)`` names (and a replayed infotext); :mod:`noisecraft.api.controls`.
 
 :class:`~noisecraft.api.options.LoadOptions` checks every one of them, and how they combine,
 before anything loads.
@@ -66,6 +68,7 @@ def load(
     loras: Sequence[Any] = (),
     embedding_dir: str | os.PathLike | None = None,
     lcm_unet: str | os.PathLike | None = None,
+    controlnet_dir: str | os.PathLike | None = None,
 ) -> Pipeline:
     """Load a model and return a :class:`~noisecraft.api.pipeline.Pipeline` that generates.
 
@@ -100,6 +103,7 @@ def load(
         loras=loras,
         embedding_dir=embedding_dir,
         lcm_unet=lcm_unet if lcm_unet is not None else shipped_lcm_unet(model),
+        controlnet_dir=controlnet_dir,
     )
     if threads:
         torch.set_num_threads(threads)

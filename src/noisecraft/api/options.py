@@ -38,6 +38,7 @@ class LoadOptions:
     loras: tuple[tuple[Path, float], ...] = ()
     embedding_dir: str | os.PathLike | None = None
     lcm_unet: str | os.PathLike | None = None
+    controlnet_dir: str | os.PathLike | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.loras, (str, os.PathLike)):
@@ -84,6 +85,12 @@ class LoadOptions:
                     "(the student needs only 4 steps)",
                     settings=["lcm_unet", "low_memory"],
                 )
+        if self.controlnet_dir is not None and not os.path.isdir(self.controlnet_dir):
+            raise ConfigError(
+                f"@controlnet_dir {self.controlnet_dir} is not a folder; give the folder that "
+                "holds the ControlNet files",
+                settings=["controlnet_dir"],
+            )
         if self.embedding_dir is not None and not os.path.isdir(self.embedding_dir):
             raise ConfigError(
                 f"@embedding_dir {self.embedding_dir} is not a folder; give the folder that "

@@ -20,6 +20,7 @@ called here, and the CLI shows its flag instead.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -27,6 +28,16 @@ from typing import Any
 
 from PIL import Image
 
+from noisecraft.api.controls import (
+    Control,
+    PipelineControlNets,
+    UsedControl,
+    as_controls,
+    control_fields,
+    prepare_controls,
+    replay_controls,
+    units_of,
+)
 from noisecraft.api.embeddings import check_embeddings, embedding_set, ti_hashes
 from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
 from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
@@ -47,6 +58,7 @@ from noisecraft.pipelines.png_params import (
     format_parameters,
     sampler_display,
 )
+from noisecraft.pipelines.request import image_size
 from noisecraft.samplers import SamplerSpec, as_spec
 
 DEFAULT_SAMPLER = "dpmpp_2m"
@@ -84,6 +96,7 @@ class Pipeline:
         self.limits = limits or Limits()
         self.decoder_name = decoder_name  # the tiny decoder's, for the infotext
         self._loras = loras or PipelineLoRAs(self.options.lora_dir)
+        self._controlnets = PipelineControlNets(self.options.controlnet_dir, model)
         if isinstance(model, LatentDiffusion):
             from noisecraft.pipelines.lowmem import quantize_per_channel
 
@@ -178,6 +191,7 @@ class Pipeline:
         eta: float | None = None,
         tiling: bool | None = None,
         fast_decode: bool | None = None,
+        control: Control | Sequence[Control] | None = None,
     ) -> GenerateRequest:
         """The :class:`GenerateRequest` a call with these settings runs, defaults filled in
         (see :meth:`__call__` for the settings)."""
@@ -195,7 +209,7 @@ class Pipeline:
         channels = self.model.vae.config.in_channels if latent else self.model.image_shape[0]
         if fast_decode is None:
             fast_decode = self.options.fast and self.model_has_tiny_decoder
-        return GenerateRequest(
+        req = GenerateRequest(
             n=n,
             sampler=spec,
             scheduler_config=self.scheduler_config(spec),
@@ -220,6 +234,21 @@ class Pipeline:
             fast=FAST if self.options.fast else None,
             fast_decode=fast_decode,
         )
+        return self._with_controls(req, control)[0]
+
+    def _with_controls(
+        self, req: GenerateRequest, control: Control | Sequence[Control] | None
+    ) -> tuple[GenerateRequest, list[UsedControl]]:
+        """``req`` with the ControlNet units of ``control``, and what each records."""
+        units = as_controls(control)
+        if not units:
+            return req, []
+        if self.kind != "latent":
+            raise ConfigError("@control (ControlNet) is for latent models", settings=["control"])
+        req.validate(self.model)  # the size is valid before the control images are fitted
+        height, width = image_size(self.model, req)
+        inputs, used = prepare_controls(units, self._controlnets, height, width)
+        return dataclasses.replace(req, controls=inputs), used
 
     def __call__(
         self,
@@ -246,6 +275,9 @@ class Pipeline:
         * ``class_label``: the class (or one per image) of a class-conditional model;
         * ``tiling``: decode in tiles (None = automatic), ``fast_decode``: decode with the
           tiny decoder;
+        * ``control``: ControlNet units, a :class:`~noisecraft.api.controls.Control` or a list
+          (residuals summed; :mod:`noisecraft.api.controls`); ``result.hints`` holds the
+          control image each unit got;
         * ``callback(step)`` after every sampler step (``step`` holds ``i``, ``x``,
           ``sigma``, ``denoised``, the run's ``start`` / ``stop`` images, ``step`` / ``total``
           counted over the whole call); ``progress`` shows a progress bar;
@@ -262,7 +294,8 @@ class Pipeline:
             written = [self._loras.written_prompt(t, loras) for t in texts]
             if prompt is not None:
                 prompt = stripped[0] if isinstance(prompt, str) else stripped
-        req = self.request(prompt, **settings)
+        control = settings.pop("control", None)
+        req, used = self._with_controls(self.request(prompt, **settings), control)
         req.validate(self.model)  # every mistake is reported before any output starts
         req = self.limits.apply(self.model, req, self.options.device)  # or refused: too large
         total = count_steps(self.model, req) if callback is not None or progress else 0
@@ -303,12 +336,14 @@ class Pipeline:
                     x.shape[-2],
                     prompt=None if written is None else _per_image(written, req.n)[i],
                     loras=loras,
+                    controls=used,
                 )
                 for i, x in enumerate(images)
             ],
             tensors=images,
             request=req,
             observed=None if observation is None else self._observed(req, observation, pil),
+            hints=[u.hint for u in used],
         )
 
     def _observation(self, observe: Observer | None) -> Observation | None:
@@ -364,9 +399,11 @@ class Pipeline:
         *,
         prompt: str | None = None,
         loras: Sequence[LoadedLoRA] = (),
+        controls: Sequence[UsedControl] = (),
     ) -> str:
         """Image ``i``'s A1111 ``parameters`` text; ``prompt``: the prompt as written (with
-        its ``<lora:...>`` tags), ``loras``: the LoRAs applied (``Lora hashes``)."""
+        its ``<lora:...>`` tags), ``loras``: the LoRAs applied (``Lora hashes``),
+        ``controls``: the ControlNet units (``ControlNet 0``, ...)."""
         latent = self.kind == "latent"
         diffusers = req.scheduler_config is not None
         display, schedule = sampler_display(req.spec, diffusers=diffusers)
@@ -395,14 +432,23 @@ class Pipeline:
                 **mode_fields(self.options, req.fast_decode, self.decoder_name),
                 **({LORA_HASHES: format_lora_hashes(loras)} if loras else {}),
                 **(ti_hashes(self.model, prompt, negative) if latent else {}),
+                **control_fields(controls),
             },
         )
 
-    def replay(self, source: str | os.PathLike | Image.Image, **overrides: Any) -> GenerationResult:
+    def replay(
+        self,
+        source: str | os.PathLike | Image.Image,
+        *,
+        control_images: ImageLike | Sequence[ImageLike] | None = None,
+        **overrides: Any,
+    ) -> GenerationResult:
         """Make the image an A1111 ``parameters`` text describes again: ``source`` is the text
         itself, a PNG that carries it, or a PIL image read from one. ``overrides`` (any
         setting of :meth:`__call__`; None = keep the PNG's) replace what it says; an image
-        made by img2img needs its ``init_image`` (and ``mask``) again."""
+        made by img2img needs its ``init_image`` (and ``mask``) again, one made with
+        ControlNet its control image (``control_images``: one for every unit or one per unit;
+        the models are found by name in ``controlnet_dir``), unless ``control`` is given."""
         params = read_parameters(source)
         check_modes(params, self.options, self.model_has_tiny_decoder)
         if LORA_HASHES in params.get("extra", {}):
@@ -418,6 +464,9 @@ class Pipeline:
             )
         if settings.get("init_image") is None:
             settings.pop("strength", None)
+        units = units_of(params.get("extra", {}))
+        if units and settings.get("control") is None:
+            settings["control"] = replay_controls(units, control_images, self._controlnets)
         return self(**settings)
 
 

@@ -29,6 +29,12 @@ def output_paths(out: str | os.PathLike, n: int) -> list[Path]:
     return [first] + [out.with_name(f"{out.stem}_{i}{suffix}") for i in range(1, n)]
 
 
+def hint_output_paths(out: str | os.PathLike, n: int) -> list[Path]:
+    """``out_control0.png``, ... (one per ControlNet unit) beside ``out``."""
+    out = Path(out)
+    return [out.with_name(f"{out.stem}_control{i}.png") for i in range(n)]
+
+
 def write_png(
     image: Image.Image, path: str | os.PathLike, infotext: str, *, overwrite: bool
 ) -> Path:
@@ -51,7 +57,9 @@ class GenerationResult:
     * ``tensors``: the images as (n, C, H, W) floats in [-1, 1] before 8-bit rounding;
     * ``request``: the validated :class:`~noisecraft.pipelines.generate.GenerateRequest`;
     * ``observed``: what the call's ``observe`` asked for
-      (:class:`~noisecraft.api.observed.Observed`), None without one.
+      (:class:`~noisecraft.api.observed.Observed`), None without one;
+    * ``hints``: the control image each ControlNet unit got (preprocessed and fitted), in
+      unit order; empty without ControlNet.
     """
 
     images: Sequence[Image.Image]
@@ -60,22 +68,32 @@ class GenerationResult:
     tensors: Tensor
     request: Any
     observed: Any = None
+    hints: Sequence[Image.Image] = ()
 
     @property
     def infotext(self) -> str:
         """The first image's infotext (A1111's ``info``)."""
         return self.infotexts[0]
 
-    def save(self, out: str | os.PathLike, *, overwrite: bool = False) -> list[Path]:
-        """Write ``out``, ``out_1.png``, ... (one PNG per image, with its parameters); every
-        path is checked before the first is written."""
+    def save(
+        self, out: str | os.PathLike, *, overwrite: bool = False, hints: bool = False
+    ) -> list[Path]:
+        """Write ``out``, ``out_1.png``, ... (one PNG per image, with its parameters); with
+        ``hints`` also each ControlNet unit's control image as ``OUT_control0.png``, ...
+        Every path is checked before the first is written."""
         paths = output_paths(out, len(self.images))
-        for path in paths:
+        hint_paths = hint_output_paths(out, len(self.hints)) if hints else []
+        for path in paths + hint_paths:
             check_writable(path, overwrite=overwrite)
-        return [
+        written = [
             write_png(im, path, text, overwrite=overwrite)
             for im, path, text in zip(self.images, paths, self.infotexts, strict=True)
         ]
+        for im, path in zip(self.hints if hints else [], hint_paths, strict=True):
+            with writing(path), atomic_path(path) as tmp:
+                im.save(tmp, format="PNG")
+            written.append(path)
+        return written
 
 
-__all__ = ["GenerationResult", "output_paths", "write_png"]
+__all__ = ["GenerationResult", "hint_output_paths", "output_paths", "write_png"]

@@ -1,4 +1,5 @@
-"""`noisecraft convert IN OUT --to single-file|diffusers|noisecraft`."""
+"""`noisecraft convert IN OUT --to single-file|diffusers|noisecraft` (ControlNets: single-file |
+diffusers)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from noisecraft.cli.options import ArchOption, PredictionOption, VaeOption
 
 
 def convert_command(
-    src: Annotated[Path, typer.Argument(help="a .safetensors / .ckpt file or a diffusers folder")],
+    src: Annotated[
+        Path, typer.Argument(help="a .safetensors / .ckpt / .pth file or a diffusers folder")
+    ],
     dst: Annotated[Path, typer.Argument(help="the file (or folder, for diffusers) to write")],
     to: Annotated[
         str, typer.Option("--to", help="single-file | diffusers | noisecraft")
@@ -21,7 +24,8 @@ def convert_command(
     arch: ArchOption = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output")] = False,
 ) -> None:
-    """Convert a Stable Diffusion-type model between formats (any direction)."""
+    """Convert a Stable Diffusion-type model (any direction) or a ControlNet (single-file <->
+    diffusers) between formats."""
     from noisecraft.io.formats.auto import convert, detect_format
 
     fmt = detect_format(src)

@@ -5,7 +5,10 @@ each option is an API setting of the same name (:mod:`noisecraft.cli.options`). 
 carries a ``parameters`` text chunk in AUTOMATIC1111's format; ``--from-png IMAGE`` reads it
 back and makes the same image again (:meth:`Pipeline.replay`), options given on the command
 line overriding what it says. ``--lora FILE[:WEIGHT]`` (repeatable) and ``<lora:NAME:W>`` in
-the prompt with ``--lora-dir`` apply LoRAs (:mod:`noisecraft.api.loras`).
+the prompt with ``--lora-dir`` apply LoRAs (:mod:`noisecraft.api.loras`). ``--controlnet FILE
+--control-image IMG`` (repeatable, with ``--control-weight`` / ``--control-start`` /
+``--control-end`` / ``--preprocess`` / ``--control-resize`` per unit) adds ControlNet units
+(:mod:`noisecraft.api.controls`); with ``--from-png`` the control images are given again.
 Seeing inside (:class:`~noisecraft.pipelines.observe.Observer`): ``--attention-maps DIR``
 (a heat map per prompt word), ``--save-every K`` (the latents every K steps into
 ``OUT_steps/``) and ``--gif PATH`` (the denoising as an animation).
@@ -89,16 +92,33 @@ def generate_command(
     lora_dir: o.LoraDir = None,
     embedding_dir: o.EmbeddingDir = None,
     lcm_unet: o.LcmUnet = None,
+    controlnet: o.ControlNets = None,
+    control_image: o.ControlImages = None,
+    control_weight: o.ControlWeights = None,
+    control_start: o.ControlStarts = None,
+    control_end: o.ControlEnds = None,
+    preprocess: o.Preprocess = None,
+    control_resize: o.ControlResize = None,
+    guess_mode: o.GuessMode = False,
+    save_hint: o.SaveHint = False,
+    controlnet_dir: o.ControlnetDir = None,
 ) -> None:
     """Generate images from a prompt (text-to-image, --init img2img, --mask inpainting)."""
     import noisecraft
-    from noisecraft.api.result import output_paths
+    from noisecraft.api.result import hint_output_paths, output_paths
     from noisecraft.api.shipped import DEFAULT_MODEL
     from noisecraft.io.atomic import check_writable
 
     given = locals()
     settings = {**o.api_settings(given, CALL_SETTINGS), **o.parse_size(size)}
+    units = _control_units(given, from_png is not None)
+    if units:
+        settings["control"] = [noisecraft.Control(**u) for u in units]
+    elif control_image and from_png is not None:  # the recorded units, their images again
+        settings["control_images"] = list(control_image)
     for path in output_paths(out, n):  # refuse before the (slow) load
+        check_writable(path, overwrite=overwrite)
+    for path in hint_output_paths(out, len(controlnet or [])) if save_hint else []:
         check_writable(path, overwrite=overwrite)
     steps_range = o.parse_step_range(attention_steps)
     if attention_maps is not None:
@@ -132,7 +152,7 @@ def generate_command(
         result = pipe.replay(from_png, progress=True, **settings)
     else:
         result = pipe(progress=True, **settings)
-    for path in result.save(out, overwrite=overwrite):
+    for path in result.save(out, overwrite=overwrite, hints=save_hint):
         typer.echo(f"wrote {path}")
     if attention_maps is not None:
         _write_attention_maps(result, attention_maps, overwrite)
@@ -144,6 +164,22 @@ def generate_command(
             typer.echo(f"wrote {len(steps.steps)} steps of latents into {target}")
         if gifs:
             typer.echo(f"wrote {steps.save_gif(gifs[i], overwrite=overwrite)}")
+
+
+def _control_units(given: dict, replaying: bool) -> list[dict]:
+    """The ``--controlnet`` units of the command line (none: a replay may keep its own)."""
+    if replaying and not given["controlnet"]:
+        return []
+    return o.control_units(
+        given["controlnet"],
+        given["control_image"],
+        weight=given["control_weight"],
+        start=given["control_start"],
+        end=given["control_end"],
+        preprocess=given["preprocess"],
+        resize=given["control_resize"],
+        guess_mode=given["guess_mode"],
+    )
 
 
 def _write_attention_maps(result: object, folder: Path, overwrite: bool) -> None:

@@ -28,6 +28,9 @@ FLAGS = {
     "source": "--from-png",
     "loras": "--lora",
     "observe": "--attention-steps",
+    "control": "--controlnet",
+    "control_images": "--control-image",
+    "resize": "--control-resize",
 }
 
 #: The settings of ``noisecraft.load`` that commands expose.
@@ -49,6 +52,7 @@ LOAD_SETTINGS = (
     "loras",
     "embedding_dir",
     "lcm_unet",
+    "controlnet_dir",
 )
 
 
@@ -240,6 +244,15 @@ LcmUnet = Annotated[
         "mnist-text-lcm)",
     ),
 ]
+ControlnetDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--controlnet-dir",
+        metavar="DIR",
+        help="folder of ControlNet files / diffusers folders that --controlnet NAME (and "
+        "--from-png) names",
+    ),
+]
 EmbeddingDir = Annotated[
     Path | None,
     typer.Option(
@@ -249,3 +262,98 @@ EmbeddingDir = Annotated[
         "one by its file name, as in A1111",
     ),
 ]
+
+# ---------------------------------------------------------------------------- ControlNet
+# Repeatable: the i-th value belongs to the i-th --controlnet; one value serves every unit.
+ControlNets = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--controlnet",
+        metavar="FILE",
+        help="ControlNet file, diffusers folder or name in --controlnet-dir; repeatable "
+        "(residuals summed)",
+    ),
+]
+ControlImages = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--control-image", metavar="IMG", help="control image of each --controlnet (or one for all)"
+    ),
+]
+ControlWeights = Annotated[
+    list[float] | None, typer.Option("--control-weight", help="conditioning scale (default 1)")
+]
+ControlStarts = Annotated[
+    list[float] | None,
+    typer.Option("--control-start", help="fraction of the steps where it starts (default 0)"),
+]
+ControlEnds = Annotated[
+    list[float] | None,
+    typer.Option("--control-end", help="fraction of the steps where it ends (default 1)"),
+]
+Preprocess = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--preprocess", help="canny | scribble | threshold | none (a ready hint; default)"
+    ),
+]
+ControlResize = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--control-resize",
+        help="crop (Crop and Resize, default) | resize (Just Resize) | fill (Resize and Fill)",
+    ),
+]
+GuessMode = Annotated[
+    bool,
+    typer.Option(
+        help="ControlNet without the prompt's guidance half (A1111: ControlNet is "
+        "more important); every unit"
+    ),
+]
+SaveHint = Annotated[
+    bool, typer.Option(help="also write each unit's control image as OUT_control0.png, ...")
+]
+
+
+_CONTROL_FLAGS = {
+    "image": "--control-image",
+    "weight": "--control-weight",
+    "start": "--control-start",
+    "end": "--control-end",
+    "preprocess": "--preprocess",
+    "resize": "--control-resize",
+    "guess_mode": "--guess-mode",
+}
+
+
+def control_units(
+    models: list[str] | None, images: list[Path] | None, **per_unit: Any
+) -> list[dict[str, Any]]:
+    """The settings of each ``--controlnet`` unit: the i-th value of each option, or its one
+    value for every unit (``per_unit``: setting -> list of values or None; a non-list value
+    serves every unit)."""
+    n = len(models or [])
+    given = {k: v for k, v in per_unit.items() if v not in (None, [], False)}
+    if not n:
+        if images or given:
+            flag = "--control-image" if images else _CONTROL_FLAGS[next(iter(given))]
+            raise ConfigError(f"{flag} needs --controlnet FILE")
+        return []
+    lists = {"image": images, **given}
+    units: list[dict[str, Any]] = [{"model": m} for m in models or []]
+    for key, values in lists.items():
+        if values is None:
+            continue
+        values = values if isinstance(values, list) else [values]
+        if len(values) not in (1, n):
+            flag = _CONTROL_FLAGS[key]
+            raise ConfigError(
+                f"{flag} was given {len(values)} times for {n} --controlnet; give it once "
+                "(for every unit) or once per --controlnet"
+            )
+        for i, unit in enumerate(units):
+            unit[key] = values[i if len(values) == n else 0]
+    if images is None:
+        raise ConfigError("--controlnet needs --control-image IMG (the control image)")
+    return units

@@ -10,6 +10,10 @@ A1111 (``modules/hashes.py``) names an extra network by a hash of its file:
   (``Lora hashes: "name: <first 12 hex>"``) and other LoRA files with ``sha256_file``.
 
 ``short_hash`` is the 12-character prefix A1111 shows (``shorthash``).
+
+``legacy_model_hash`` is A1111's old model hash (``sd_models.model_hash``): the first 8 hex
+digits of the SHA-256 of the 64 KiB at offset 1 MiB. The ControlNet extension still names
+its models by it (``control_v11p_sd15_canny [d14c016b]``).
 """
 
 from __future__ import annotations
@@ -50,6 +54,17 @@ def network_hash(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         is_zip_or_pickle = f.read(2) in (b"PK", b"\x80\x02", b"\x80\x03", b"\x80\x04")
     return sha256_file(path) if is_zip_or_pickle else addnet_hash(path)
+
+
+def legacy_model_hash(path: str | os.PathLike | None) -> str | None:
+    """A1111's legacy 8-hex model hash (module docstring); None without a file."""
+    if path is None:
+        return None
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(0x100000)
+        h.update(f.read(0x10000))
+    return h.hexdigest()[:8]
 
 
 def short_hash(full: str) -> str:

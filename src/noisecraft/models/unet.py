@@ -203,50 +203,59 @@ class FeatureCache(Protocol):
         ...
 
 
-class UNet(nn.Module):
-    """Noise / v / x0 prediction network ``f(x, t, class_labels, context)``.
+def make_resblock(c: UNetConfig, ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
+    """A ResBlock of a U-Net of config ``c`` (embedding width ``4 * model_channels``)."""
+    return ResBlock(
+        ch_in,
+        4 * c.model_channels,
+        ch_out,
+        dropout=c.dropout,
+        norm_groups=c.norm_groups,
+        use_scale_shift_norm=c.use_scale_shift_norm,
+        **kw,
+    )
 
-    ``skip_channels`` lists the channels of each skip connection (one per input block), the
-    shapes ControlNet-style ``down_residuals`` must have.
+
+def make_attention(c: UNetConfig, ch: int) -> nn.Module:
+    """The attention layer of a U-Net of config ``c`` at ``ch`` channels: a
+    :class:`SpatialTransformer` with ``context_dim``, else a pixel :class:`AttentionBlock`."""
+    heads, dim_head = resolve_heads(ch, c.num_heads, c.head_channels)
+    if c.context_dim is None:
+        return AttentionBlock(ch, heads, dim_head, norm_groups=c.norm_groups)
+    return SpatialTransformer(
+        ch,
+        heads,
+        dim_head,
+        depth=c.transformer_depth,
+        context_dim=c.context_dim,
+        use_linear=c.use_linear_projection,
+        norm_groups=c.norm_groups,
+        dropout=c.dropout,
+    )
+
+
+class UNetEncoder(nn.Module):
+    """The down half of a U-Net: ``time_embed``, ``label_emb``, ``input_blocks`` and
+    ``middle_block``, in the names of :class:`UNet`. :class:`UNet` adds the up half;
+    :class:`~noisecraft.models.controlnet.ControlNet` is a trainable copy of this half.
+
+    ``skip_channels`` lists the channels of each input block's output (one skip connection
+    each), the shapes ControlNet-style ``down_residuals`` must have.
     """
+
+    #: How messages name the network.
+    what = "U-Net"
 
     def __init__(self, config: UNetConfig):
         super().__init__()
         self.config = c = config
         self.null_class: int | None = c.num_classes
         emb_dim = 4 * c.model_channels
-        groups = c.norm_groups
 
         self.time_embed = nn.Sequential(
             Linear(c.model_channels, emb_dim), nn.SiLU(), Linear(emb_dim, emb_dim)
         )
         self.label_emb = nn.Embedding(c.num_classes + 1, emb_dim) if c.num_classes else None
-
-        def res(ch_in: int, ch_out: int, **kw: bool) -> ResBlock:
-            return ResBlock(
-                ch_in,
-                emb_dim,
-                ch_out,
-                dropout=c.dropout,
-                norm_groups=groups,
-                use_scale_shift_norm=c.use_scale_shift_norm,
-                **kw,
-            )
-
-        def attn(ch: int) -> nn.Module:
-            heads, dim_head = resolve_heads(ch, c.num_heads, c.head_channels)
-            if c.context_dim is None:
-                return AttentionBlock(ch, heads, dim_head, norm_groups=groups)
-            return SpatialTransformer(
-                ch,
-                heads,
-                dim_head,
-                depth=c.transformer_depth,
-                context_dim=c.context_dim,
-                use_linear=c.use_linear_projection,
-                norm_groups=groups,
-                dropout=c.dropout,
-            )
 
         ch = c.model_channels
         self.input_blocks = nn.ModuleList(
@@ -256,53 +265,40 @@ class UNet(nn.Module):
         last = len(c.channel_mult) - 1
         for level, mult in enumerate(c.channel_mult):
             for _ in range(c.num_res_blocks):
-                layers: list[nn.Module] = [res(ch, mult * c.model_channels)]
+                layers: list[nn.Module] = [make_resblock(c, ch, mult * c.model_channels)]
                 ch = mult * c.model_channels
                 if level in c.attention_levels:
-                    layers.append(attn(ch))
+                    layers.append(make_attention(c, ch))
                 self.input_blocks.append(EmbedSequential(*layers))
                 skip.append(ch)
             if level != last:
-                down = res(ch, ch, down=True) if c.resblock_updown else Downsample(ch)
+                down = make_resblock(c, ch, ch, down=True) if c.resblock_updown else Downsample(ch)
                 self.input_blocks.append(EmbedSequential(down))
                 skip.append(ch)
         self.skip_channels: tuple[int, ...] = tuple(skip)
 
-        self.middle_block = EmbedSequential(res(ch, ch), attn(ch), res(ch, ch))
-
-        self.output_blocks = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(c.channel_mult))):
-            for i in range(c.num_res_blocks + 1):
-                layers = [res(ch + skip.pop(), mult * c.model_channels)]
-                ch = mult * c.model_channels
-                if level in c.attention_levels:
-                    layers.append(attn(ch))
-                if level and i == c.num_res_blocks:
-                    layers.append(res(ch, ch, up=True) if c.resblock_updown else Upsample(ch))
-                self.output_blocks.append(EmbedSequential(*layers))
-
-        out_conv = Conv2d(ch, c.output_channels, 3, padding=1)
-        nn.init.zeros_(out_conv.weight)
-        nn.init.zeros_(out_conv.bias)
-        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(inplace=True), out_conv)
+        self.middle_block = EmbedSequential(
+            make_resblock(c, ch, ch), make_attention(c, ch), make_resblock(c, ch, ch)
+        )
 
     def _check(self, x: Tensor, class_labels: Tensor | None, context: Tensor | None) -> None:
-        c = self.config
+        c, what = self.config, self.what
         if x.ndim != 4 or x.shape[1] != c.in_channels:
             raise ConfigError(
-                f"U-Net input must be (batch, {c.in_channels}, height, width), got {tuple(x.shape)}"
+                f"{what} input must be (batch, {c.in_channels}, height, width), "
+                f"got {tuple(x.shape)}"
             )
         if min(x.shape[-2:]) < 1:
-            raise ConfigError(f"U-Net input {tuple(x.shape)} is empty: give height and width")
+            raise ConfigError(f"{what} input {tuple(x.shape)} is empty: give height and width")
         if class_labels is not None and c.num_classes is None:
-            raise ConfigError("this U-Net is unconditional: pass no class labels")
+            raise ConfigError(f"this {what} is unconditional: pass no class labels")
         if c.context_dim is not None and context is None:
             raise ConfigError(
-                f"this U-Net has cross-attention: pass context of shape (batch, tokens, "
+                f"this {what} has cross-attention: pass context of shape (batch, tokens, "
                 f"{c.context_dim})"
             )
         if c.context_dim is None and context is not None:
-            raise ConfigError("this U-Net has no cross-attention (context_dim is null)")
+            raise ConfigError(f"this {what} has no cross-attention (context_dim is null)")
         if context is not None and (context.ndim != 3 or context.shape[-1] != c.context_dim):
             raise ConfigError(
                 f"context must be (batch, tokens, {c.context_dim}), got {tuple(context.shape)}"
@@ -334,6 +330,40 @@ class UNet(nn.Module):
                 )
             emb = emb + self.label_emb(class_labels)
         return emb
+
+
+class UNet(UNetEncoder):
+    """Noise / v / x0 prediction network ``f(x, t, class_labels, context)``: the encoder of
+    :class:`UNetEncoder`, then ``output_blocks`` and the ``out`` head.
+
+    ``skip_channels`` lists the channels of each skip connection (one per input block), the
+    shapes ControlNet-style ``down_residuals`` must have.
+    """
+
+    def __init__(self, config: UNetConfig):
+        super().__init__(config)
+        c = config
+        skip = list(self.skip_channels)
+        ch = c.model_channels * c.channel_mult[-1]
+        self.output_blocks = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(c.channel_mult))):
+            for i in range(c.num_res_blocks + 1):
+                layers: list[nn.Module] = [
+                    make_resblock(c, ch + skip.pop(), mult * c.model_channels)
+                ]
+                ch = mult * c.model_channels
+                if level in c.attention_levels:
+                    layers.append(make_attention(c, ch))
+                if level and i == c.num_res_blocks:
+                    layers.append(
+                        make_resblock(c, ch, ch, up=True) if c.resblock_updown else Upsample(ch)
+                    )
+                self.output_blocks.append(EmbedSequential(*layers))
+
+        out_conv = Conv2d(ch, c.output_channels, 3, padding=1)
+        nn.init.zeros_(out_conv.weight)
+        nn.init.zeros_(out_conv.bias)
+        self.out = nn.Sequential(group_norm(ch, c.norm_groups), nn.SiLU(inplace=True), out_conv)
 
     def forward(
         self,

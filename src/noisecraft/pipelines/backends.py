@@ -17,6 +17,9 @@ reads the request (prompts or class labels) and calls the model:
 - ``inpaint_conditioning(mask, masked_latents)``: the extra input of a 9-channel
   inpainting U-Net;
 - ``preview(denoised, mode)``: a cheap RGB picture of an x0 estimate, for progress previews;
+- ``controlled(denoiser, controls, sigmas)``: the denoiser with ControlNet residuals added to
+  each U-Net call (:mod:`noisecraft.pipelines.control`; latent models only), the rows flag
+  it needs is part of ``conditioning``;
 - ``c_skip(sigma)``: ``a`` in ``x0 = a x + b * output`` (for guidance rescale);
 - attributes ``schedule``, ``device``, ``x0_range``, ``downsample_factor``,
   ``per_image_seeds``, ``inpaint_unet``, ``tiny_decoder`` and
@@ -38,6 +41,7 @@ from noisecraft.diffusion.parametrization import c_skip_for
 from noisecraft.errors import ConfigError
 from noisecraft.models.latent_diffusion import LatentDiffusion
 from noisecraft.models.pixel_diffusion import PixelDiffusion
+from noisecraft.pipelines.control import ControlInput, control_rows, with_controls
 
 if TYPE_CHECKING:
     from noisecraft.pipelines.generate import GenerateRequest
@@ -96,6 +100,10 @@ class DiffusionModel(Protocol):
 
     def c_skip(self, sigma: Tensor) -> Tensor: ...
 
+    def controlled(
+        self, denoiser: Denoiser, controls: Sequence[ControlInput], sigmas: Tensor
+    ) -> Denoiser: ...
+
 
 class PixelModel:
     """:class:`PixelDiffusion` seen through the :class:`DiffusionModel` protocol.
@@ -134,6 +142,8 @@ class PixelModel:
     def check_request(self, request: GenerateRequest) -> None:
         if request.clip_skip is not None:
             raise ConfigError("@clip_skip is for text-to-image models", settings=["clip_skip"])
+        if request.controls:
+            raise ConfigError("@control (ControlNet) is for latent models", settings=["control"])
         if request.prompts is not None or _any_text(request.negative_prompt):
             raise ConfigError(
                 "this model takes @class_label, not @prompt", settings=["class_label", "prompt"]
@@ -186,6 +196,11 @@ class PixelModel:
     def c_skip(self, sigma: Tensor) -> Tensor:
         return c_skip_for(self.model.prediction, sigma)
 
+    def controlled(
+        self, denoiser: Denoiser, controls: Sequence[ControlInput], sigmas: Tensor
+    ) -> Denoiser:
+        raise ConfigError("@control (ControlNet) is for latent models", settings=["control"])
+
 
 class LatentModel:
     """:class:`LatentDiffusion` seen through the :class:`DiffusionModel` protocol: prompts
@@ -229,6 +244,13 @@ class LatentModel:
     def c_skip(self, sigma: Tensor) -> Tensor:
         return self.model.c_skip(sigma)
 
+    def controlled(
+        self, denoiser: Denoiser, controls: Sequence[ControlInput], sigmas: Tensor
+    ) -> Denoiser:
+        """``denoiser`` (the U-Net's) with the residuals of ``controls`` added to every U-Net
+        call; ``sigmas``: the ones the sampler runs on (for each unit's start / end)."""
+        return with_controls(denoiser, controls, sigmas)
+
     # what reads the request
     def check_request(self, request: GenerateRequest) -> None:
         if request.classes is not None:
@@ -243,6 +265,29 @@ class LatentModel:
                 f"layer), got {skip!r}",
                 settings=["clip_skip"],
             )
+        for i, unit in enumerate(request.controls):
+            if isinstance(unit, ControlInput):
+                self._check_controlnet(i, unit.net)
+
+    def _check_controlnet(self, i: int, net: Any) -> None:
+        """One-line error for a ControlNet made for another U-Net or VAE."""
+        unet = self.model.unet
+        theirs = list(getattr(net, "skip_channels", []))
+        if theirs != list(unet.skip_channels):
+            raise ConfigError(
+                f"control {i}: this ControlNet is for another U-Net (residual channels "
+                f"{theirs}, this model's skips {list(unet.skip_channels)}); use one made for "
+                "this model's base",
+                settings=["control"],
+            )
+        config = getattr(net, "controlnet_config", None)
+        factor = getattr(config, "hint_factor", self.downsample_factor)
+        if factor != self.downsample_factor:
+            raise ConfigError(
+                f"control {i}: this ControlNet reads hints at {factor}x the latent size, this "
+                f"model's VAE works at {self.downsample_factor}x; use one made for this model",
+                settings=["control"],
+            )
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         f = self.downsample_factor
@@ -252,17 +297,26 @@ class LatentModel:
         self, request: GenerateRequest, start: int, stop: int
     ) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Text ``context`` of images ``start:stop``; with CFG also the negative prompts'.
+        With ControlNet units, each also marks its rows conditional or not
+        (:data:`~noisecraft.pipelines.control.ROWS_KEY`).
 
         Prompts and negative prompts are encoded in one batch, so both come out with the
         same number of 77-token chunks (shorter ones padded with empty-prompt chunks).
         """
         prompts = request.image_prompts()[start:stop]
+
+        def rows(conditional: bool) -> dict[str, Tensor]:  # for ControlNet's guess mode
+            if not request.controls:
+                return {}
+            return control_rows(stop - start, conditional, self.device)
+
         if request.cfg == 1.0:
-            return {"context": self.model.encode_prompt(prompts, request.clip_skip)}, None
+            context = self.model.encode_prompt(prompts, request.clip_skip)
+            return {"context": context, **rows(True)}, None
         negatives = request.image_negative_prompts()[start:stop]
         both = self.model.encode_prompt(prompts + negatives, request.clip_skip)
         cond, uncond = both.split(len(prompts))
-        return {"context": cond}, {"context": uncond}
+        return {"context": cond, **rows(True)}, {"context": uncond, **rows(False)}
 
 
 def _is_int(value: Any) -> bool:

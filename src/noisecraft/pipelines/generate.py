@@ -8,7 +8,9 @@ the two is behind the :class:`~noisecraft.pipelines.backends.DiffusionModel` pro
 Everything else -- classifier-free guidance (a denoiser wrapper, Ho & Salimans 2022 eq. 6),
 guidance rescale (Lin et al. 2023 eq. 15-16), img2img (SDEdit, Meng et al. 2022: start at a
 later sigma, not a flag), inpainting (RePaint-style blending, Lugmayr et al. 2022, as a
-denoiser wrapper) -- is written once, here, and no sampler knows about any of it.
+denoiser wrapper), ControlNet (Zhang et al. 2023: residuals added inside each U-Net call,
+:mod:`noisecraft.pipelines.control`) -- is written once, here, and no sampler knows about any
+of it.
 
 Seeds (see :meth:`GenerateRequest.image_seeds`): with ``per_image_seeds`` (latent models, or
 any model when ``request.seeds`` is given) image ``i`` has its own CPU generator seeded with
@@ -169,6 +171,8 @@ def generate(
     denoiser = m.denoiser(plan.spacing)
     if plan.quantize:
         denoiser = _quantized(denoiser)
+    if request.controls:  # ControlNet residuals inside each U-Net call
+        denoiser = m.controlled(denoiser, request.controls, sigmas)
     options = plan.options
     initial_sigma = sigmas[0] if plan.initial_sigma is None else plan.initial_sigma
     shape = m.latent_shape(*image_size(m, request))

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from noisecraft.errors import ConfigError
 from noisecraft.pipelines.backends import DiffusionModel, as_model
+from noisecraft.pipelines.control import ControlInput
 from noisecraft.pipelines.diffusers_schedulers import DiffusersSampling, for_sampler
 from noisecraft.pipelines.fast import FastMode, as_fast_mode
 from noisecraft.samplers import SamplerSpec, as_spec
@@ -64,6 +65,10 @@ class GenerateRequest:
       ``steps``: ``FAST.request(...)`` also picks the fast sampler and steps.
     * ``clip_skip``: the text encoder layer the prompts are read from (A1111's "Clip skip";
       None = the model's own); latent models only.
+    * ``controls``: ControlNet units (:class:`~noisecraft.pipelines.control.ControlInput`:
+      a ControlNet, its hint at the image size, weight, start / end, guess mode), their
+      residuals summed in every U-Net call (:mod:`noisecraft.pipelines.control`); latent
+      models only.
     """
 
     n: int = 16
@@ -89,6 +94,7 @@ class GenerateRequest:
     fast_decode: bool = False
     fast: FastMode | bool | None = None
     clip_skip: int | None = None
+    controls: Sequence[ControlInput] = ()
 
     # ------------------------------------------------------------------ derived values
     @functools.cached_property
@@ -212,6 +218,10 @@ class GenerateRequest:
             _image_batch(self.init_image, m.image_channels, height, width, self.n, "init image")
         if self.mask is not None:
             _mask_batch(self.mask, height, width, self.n)
+        for i, unit in enumerate(self.controls):
+            if not isinstance(unit, ControlInput):
+                raise ConfigError(f"controls must be ControlInput units, got {type(unit).__name__}")
+            unit.check(i, height, width)
 
 
 def _check_int(setting: str, value: Any, lo: int, hi: int | None = None) -> None:

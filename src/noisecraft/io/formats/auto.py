@@ -78,7 +78,11 @@ def load_any(
             model = model.replace(prediction=prediction)
         return model
     if fmt == "diffusers":
+        from noisecraft.io.controlnet_files import controlnet_folder
         from noisecraft.io.formats.diffusers_folder import load_diffusers_folder
+
+        if Path(path, "config.json").is_file() and controlnet_folder(path) == Path(path):
+            raise CheckpointError(f"{path} is a ControlNet, not a model; load it as a ControlNet")
 
         model = load_diffusers_folder(path, prediction=prediction, device=device)
         if vae is not None:
@@ -101,11 +105,27 @@ def convert(
     prediction: str | None = None,
     arch: str | None = None,
 ) -> Path:
-    """Read ``src`` in any format and write it to ``dst`` in format ``to`` (see FORMATS)."""
+    """Read ``src`` in any format and write it to ``dst`` in format ``to`` (see FORMATS).
+
+    A ControlNet (:func:`noisecraft.io.controlnet_files.is_controlnet`) converts between its
+    own two formats, single-file and diffusers (:func:`.controlnet_files.convert_controlnet`).
+    """
     if to not in FORMATS:
         raise unknown_name("format", to, FORMATS)
     from noisecraft.io.atomic import check_writable
+    from noisecraft.io.controlnet_files import convert_controlnet, is_controlnet
     from noisecraft.io.write_errors import writing
+
+    if is_controlnet(src):
+        given = [
+            name for name, v in (("vae", vae), ("prediction", prediction), ("arch", arch)) if v
+        ]
+        if given:
+            raise ConfigError(
+                f"@{given[0]} applies to Stable Diffusion models; {src} is a ControlNet",
+                settings=given[:1],
+            )
+        return convert_controlnet(src, dst, to, overwrite=overwrite)
 
     dst = Path(dst)
     check_writable(dst, overwrite=overwrite, folder=to == "diffusers")  # before the slow load

@@ -20,6 +20,7 @@ from noisecraft.errors import CheckpointError
 
 __all__ = [
     "DIFFUSERS_VERSION",
+    "MODEL_STEMS",
     "PARTS_HINT",
     "one_line",
     "read_json",
@@ -31,9 +32,10 @@ __all__ = [
 DIFFUSERS_VERSION = "0.42.1"
 PARTS_HINT = "a diffusers folder needs unet/, vae/, text_encoder/, tokenizer/ (and scheduler/)"
 #: (safetensors stem, .bin stem) of each part's weights, as diffusers / transformers name them.
+MODEL_STEMS = ("diffusion_pytorch_model", "diffusion_pytorch_model")
 _WEIGHT_STEMS = {
-    "unet": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
-    "vae": ("diffusion_pytorch_model", "diffusion_pytorch_model"),
+    "unet": MODEL_STEMS,
+    "vae": MODEL_STEMS,
     "text_encoder": ("model", "pytorch_model"),
 }
 
@@ -78,9 +80,13 @@ def _candidates(stem: str, bin_stem: str, variant: str | None) -> list[str]:
     ]
 
 
-def read_weights(folder: Path, variant: str | None) -> tuple[list[Path], dict[str, Tensor]]:
-    """(files read, state dict) of one part: safetensors, ``.bin`` or a sharded index."""
-    stem, bin_stem = _WEIGHT_STEMS[folder.name]
+def read_weights(
+    folder: Path, variant: str | None, stems: tuple[str, str] | None = None
+) -> tuple[list[Path], dict[str, Tensor]]:
+    """(files read, state dict) of one part: safetensors, ``.bin`` or a sharded index.
+    ``stems``: the (safetensors, .bin) file stems; default: those of the part the folder's
+    name says (``unet``, ``vae``, ``text_encoder``)."""
+    stem, bin_stem = stems or _WEIGHT_STEMS[folder.name]
     names = _candidates(stem, bin_stem, variant)
     found = next((folder / n for n in names if (folder / n).is_file()), None)
     if found is None:

@@ -52,7 +52,11 @@ def _shape(sd: Mapping[str, Tensor], key: str, what: str, source: str) -> torch.
 
 
 def infer_unet_config(
-    sd: Mapping[str, Tensor], family: str, source: str = "checkpoint"
+    sd: Mapping[str, Tensor],
+    family: str,
+    source: str = "checkpoint",
+    *,
+    encoder_only: bool = False,
 ) -> UNetConfig:
     """The U-Net's config from the shapes of its (prefix-stripped) LDM tensors.
 
@@ -60,7 +64,8 @@ def infer_unet_config(
     channels come from its ResBlocks' output convs, attention levels from the
     SpatialTransformers found there (``input_blocks.N.1``), the depth from their
     ``transformer_blocks``, the context width from ``attn2.to_k``. Heads follow the family's
-    convention (module docstring).
+    convention (module docstring). ``encoder_only``: the tensors are a U-Net's encoder alone
+    (a ControlNet's), so ``out_channels`` is taken equal to ``in_channels``.
     """
 
     def shape(key: str) -> torch.Size:
@@ -68,7 +73,7 @@ def infer_unet_config(
 
     conv_in = shape("input_blocks.0.0.weight")
     model_channels, in_channels = int(conv_in[0]), int(conv_in[1])
-    out_channels = int(shape("out.2.weight")[0])
+    out_channels = in_channels if encoder_only else int(shape("out.2.weight")[0])
     n_in = _count(sd, r"input_blocks\.(\d+)\.")
     levels: list[list[int]] = [[]]
     attention: list[set[int]] = [set()]

@@ -30,7 +30,7 @@ U-Net has our names under ``model.diffusion_model.`` (:data:`LDM`).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from functools import cache
 
 from torch import Tensor
@@ -45,6 +45,7 @@ __all__ = [
     "block_pairs",
     "check_mappable",
     "diffusers_table",
+    "pair_rules",
     "unet_from_diffusers",
     "unet_to_diffusers",
 ]
@@ -137,14 +138,20 @@ def diffusers_table(config: UNetConfig) -> Table:
     any other name inside a ResBlock is unmapped) and every other block's inside unchanged
     (names in attention blocks are the same on both sides; an unknown one is left to the
     strict load to refuse)."""
+    return Table(pair_rules(block_pairs(config)))
+
+
+def pair_rules(pairs: Iterable[tuple[str, str, bool]]) -> list[Rule]:
+    """The rules of :func:`block_pairs`' pairs: each pair a prefix, ResBlock leaves renamed
+    (:data:`RESNET_LEAVES`), every other block's inside unchanged."""
     rules: list[Rule] = []
-    for ours, theirs, is_resnet in block_pairs(config):
+    for ours, theirs, is_resnet in pairs:
         if is_resnet:
             leaves = (rule(f"{o}.{{param:{_PARAM}}}", f"{t}.{{param}}") for o, t in RESNET_LEAVES)
             rules.extend(under(f"{ours}.", f"{theirs}.", leaves))
         else:
             rules.append(rule(f"{ours}.{{rest}}", f"{theirs}.{{rest}}"))
-    return Table(rules)
+    return rules
 
 
 def unet_to_diffusers(state_dict: Mapping[str, Tensor], config: UNetConfig) -> dict[str, Tensor]:
