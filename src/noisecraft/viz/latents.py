@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -65,11 +66,7 @@ def channel_grid(
     fig.colorbar(im, ax=axes, shrink=0.8, label="latent value (one scale for all)")
     if title:
         fig.suptitle(title, fontsize=9)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    buf.seek(0)
-    return Image.open(buf).convert("RGB")
+    return _figure_image(fig)
 
 
 def picture_grid(
@@ -107,6 +104,13 @@ def picture_grid(
                 ax.set_ylabel(name, fontsize=7)
     if title:
         fig.suptitle(title, fontsize=9)
+    return _figure_image(fig)
+
+
+def _figure_image(fig: Any) -> Image.Image:
+    """A matplotlib figure as an RGB PIL image (and the figure closed)."""
+    import matplotlib.pyplot as plt
+
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
