@@ -34,10 +34,15 @@ def outputs(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def api(outputs):
+def url(outputs):
     with serve_in_thread(ServerConfig(outputs_dir=outputs)) as url:
-        host, port = url.removeprefix("http://").split(":")
-        yield webuiapi.WebUIApi(host=host, port=int(port))
+        yield url
+
+
+@pytest.fixture(scope="module")
+def api(url):
+    host, port = url.removeprefix("http://").split(":")
+    return webuiapi.WebUIApi(host=host, port=int(port))
 
 
 def same(a: Image.Image, b: Image.Image) -> bool:
@@ -149,3 +154,25 @@ def test_png_info(api):
     info = api.png_info(r.image)
     assert info.info == r.info["infotexts"][0]
     assert info.json["parameters"]["seed"] == 12
+
+
+def test_a_client_that_disconnects_does_not_lose_its_image(url, outputs, pipe):
+    import json
+    import socket
+
+    body = json.dumps({"prompt": "a 1", "seed": 77, **SMALL}).encode()
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as sock:
+        head = f"POST /sdapi/v1/txt2img HTTP/1.1\r\nHost: {host}\r\n"
+        head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        sock.sendall(head.encode() + body)
+    # gone before the answer; the image is made and saved all the same
+    deadline = time.monotonic() + 60
+    while not list(outputs.rglob("*-77.png")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (saved,) = outputs.rglob("*-77.png")
+    # written atomically (a temporary name, then renamed): the name appears complete
+    want = pipe("a 1", seed=77, **{**ENGINE, "eta": None})
+    im = Image.open(saved)
+    assert im.info["parameters"] == want.infotexts[0]
+    assert same(im, want.images[0])

@@ -49,12 +49,15 @@ async def _noisecraft_error(request: Request, exc: Exception) -> JSONResponse:
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The server's ASGI app for ``config`` (default: :class:`ServerConfig`'s defaults).
-    Nothing is loaded until the first job; the worker stops when the app shuts down."""
+    The model is loaded by the first job (at start-up with ``preload``); the worker stops
+    when the app shuts down."""
     config = config or ServerConfig()
     state = ServerState.create(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.preload:
+            state.jobs.submit("load model", lambda job: state.host.use())
         try:
             yield
         finally:
