@@ -301,3 +301,13 @@ def test_png_info_reads_the_parameters(client):
     body = info.json()
     assert body["info"] == json.loads(r.json()["info"])["infotexts"][0]
     assert body["parameters"]["seed"] == 9 and body["parameters"]["prompt"] == "a 4"
+
+
+def test_serve_command_refuses_mistakes_before_it_listens(capsys):
+    from noisecraft.cli.main import main
+
+    assert main(["serve", "--api-auth", "nopassword"]) == 2
+    assert "--api-auth must be user:password" in capsys.readouterr().err
+    assert main(["serve", "--model", "../mnist-text"]) == 2
+    assert "unknown --model '../mnist-text'" in capsys.readouterr().err
+    assert main(["serve", "--listen", "--host", "10.0.0.1"]) == 2
