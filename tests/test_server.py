@@ -177,6 +177,15 @@ def test_body_and_image_limits_are_413(tmp_path):
     with TestClient(create_app(config)) as c:
         r = c.post("/sdapi/v1/txt2img", json={"prompt": "x" * 3000})
         assert r.status_code == 413 and "2,000 bytes" in detail(r)
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 500
+
+        r = c.post("/sdapi/v1/txt2img", content=chunks())
+        assert r.request.headers.get("transfer-encoding") == "chunked"
+        assert r.status_code == 413 and "2,000 bytes" in detail(r)
         big = base64.b64encode(bytes(600)).decode()
         r = c.post("/sdapi/v1/png-info", json={"image": big})
         assert r.status_code == 413 and "300 bytes" in detail(r)

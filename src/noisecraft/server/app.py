@@ -26,7 +26,7 @@ from noisecraft.server import routes_generate, routes_info
 from noisecraft.server.config import ServerConfig
 from noisecraft.server.images import ImageTooLargeError
 from noisecraft.server.jobs import QueueFullError
-from noisecraft.server.security import AuthMiddleware, BodyLimitMiddleware
+from noisecraft.server.security import AuthMiddleware, BodyLimitMiddleware, BodyTooLarge
 from noisecraft.server.state import ServerState
 
 #: The web page's files (written by the web page's own module; index.html at least).
@@ -45,6 +45,11 @@ async def _noisecraft_error(request: Request, exc: Exception) -> JSONResponse:
         )
     status = 413 if isinstance(exc, ImageTooLargeError) else 422
     return _error(type(exc).__name__, str(exc), status)
+
+
+async def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyTooLarge)
+    return _error("BodyTooLarge", str(exc.detail), 413)
 
 
 def create_app(config: ServerConfig | None = None) -> FastAPI:
@@ -71,6 +76,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     )
     app.state.noisecraft = state
     app.add_exception_handler(NoisecraftError, _noisecraft_error)
+    app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.include_router(routes_generate.router)
     app.include_router(routes_info.router)
     if config.cors_allow_origins:
