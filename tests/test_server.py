@@ -320,3 +320,31 @@ def test_serve_command_refuses_mistakes_before_it_listens(capsys):
     assert main(["serve", "--model", "../mnist-text"]) == 2
     assert "unknown --model '../mnist-text'" in capsys.readouterr().err
     assert main(["serve", "--listen", "--host", "10.0.0.1"]) == 2
+
+
+def test_a_model_switch_waits_for_the_jobs_before_it(tmp_path):
+    import threading
+
+    app = create_app(ServerConfig(outputs_dir=tmp_path))
+    s = app.state.noisecraft
+    release = threading.Event()
+    with TestClient(app) as c:
+        running = s.jobs.submit("before", lambda job: release.wait(30) and s.host.use().name)
+        while s.jobs.current is None:
+            release.wait(0.01)
+        answer = {}
+        switch = threading.Thread(
+            target=lambda: answer.update(
+                r=c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "mnist-text-lcm"})
+            )
+        )
+        switch.start()
+        while s.jobs.waiting == 0:  # the switch is queued behind the running job
+            release.wait(0.01)
+        assert s.host.current_name == "mnist-text"
+        release.set()
+        switch.join(60)
+        assert running.future.result(30) == "mnist-text"  # it ran on its own model
+        assert answer["r"].status_code == 200
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "mnist-text-lcm"
+        assert s.host.pipe.name == "mnist-text-lcm"
