@@ -176,3 +176,13 @@ def test_a_client_that_disconnects_does_not_lose_its_image(url, outputs, pipe):
     im = Image.open(saved)
     assert im.info["parameters"] == want.infotexts[0]
     assert same(im, want.images[0])
+
+
+def test_webuiapi_logs_in_with_api_auth(tmp_path):
+    config = ServerConfig(outputs_dir=tmp_path, api_auth="ann:secret")
+    with serve_in_thread(config) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port), username="ann", password="secret")
+        assert api.get_options()["sd_model_checkpoint"] == "mnist-text"
+        api.set_auth("ann", "wrong")
+        assert api.session.get(api.baseurl + "/options").status_code == 401
