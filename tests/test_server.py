@@ -348,3 +348,17 @@ def test_a_model_switch_waits_for_the_jobs_before_it(tmp_path):
         assert answer["r"].status_code == 200
         assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "mnist-text-lcm"
         assert s.host.pipe.name == "mnist-text-lcm"
+
+
+def test_mask_blur_is_a1111s_separable_gaussian():
+    from noisecraft.server.images import blur_mask
+
+    impulse = np.zeros((21, 21), np.uint8)
+    impulse[10, 10] = 255
+    out = np.asarray(blur_mask(Image.fromarray(impulse), 2, 3), dtype=float)
+    # closed form: 255 * g_x(dx) * g_y(dy), kernels 2 * int(2.5 sigma + 0.5) + 1 wide
+    gx, gy = np.exp(-(np.arange(-5, 6) ** 2) / 8), np.exp(-(np.arange(-8, 9) ** 2) / 18)
+    want = np.zeros((21, 21))
+    want[2:19, 5:16] = 255 * np.outer(gy / gy.sum(), gx / gx.sum())
+    assert np.array_equal(out, np.rint(want))
+    assert np.array_equal(np.asarray(blur_mask(Image.fromarray(impulse), 0, 0)), impulse)
