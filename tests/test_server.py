@@ -362,3 +362,14 @@ def test_mask_blur_is_a1111s_separable_gaussian():
     want[2:19, 5:16] = 255 * np.outer(gy / gy.sum(), gx / gx.sum())
     assert np.array_equal(out, np.rint(want))
     assert np.array_equal(np.asarray(blur_mask(Image.fromarray(impulse), 0, 0)), impulse)
+
+
+def test_a_scheduler_alone_applies_to_the_engines_default_sampler(client, pipe):
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "a 2", "seed": 3, "steps": 3, "scheduler": "Exponential", "eta": 0.5},
+    )
+    want = pipe("a 2", seed=3, steps=3, schedule="exponential")
+    assert json.loads(r.json()["info"])["infotexts"] == want.infotexts
+    assert "Sampler: DPM++ 2M, Schedule type: Exponential" in want.infotexts[0]
+    assert np.array_equal(pixels(png(r.json()["images"][0])), pixels(want.images[0]))
