@@ -17,18 +17,20 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from noisecraft.api.observed_latents import LatentSteps
+from noisecraft.api.observed_latents import LatentSteps, latent_steps
+from noisecraft.errors import ConfigError
 from noisecraft.io.atomic import atomic_path, check_writable
 from noisecraft.io.write_errors import writing
 from noisecraft.models.prompt_tokens import PromptWord
-from noisecraft.pipelines.observe import word_maps
+from noisecraft.pipelines.observe import Observation, Observer, word_maps
 from noisecraft.viz.attention_maps import overlay, token_grid
 
-__all__ = ["AttentionMaps", "Observed", "attention_maps"]
+__all__ = ["AttentionMaps", "Observed", "attention_maps", "observed_of", "start_observation"]
 
 
 @dataclass(frozen=True)
@@ -93,3 +95,51 @@ def attention_maps(
         overlays=overlays,
         grid=token_grid(image, overlays, tokens),
     )
+
+
+def start_observation(observe: Observer | None, kind: str, compiled: bool) -> Observation | None:
+    """The :class:`Observation` a call with ``observe`` records into (None: nothing), or a
+    one-line refusal of what this pipeline (``kind`` "latent" / "pixel") cannot record."""
+    if observe is None:
+        return None
+    if not isinstance(observe, Observer):
+        raise ConfigError(
+            f"@observe must be an Observer, got {type(observe).__name__}", settings=["observe"]
+        )
+    if observe.every and kind != "latent":
+        raise ConfigError(
+            "recording latents needs a latent (text-to-image) model; for a pixel model read "
+            "x and denoised from @callback",
+            settings=["observe"],
+        )
+    if observe.attention and kind != "latent":
+        raise ConfigError(
+            "attention maps need a text-to-image model (this one has no cross-attention); "
+            "leave out @observe",
+            settings=["observe"],
+        )
+    if observe.attention and compiled:
+        raise ConfigError(
+            "attention maps cannot be recorded from a compiled U-Net; load without compile",
+            settings=["observe", "compile"],
+        )
+    return Observation(observe)
+
+
+def observed_of(
+    model: Any, req: Any, observation: Observation, images: list[Image.Image]
+) -> Observed:
+    """What ``observation`` recorded in a call of ``req`` on ``model`` (a LatentDiffusion),
+    as arrays and pictures next to the call's ``images``."""
+    attention = latents = None
+    if observation.observer.attention:
+        prompts = req.image_prompts()
+        attention = [
+            attention_maps(sums, model.prompt_words(prompts[i]), images[i])
+            for i, sums in enumerate(observation.attention)
+        ]
+    if observation.observer.every:
+        latents = [
+            latent_steps(trace, model, images[i]) for i, trace in enumerate(observation.latents)
+        ]
+    return Observed(attention=attention, latents=latents)

@@ -26,6 +26,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 
 from noisecraft.api.controls import (
@@ -43,17 +44,17 @@ from noisecraft.api.images import ImageLike, image_tensor, mask_tensor, to_pil
 from noisecraft.api.infotext import check_modes, mode_fields, read_parameters, settings_of
 from noisecraft.api.limits import Limits
 from noisecraft.api.loras import LORA_HASHES, LoadedLoRA, PipelineLoRAs, format_lora_hashes
-from noisecraft.api.observed import Observed, attention_maps
-from noisecraft.api.observed_latents import latent_steps
+from noisecraft.api.observed import observed_of, start_observation
 from noisecraft.api.options import LoadOptions
 from noisecraft.api.result import GenerationResult
 from noisecraft.errors import ConfigError
 from noisecraft.io.formats.single_file import SingleFileInfo
 from noisecraft.models import LatentDiffusion
 from noisecraft.pipelines import GenerateRequest, count_steps, generate
+from noisecraft.pipelines.backends import as_model
 from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 from noisecraft.pipelines.fast import FAST
-from noisecraft.pipelines.observe import Observation, Observer
+from noisecraft.pipelines.observe import Observer
 from noisecraft.pipelines.png_params import (
     format_parameters,
     sampler_display,
@@ -133,6 +134,15 @@ class Pipeline:
     def kind(self) -> str:
         """ "latent" (text-to-image) or "pixel" (class-conditional or unconditional)."""
         return "latent" if isinstance(self.model, LatentDiffusion) else "pixel"
+
+    def preview(self, denoised: Any, mode: str = "cheap") -> Image.Image:
+        """A picture of a step's x0 estimate (``callback``'s ``denoised``, first image):
+        ``"cheap"`` maps latents linearly to RGB at latent resolution (A1111's "Approx
+        cheap"), ``"tiny"`` decodes with the tiny decoder, ``"vae"`` with the VAE. A pixel
+        model's estimate is the picture itself."""
+        with torch.no_grad():
+            x = as_model(self.model).preview(denoised[:1], mode)
+        return to_pil(x[0].float().cpu())
 
     def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> Any:
         """Load a textual-inversion embedding (:mod:`noisecraft.adapters.embeddings`): the
@@ -306,7 +316,7 @@ class Pipeline:
             bar = tqdm(
                 total=total, desc=f"generating {req.n} image(s) ({req.spec}, {req.steps} steps)"
             )
-        observation = self._observation(observe)
+        observation = start_observation(observe, self.kind, self.options.compile)
         done = 0
 
         def on_step(d: dict) -> None:
@@ -342,52 +352,11 @@ class Pipeline:
             ],
             tensors=images,
             request=req,
-            observed=None if observation is None else self._observed(req, observation, pil),
+            observed=None
+            if observation is None
+            else observed_of(self.model, req, observation, pil),
             hints=[u.hint for u in used],
         )
-
-    def _observation(self, observe: Observer | None) -> Observation | None:
-        if observe is None:
-            return None
-        if not isinstance(observe, Observer):
-            raise ConfigError(
-                f"@observe must be an Observer, got {type(observe).__name__}", settings=["observe"]
-            )
-        if observe.every and self.kind != "latent":
-            raise ConfigError(
-                "recording latents needs a latent (text-to-image) model; for a pixel model "
-                "use the callback, or noisecraft sample --save-every",
-                settings=["observe"],
-            )
-        if observe.attention and self.kind != "latent":
-            raise ConfigError(
-                "attention maps need a text-to-image model (this one has no cross-attention); "
-                "leave out @observe",
-                settings=["observe"],
-            )
-        if observe.attention and self.options.compile:
-            raise ConfigError(
-                "attention maps cannot be recorded from a compiled U-Net; load without compile",
-                settings=["observe", "compile"],
-            )
-        return Observation(observe)
-
-    def _observed(
-        self, req: GenerateRequest, observation: Observation, images: list[Image.Image]
-    ) -> Observed:
-        attention = latents = None
-        if observation.observer.attention:
-            prompts = req.image_prompts()
-            attention = [
-                attention_maps(sums, self.model.prompt_words(prompts[i]), images[i])
-                for i, sums in enumerate(observation.attention)
-            ]
-        if observation.observer.every:
-            latents = [
-                latent_steps(trace, self.model, images[i])
-                for i, trace in enumerate(observation.latents)
-            ]
-        return Observed(attention=attention, latents=latents)
 
     # ------------------------------------------------------------------ infotext
     def infotext(
