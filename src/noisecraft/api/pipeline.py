@@ -25,6 +25,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from PIL import Image
 
 from noisecraft.api.embeddings import check_embeddings, embedding_set, ti_hashes
@@ -39,6 +40,7 @@ from noisecraft.errors import ConfigError
 from noisecraft.io.formats.single_file import SingleFileInfo
 from noisecraft.models import LatentDiffusion
 from noisecraft.pipelines import GenerateRequest, count_steps, generate
+from noisecraft.pipelines.backends import as_model
 from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
 from noisecraft.pipelines.fast import FAST
 from noisecraft.pipelines.observe import Observation, Observer
@@ -119,6 +121,15 @@ class Pipeline:
     def kind(self) -> str:
         """ "latent" (text-to-image) or "pixel" (class-conditional or unconditional)."""
         return "latent" if isinstance(self.model, LatentDiffusion) else "pixel"
+
+    def preview(self, denoised: Any, mode: str = "cheap") -> Image.Image:
+        """A picture of a step's x0 estimate (``callback``'s ``denoised``, first image):
+        ``"cheap"`` maps latents linearly to RGB at latent resolution (A1111's "Approx
+        cheap"), ``"tiny"`` decodes with the tiny decoder, ``"vae"`` with the VAE. A pixel
+        model's estimate is the picture itself."""
+        with torch.no_grad():
+            x = as_model(self.model).preview(denoised[:1], mode)
+        return to_pil(x[0].float().cpu())
 
     def load_embedding(self, path: str | os.PathLike, token: str | None = None) -> Any:
         """Load a textual-inversion embedding (:mod:`noisecraft.adapters.embeddings`): the

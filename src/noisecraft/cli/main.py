@@ -278,11 +278,13 @@ def _register_subcommands() -> None:
     from noisecraft.cli.convert_cmd import convert_command
     from noisecraft.cli.eval_cmd import eval_command
     from noisecraft.cli.generate_cmd import generate_command
+    from noisecraft.cli.serve_cmd import serve_command
     from noisecraft.cli.viz_cmd import viz_app
 
     app.command("convert")(convert_command)
     app.command("eval")(eval_command)
     app.command("generate")(generate_command)
+    app.command("serve")(serve_command)
     app.add_typer(viz_app, name="viz")
 
 
