@@ -55,7 +55,8 @@ async function loadPickers() {
   const [samplers, models, options, loras, embeddings] = await Promise.all([
     api("samplers"), api("sd-models"), api("options"), api("loras"), api("embeddings"),
   ]);
-  fillSelect($("sampler"), samplers.map((s) => [s.name, s.name]));
+  // "" = the server's default sampler (the engine's, with its own schedule)
+  fillSelect($("sampler"), [["", "(default)"], ...samplers.map((s) => [s.name, s.name])]);
   fillSelect($("model"), models.map((m) => [m.title, m.model_name || m.title]),
     options.sd_model_checkpoint);
   fillSelect($("lora"), loras.map((l) => [l.name, l.alias || l.name]));
@@ -154,7 +155,6 @@ function payload() {
   const body = {
     prompt: $("prompt").value,
     negative_prompt: $("negative_prompt").value,
-    sampler_name: $("sampler").value,
     steps: num("steps"),
     cfg_scale: num("cfg_scale"),
     seed: num("seed"),
@@ -163,11 +163,19 @@ function payload() {
     batch_size: num("batch_size"),
     n_iter: 1,
   };
-  if (!$("scheduler-label").hidden) body.scheduler = $("scheduler").value;
+  if ($("sampler").value) {
+    body.sampler_name = $("sampler").value;
+    if (!$("scheduler-label").hidden) body.scheduler = $("scheduler").value;
+  }
   if (source) {
     body.init_images = [source.base64];
     body.denoising_strength = num("strength");
-    if (maskDrawn) body.mask = maskBase64();
+    if (maskDrawn) {
+      body.mask = maskBase64();
+      body.mask_blur = num("mask_blur");
+      body.inpainting_fill = 1; // start from the original picture under the mask
+      body.inpaint_full_res = false; // the whole picture, not only the masked part
+    }
   }
   return body;
 }
@@ -198,8 +206,7 @@ function setBusy(busy) {
   if (busy) {
     $("progress").value = 0;
     $("progress-text").textContent = "waiting for the server…";
-  } else {
-    $("preview").hidden = true;
+    $("preview").hidden = true; // until the server has a preview of this run
   }
 }
 
@@ -215,6 +222,8 @@ async function generate(event) {
     const infotexts = info.infotexts || [];
     for (const [i, image] of (result.images || []).entries()) {
       addResult(image, infotexts[i] ?? (await pngInfo(image)));
+      $("preview").src = "data:image/png;base64," + image; // the newest result, large
+      $("preview").hidden = false;
     }
     $("progress").value = 1;
     $("progress-text").textContent = `done: ${(result.images || []).length} image(s)`;
