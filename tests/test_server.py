@@ -97,3 +97,226 @@ def test_serve_in_thread_serves_and_shuts_down(tmp_path):
             assert json.load(r)["sd_model_checkpoint"] == "mnist-text"
     with pytest.raises(urllib.error.URLError):  # the port is closed
         urllib.request.urlopen(url + "/sdapi/v1/options", timeout=2)
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def detail(r) -> str:
+    body = r.json()
+    assert "\n" not in body["detail"]
+    return body["detail"]
+
+
+@pytest.mark.parametrize(
+    ("payload", "words"),
+    [
+        ({"sampler_name": "Eular a"}, "did you mean"),
+        ({"enable_hr": True}, "enable_hr"),
+        ({"tiling": True}, "tiling"),
+        ({"subseed_strength": 0.5}, "subseed_strength"),
+        ({"steps": 151}, "steps = 151"),
+        ({"batch_size": 4, "n_iter": 5}, "20 images"),
+        ({"width": 4096, "height": 4096}, "max_pixels"),
+        ({"width": 33}, "width"),
+        ({"cfg_scale": float("nan")}, "cfg"),
+        ({"override_settings": {"sd_vae": "x"}}, "sd_vae"),
+        ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny"}]}}}, "ControlNet"),
+        ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "ADetailer"),
+        ({"prompt": "a 7 <lora:../mnist_tiny>"}, "LoRA"),
+        ({"prompt": "a 7 <lora:/etc/passwd>"}, "LoRA"),
+    ],
+)
+def test_mistakes_are_422_with_one_line(client, payload, words):
+    body = json.dumps({**FAST, **payload})  # NaN too, as Python writes it
+    r = client.post("/sdapi/v1/txt2img", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 422, r.text
+    if words is not None:
+        assert words in detail(r)
+
+
+def test_disabled_controlnet_units_and_empty_scripts_are_accepted(client):
+    scripts = {"ControlNet": {"args": []}, "ADetailer": {"args": [False]}}
+    r = client.post("/sdapi/v1/txt2img", json={**FAST, "alwayson_scripts": scripts})
+    assert r.status_code == 200, r.text
+
+
+def test_models_are_names_not_paths(client):
+    from noisecraft.io.shipped import SHIPPED_MODELS
+
+    for name in ("../mnist-text", "/etc/passwd", str(SHIPPED_MODELS["mnist-text"]), "..", ""):
+        r = client.post("/sdapi/v1/options", json={"sd_model_checkpoint": name})
+        assert r.status_code == 422, name
+        assert "unknown sd_model_checkpoint" in detail(r)
+    r = client.post(
+        "/sdapi/v1/txt2img", json={**FAST, "override_settings": {"sd_model_checkpoint": "../x"}}
+    )
+    assert r.status_code == 422
+
+
+def test_models_dir_is_listed_by_name_and_refreshed(tmp_path):
+    from noisecraft.io.shipped import SHIPPED_MODELS
+
+    models = tmp_path / "models"
+    (models / "sub").mkdir(parents=True)
+    (models / "mine.safetensors").symlink_to(SHIPPED_MODELS["mnist"])
+    config = ServerConfig(models_dir=models, outputs_dir=tmp_path / "out")
+    with TestClient(create_app(config)) as c:
+        names = {m["model_name"] for m in c.get("/sdapi/v1/sd-models").json()}
+        assert names == {"mnist", "mnist-text", "mnist-text-lcm", "mine"}
+        (models / "sub" / "other.safetensors").symlink_to(SHIPPED_MODELS["mnist"])
+        assert c.post("/sdapi/v1/refresh-checkpoints").status_code == 200
+        names = {m["model_name"] for m in c.get("/sdapi/v1/sd-models").json()}
+        assert "sub/other" in names
+        r = c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "../models/mine"})
+        assert r.status_code == 422
+
+
+def test_body_and_image_limits_are_413(tmp_path):
+    config = ServerConfig(outputs_dir=tmp_path, max_body_bytes=2000, max_image_bytes=300)
+    with TestClient(create_app(config)) as c:
+        r = c.post("/sdapi/v1/txt2img", json={"prompt": "x" * 3000})
+        assert r.status_code == 413 and "2,000 bytes" in detail(r)
+
+        def chunks():  # no Content-Length: counted as it arrives
+            yield b'{"prompt": "'
+            for _ in range(10):
+                yield b"x" * 500
+
+        r = c.post("/sdapi/v1/txt2img", content=chunks())
+        assert r.request.headers.get("transfer-encoding") == "chunked"
+        assert r.status_code == 413 and "2,000 bytes" in detail(r)
+        big = base64.b64encode(bytes(600)).decode()
+        r = c.post("/sdapi/v1/png-info", json={"image": big})
+        assert r.status_code == 413 and "300 bytes" in detail(r)
+        r = c.post("/sdapi/v1/png-info", json={"image": "not base64!"})
+        assert r.status_code == 422
+
+
+def test_an_image_is_decoded_as_png_jpeg_webp_only(client):
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, format="BMP")
+    r = client.post("/sdapi/v1/png-info", json={"image": base64.b64encode(buf.getvalue()).decode()})
+    assert r.status_code == 422 and "PNG, JPEG or WebP" in detail(r)
+
+
+def test_a_full_queue_answers_429_with_retry_after(tmp_path):
+    import threading
+
+    app = create_app(ServerConfig(outputs_dir=tmp_path, queue_size=1))
+    jobs = app.state.noisecraft.jobs
+    release = threading.Event()
+    with TestClient(app) as c:
+        running = jobs.submit("block", lambda job: release.wait(30))
+        while jobs.current is None:  # the worker took it; one more fills the queue
+            release.wait(0.01)
+        waiting = jobs.submit("wait", lambda job: None)
+        try:
+            r = c.post("/sdapi/v1/txt2img", json=FAST)
+            assert r.status_code == 429
+            assert int(r.headers["Retry-After"]) >= 1
+            assert "busy" in detail(r)
+        finally:
+            release.set()
+        assert running.future.result(30) is True
+        waiting.future.result(30)
+
+
+def test_auth_basic_and_bearer(tmp_path):
+    config = ServerConfig(outputs_dir=tmp_path, api_auth="ann:pw1,bob:pw2", api_token="tok")
+    with TestClient(create_app(config)) as c:
+        for path in ("/sdapi/v1/options", "/", "/docs", "/openapi.json"):
+            r = c.get(path)
+            assert r.status_code == 401, path
+            assert r.headers["WWW-Authenticate"].startswith("Basic")
+        assert c.get("/sdapi/v1/options", auth=("ann", "pw1")).status_code == 200
+        assert c.get("/sdapi/v1/options", auth=("bob", "pw2")).status_code == 200
+        assert c.get("/sdapi/v1/options", auth=("ann", "pw2")).status_code == 401
+        ok = c.get("/sdapi/v1/options", headers={"Authorization": "Bearer tok"})
+        assert ok.status_code == 200
+        bad = c.get("/sdapi/v1/options", headers={"Authorization": "Bearer nope"})
+        assert bad.status_code == 401
+
+
+def test_cors_is_off_unless_origins_are_given(client, tmp_path):
+    origin = {"Origin": "http://evil.example"}
+    r = client.get("/sdapi/v1/options", headers=origin)
+    assert "access-control-allow-origin" not in r.headers
+    pre = {**origin, "Access-Control-Request-Method": "POST"}
+    r = client.options("/sdapi/v1/txt2img", headers=pre)
+    assert "access-control-allow-origin" not in r.headers
+    config = ServerConfig(outputs_dir=tmp_path, cors_allow_origins=("http://ok.example",))
+    with TestClient(create_app(config)) as c:
+        r = c.get("/sdapi/v1/options", headers={"Origin": "http://ok.example"})
+        assert r.headers["access-control-allow-origin"] == "http://ok.example"
+        r = c.get("/sdapi/v1/options", headers=origin)
+        assert "access-control-allow-origin" not in r.headers
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path):
+    from noisecraft.errors import ConfigError, NoisecraftError
+
+    with pytest.raises(ConfigError, match="user:password"):
+        ServerConfig(api_auth="nopassword")
+    with pytest.raises(ConfigError, match="queue_size"):
+        ServerConfig(queue_size=0)
+    with pytest.raises(ConfigError, match="not a folder"):
+        ServerConfig(models_dir=tmp_path / "missing")
+    with pytest.raises(NoisecraftError, match="unknown model"):
+        create_app(ServerConfig(model="../mnist-text"))
+
+
+# ---------------------------------------------------------------------------- listings
+
+
+def test_listings_have_a1111_shapes(client):
+    samplers = client.get("/sdapi/v1/samplers").json()
+    euler_a = next(s for s in samplers if s["name"] == "Euler a")
+    assert "k_euler_a" in euler_a["aliases"]
+    labels = {s["label"] for s in client.get("/sdapi/v1/schedulers").json()}
+    assert {"Automatic", "Karras", "Exponential"} <= labels
+    models = client.get("/sdapi/v1/sd-models").json()
+    assert {"title", "model_name", "hash", "sha256", "filename", "config"} <= set(models[0])
+    loras = client.get("/sdapi/v1/loras").json()
+    assert {"name": "mnist_tiny", "alias": "mnist_tiny"}.items() <= loras[0].items()
+    assert "/" not in loras[0]["path"]  # no server paths
+    embeddings = client.get("/sdapi/v1/embeddings").json()
+    assert set(embeddings) == {"loaded", "skipped"}
+    assert "unlucky" in embeddings["loaded"]
+    assert client.get("/sdapi/v1/scripts").json() == {"txt2img": [], "img2img": []}
+    idle = client.get("/sdapi/v1/progress").json()
+    assert idle["progress"] == 0 and idle["state"]["job_count"] == 0
+    assert client.post("/sdapi/v1/interrupt").json() == {}
+    assert client.post("/sdapi/v1/skip").json() == {}
+
+
+def test_clip_skip_option_reaches_the_engine(client, pipe):
+    assert client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 2}).json()
+    try:
+        assert client.get("/sdapi/v1/options").json()["CLIP_stop_at_last_layers"] == 2
+        r = client.post("/sdapi/v1/txt2img", json={"prompt": "a 1", "seed": 2, **FAST})
+    finally:
+        client.post("/sdapi/v1/options", json={"CLIP_stop_at_last_layers": 1})
+    want = pipe("a 1", seed=2, clip_skip=2, steps=3, sampler="Euler a", width=32, height=32)
+    assert json.loads(r.json()["info"])["infotexts"] == want.infotexts
+    assert "Clip skip: 2" in want.infotexts[0]
+    assert np.array_equal(pixels(png(r.json()["images"][0])), pixels(want.images[0]))
+
+
+def test_png_info_reads_the_parameters(client):
+    r = client.post("/sdapi/v1/txt2img", json={"prompt": "a 4", "seed": 9, **FAST})
+    image = r.json()["images"][0]
+    info = client.post("/sdapi/v1/png-info", json={"image": "data:image/png;base64," + image})
+    body = info.json()
+    assert body["info"] == json.loads(r.json()["info"])["infotexts"][0]
+    assert body["parameters"]["seed"] == 9 and body["parameters"]["prompt"] == "a 4"
+
+
+def test_serve_command_refuses_mistakes_before_it_listens(capsys):
+    from noisecraft.cli.main import main
+
+    assert main(["serve", "--api-auth", "nopassword"]) == 2
+    assert "--api-auth must be user:password" in capsys.readouterr().err
+    assert main(["serve", "--model", "../mnist-text"]) == 2
+    assert "unknown --model '../mnist-text'" in capsys.readouterr().err
+    assert main(["serve", "--listen", "--host", "10.0.0.1"]) == 2

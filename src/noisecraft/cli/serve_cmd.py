@@ -93,6 +93,7 @@ def serve_command(
         cors_allow_origins=tuple(
             s.strip() for s in (cors_allow_origins or "").split(",") if s.strip()
         ),
+        preload=True,
         **limits,
     )
     app = create_app(config)

@@ -26,7 +26,7 @@ from noisecraft.server import routes_generate, routes_info
 from noisecraft.server.config import ServerConfig
 from noisecraft.server.images import ImageTooLargeError
 from noisecraft.server.jobs import QueueFullError
-from noisecraft.server.security import AuthMiddleware, BodyLimitMiddleware
+from noisecraft.server.security import AuthMiddleware, BodyLimitMiddleware, BodyTooLarge
 from noisecraft.server.state import ServerState
 
 #: The web page's files (written by the web page's own module; index.html at least).
@@ -47,14 +47,22 @@ async def _noisecraft_error(request: Request, exc: Exception) -> JSONResponse:
     return _error(type(exc).__name__, str(exc), status)
 
 
+async def _body_too_large(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, BodyTooLarge)
+    return _error("BodyTooLarge", str(exc.detail), 413)
+
+
 def create_app(config: ServerConfig | None = None) -> FastAPI:
     """The server's ASGI app for ``config`` (default: :class:`ServerConfig`'s defaults).
-    Nothing is loaded until the first job; the worker stops when the app shuts down."""
+    The model is loaded by the first job (at start-up with ``preload``); the worker stops
+    when the app shuts down."""
     config = config or ServerConfig()
     state = ServerState.create(config)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if config.preload:
+            state.jobs.submit("load model", lambda job: state.host.use())
         try:
             yield
         finally:
@@ -68,6 +76,7 @@ def create_app(config: ServerConfig | None = None) -> FastAPI:
     )
     app.state.noisecraft = state
     app.add_exception_handler(NoisecraftError, _noisecraft_error)
+    app.add_exception_handler(BodyTooLarge, _body_too_large)
     app.include_router(routes_generate.router)
     app.include_router(routes_info.router)
     if config.cors_allow_origins:

@@ -41,7 +41,8 @@ class ServerConfig:
     * ``cors_allow_origins``: origins allowed cross-site (none: CORS off);
     * limits: ``max_pixels`` per image, ``max_images`` per request, ``max_steps``,
       ``max_body_bytes`` per request, ``max_image_bytes`` per decoded image, ``queue_size``
-      requests waiting (a full queue answers 429).
+      requests waiting (a full queue answers 429);
+    * ``preload``: load the model when the server starts (else on the first request).
     """
 
     model: str = DEFAULT_MODEL
@@ -61,6 +62,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
     queue_size: int = DEFAULT_QUEUE_SIZE
+    preload: bool = False
 
     def __post_init__(self) -> None:
         for name in ("models_dir", "lora_dir", "embedding_dir"):

@@ -32,8 +32,8 @@ class ModelHost:
 
     @property
     def current_name(self) -> str:
-        """The model loaded, or the one the next job loads."""
-        return (self.entry or self.wanted).title
+        """The selected model: the one jobs run on (loaded by the next job if need be)."""
+        return self.wanted.title
 
     def select(self, name: str) -> ModelEntry:
         """Check ``name`` and make it the model the next job uses (no load yet)."""

@@ -49,13 +49,11 @@ def preview_of(pipe: Pipeline) -> Any:
 
 def run_plan(job: Job, plan: Plan, host: ModelHost, outputs: OutputFolder) -> Outcome:
     """Run ``plan`` on the worker (module docstring)."""
-    previous = host.entry
-    pipe = host.use(plan.model)
-    try:
-        return _run(job, plan, pipe, outputs)
-    finally:
-        if plan.model is not None and plan.restore_model and previous is not None:
-            host.use(previous.name)
+    if plan.model is not None and not plan.restore_model:
+        host.select(plan.model)  # the request's model stays, as A1111 does
+    # with restore (A1111's default) the selected model stays what it was: the next job
+    # runs on it again (loading it back then)
+    return _run(job, plan, host.use(plan.model), outputs)
 
 
 def _run(job: Job, plan: Plan, pipe: Pipeline, outputs: OutputFolder) -> Outcome:
@@ -65,12 +63,11 @@ def _run(job: Job, plan: Plan, pipe: Pipeline, outputs: OutputFolder) -> Outcome
     job.total = 0
     for it in range(plan.n_iter):
         job.batch_no = it
-        offset = job.step
 
-        def on_step(d: dict, offset: int = offset, first: bool = it == 0) -> None:
-            if first and not job.total:
+        def on_step(d: dict, it: int = it) -> None:
+            if not job.total:
                 job.total = int(d["total"]) * plan.n_iter
-            job.on_step(d, offset)
+            job.on_step(d, it * int(d["total"]))
 
         try:
             job.check()

@@ -28,7 +28,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 async def _answer(
     send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] = ()
 ) -> None:
-    body = json.dumps({"error": "HTTPException", "detail": message}).encode()
+    kind = {401: "Unauthorized", 413: "BodyTooLarge"}.get(status, "HTTPException")
+    body = json.dumps({"error": kind, "detail": message}).encode()
     await send(
         {
             "type": "http.response.start",

@@ -40,7 +40,8 @@ class ServerState:
     async def run(self, name: str, fn: Any) -> Any:
         """Queue ``fn(job)`` on the worker and wait for its result (429 when full)."""
         job = self.jobs.submit(name, fn)
-        return await asyncio.wrap_future(job.future)
+        # shielded: a client that goes away does not cancel its job (its images are saved)
+        return await asyncio.shield(asyncio.wrap_future(job.future))
 
     async def generate(self, plan: Plan) -> GenerationResponse:
         """Run a generation plan; the images are saved even if the client has gone."""
