@@ -267,6 +267,7 @@ def test_interrupt_a_long_run(page, tmp_path):
     by_id(d, "interrupt").click()
     # without the interrupt the run would take minutes, longer than this wait
     wait_for(d, lambda d: by_id(d, "generate").is_enabled())
+    assert by_id(d, "progress-text").text.startswith("interrupted: ")
     assert any("interrupt" in p["url"] for p in d.execute_script("return window.posts"))
     assert not by_id(d, "error").is_displayed(), by_id(d, "error").text
 

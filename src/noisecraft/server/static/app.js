@@ -226,7 +226,10 @@ async function generate(event) {
       $("preview").hidden = false;
     }
     $("progress").value = 1;
-    $("progress-text").textContent = `done: ${(result.images || []).length} image(s)`;
+    const count = (result.images || []).length;
+    $("progress-text").textContent = info.interrupted
+      ? `interrupted: ${count} finished image(s)`
+      : `done: ${count} image(s)`;
   } catch (err) {
     showError(err);
     $("progress-text").textContent = "";
