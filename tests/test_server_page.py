@@ -272,6 +272,27 @@ def test_interrupt_a_long_run(page, tmp_path):
     assert not by_id(d, "error").is_displayed(), by_id(d, "error").text
 
 
+def test_model_picker_switches_the_model(page, server):
+    d = page
+
+    def embeddings():
+        options = Select(by_id(d, "embedding")).options
+        return [o.get_attribute("value") for o in options if o.get_attribute("value")]
+
+    assert Select(by_id(d, "model")).first_selected_option.get_attribute("value") == "mnist-text"
+    assert embeddings() == ["unlucky"]
+    try:
+        Select(by_id(d, "model")).select_by_value("mnist")  # the class model: no text encoder
+        wait_for(d, lambda d: embeddings() == [])
+        assert last_post(d, "options") == {"sd_model_checkpoint": "mnist"}
+        with urllib.request.urlopen(server + "/sdapi/v1/options", timeout=WAIT) as answer:
+            assert json.load(answer)["sd_model_checkpoint"] == "mnist"
+    finally:
+        Select(by_id(d, "model")).select_by_value("mnist-text")
+        wait_for(d, lambda d: embeddings() == ["unlucky"])
+    assert not by_id(d, "error").is_displayed(), by_id(d, "error").text
+
+
 def test_refusal_shows_the_servers_message(page, server, tmp_path):
     d = page
     fill(d, "prompt", "a handwritten 2")

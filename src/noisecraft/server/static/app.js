@@ -60,12 +60,19 @@ async function loadPickers() {
   fillSelect($("model"), models.map((m) => [m.title, m.model_name || m.title]),
     options.sd_model_checkpoint);
   fillSelect($("lora"), loras.map((l) => [l.name, l.alias || l.name]));
-  fillSelect($("embedding"), Object.keys(embeddings.loaded || {}).map((n) => [n, n]));
+  fillEmbeddings(embeddings);
   try { // A1111 >= 1.9 lists schedule types separately; older servers have none
     const schedulers = await api("schedulers");
     fillSelect($("scheduler"), schedulers.map((s) => [s.label ?? s.name, s.label ?? s.name]));
     $("scheduler-label").hidden = false;
   } catch { /* no such endpoint: the schedule is part of the sampler name */ }
+}
+
+// The embeddings are the loaded model's: listed again after a model switch.
+function fillEmbeddings(embeddings) {
+  const select = $("embedding");
+  select.length = 1; // keep the placeholder
+  fillSelect(select, Object.keys(embeddings.loaded || {}).map((n) => [n, n]));
 }
 
 function insertIntoPrompt(text) {
@@ -311,7 +318,10 @@ function init() {
   $("interrupt").onclick = () => api("interrupt", {}).catch(showError);
   $("model").onchange = () => {
     showError(null);
-    api("options", { sd_model_checkpoint: $("model").value }).catch(showError);
+    api("options", { sd_model_checkpoint: $("model").value })
+      .then(() => api("embeddings"))
+      .then(fillEmbeddings)
+      .catch(showError);
   };
   for (const id of ["lora", "embedding"]) {
     $(id).onchange = () => {
