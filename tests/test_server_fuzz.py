@@ -10,7 +10,11 @@ slow-marked.
 
 from __future__ import annotations
 
+import base64
+import io
+
 import pytest
+from PIL import Image
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is not installed")
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
@@ -41,17 +45,43 @@ def server(tmp_path_factory):
         yield url
 
 
+def _png_base64(width: int, height: int, value: int) -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height), value).save(buffer, "PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def _with_picture(case, picture: str, mask: str):
+    """An img2img case whose ``init_images`` is a real PNG; every other one also a mask."""
+    if isinstance(case.body, dict):
+        case.body = {**case.body, "init_images": [picture]}
+        if len(str(case.body)) % 2:  # with the inpainting fields the engine takes
+            case.body.update(mask=mask, inpainting_fill=1, inpaint_full_res=False)
+    return case
+
+
 def fuzz(base_url: str, examples: int) -> list[str]:
-    """Send ``examples`` positive and negative cases per operation; the failures, one line
-    each (operation, status or exception, and the request that caused it)."""
+    """Send ``examples`` positive and negative cases per operation (and for img2img, positive
+    ones with a real picture); the failures, one line each (operation, status or exception,
+    and the request that caused it)."""
     schema = schemathesis.openapi.from_url(base_url + "/openapi.json")
     failures: list[str] = []
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 10  # the A1111 endpoints are in the schema
+    picture = _png_base64(32, 32, 0)
+    mask = _png_base64(32, 32, 255)
     for operation in operations:
-        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+        strategies = {
+            mode.value: operation.as_strategy(generation_mode=mode)
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+        }
+        if operation.path == "/sdapi/v1/img2img":  # random strings are never a picture:
+            strategies["positive, a real picture"] = strategies["positive"].map(  # give one
+                lambda case, p=picture, m=mask: _with_picture(case, p, m)
+            )
+        for mode, strategy in strategies.items():
 
-            @given(case=operation.as_strategy(generation_mode=mode))
+            @given(case=strategy)
             @settings(
                 max_examples=examples,
                 deadline=None,
@@ -74,7 +104,7 @@ def fuzz(base_url: str, examples: int) -> list[str]:
             except Unsatisfiable:  # nothing to break: an operation without parameters
                 continue
             except AssertionError as failure:
-                failures.append(f"{operation.label} ({mode.value}): {failure}")
+                failures.append(f"{operation.label} ({mode}): {failure}")
     return failures
 
 
