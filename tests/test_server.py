@@ -320,3 +320,56 @@ def test_serve_command_refuses_mistakes_before_it_listens(capsys):
     assert main(["serve", "--model", "../mnist-text"]) == 2
     assert "unknown --model '../mnist-text'" in capsys.readouterr().err
     assert main(["serve", "--listen", "--host", "10.0.0.1"]) == 2
+
+
+def test_a_model_switch_waits_for_the_jobs_before_it(tmp_path):
+    import threading
+
+    app = create_app(ServerConfig(outputs_dir=tmp_path))
+    s = app.state.noisecraft
+    release = threading.Event()
+    with TestClient(app) as c:
+        running = s.jobs.submit("before", lambda job: release.wait(30) and s.host.use().name)
+        while s.jobs.current is None:
+            release.wait(0.01)
+        answer = {}
+        switch = threading.Thread(
+            target=lambda: answer.update(
+                r=c.post("/sdapi/v1/options", json={"sd_model_checkpoint": "mnist-text-lcm"})
+            )
+        )
+        switch.start()
+        while s.jobs.waiting == 0:  # the switch is queued behind the running job
+            release.wait(0.01)
+        assert s.host.current_name == "mnist-text"
+        release.set()
+        switch.join(60)
+        assert running.future.result(30) == "mnist-text"  # it ran on its own model
+        assert answer["r"].status_code == 200
+        assert c.get("/sdapi/v1/options").json()["sd_model_checkpoint"] == "mnist-text-lcm"
+        assert s.host.pipe.name == "mnist-text-lcm"
+
+
+def test_mask_blur_is_a1111s_separable_gaussian():
+    from noisecraft.server.images import blur_mask
+
+    impulse = np.zeros((21, 21), np.uint8)
+    impulse[10, 10] = 255
+    out = np.asarray(blur_mask(Image.fromarray(impulse), 2, 3), dtype=float)
+    # closed form: 255 * g_x(dx) * g_y(dy), kernels 2 * int(2.5 sigma + 0.5) + 1 wide
+    gx, gy = np.exp(-(np.arange(-5, 6) ** 2) / 8), np.exp(-(np.arange(-8, 9) ** 2) / 18)
+    want = np.zeros((21, 21))
+    want[2:19, 5:16] = 255 * np.outer(gy / gy.sum(), gx / gx.sum())
+    assert np.array_equal(out, np.rint(want))
+    assert np.array_equal(np.asarray(blur_mask(Image.fromarray(impulse), 0, 0)), impulse)
+
+
+def test_a_scheduler_alone_applies_to_the_engines_default_sampler(client, pipe):
+    r = client.post(
+        "/sdapi/v1/txt2img",
+        json={"prompt": "a 2", "seed": 3, "steps": 3, "scheduler": "Exponential", "eta": 0.5},
+    )
+    want = pipe("a 2", seed=3, steps=3, schedule="exponential")
+    assert json.loads(r.json()["info"])["infotexts"] == want.infotexts
+    assert "Sampler: DPM++ 2M, Schedule type: Exponential" in want.infotexts[0]
+    assert np.array_equal(pixels(png(r.json()["images"][0])), pixels(want.images[0]))

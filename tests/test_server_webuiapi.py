@@ -87,6 +87,14 @@ def test_img2img_and_inpainting_equal_the_engine(api, pipe):
     assert same(r.image, want.images[0])
     unmasked = pipe("a 8", init_image=init, strength=0.9, seed=5, **ENGINE)
     assert not same(r.image, unmasked.images[0])  # the mask was applied
+    # webuiapi's default mask_blur (4) blurs the mask as A1111 does, before the engine
+    from noisecraft.server.images import blur_mask
+
+    inpaint = {"inpainting_fill": 1, "inpaint_full_res": False, "denoising_strength": 0.9}
+    r = api.img2img(images=[init], mask_image=mask, prompt="a 8", seed=5, **inpaint, **SMALL)
+    blurred = blur_mask(mask, 4, 4)
+    want = pipe("a 8", init_image=init, mask=blurred, strength=0.9, seed=5, **ENGINE)
+    assert same(r.image, want.images[0])
 
 
 def test_a_lora_tag_applies_the_shipped_lora(api, pipe):
@@ -176,3 +184,13 @@ def test_a_client_that_disconnects_does_not_lose_its_image(url, outputs, pipe):
     im = Image.open(saved)
     assert im.info["parameters"] == want.infotexts[0]
     assert same(im, want.images[0])
+
+
+def test_webuiapi_logs_in_with_api_auth(tmp_path):
+    config = ServerConfig(outputs_dir=tmp_path, api_auth="ann:secret")
+    with serve_in_thread(config) as url:
+        host, port = url.removeprefix("http://").split(":")
+        api = webuiapi.WebUIApi(host=host, port=int(port), username="ann", password="secret")
+        assert api.get_options()["sd_model_checkpoint"] == "mnist-text"
+        api.set_auth("ann", "wrong")
+        assert api.session.get(api.baseurl + "/options").status_code == 401

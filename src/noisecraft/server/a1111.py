@@ -10,7 +10,8 @@ This module only translates; every default and check of a setting is the engine'
   engine's default for the model, not A1111's 512 x 512 / Euler / 50 steps.
 * ``seed`` (-1: one random seed for the request), ``batch_size`` images per engine call and
   ``n_iter`` calls: image ``i`` of the request has seed ``seed + i`` (A1111's ``all_seeds``).
-* ``eta`` goes to the samplers that take one (ancestral / SDE / DDIM), as A1111 passes it.
+* ``eta`` goes to the samplers that take one (ancestral / SDE / DDIM), as A1111 passes it
+  (with no ``sampler_name``, the engine's default sampler runs with its own eta).
 * ``CLIP_stop_at_last_layers`` (an option, or in ``override_settings``) -> ``clip_skip``;
   ``override_settings.sd_model_checkpoint`` runs the request on that model (switched back
   afterwards unless ``override_settings_restore_afterwards`` is false).
@@ -182,15 +183,13 @@ def _settings(req: GenerationFields, clip_skip: int | None) -> dict[str, Any]:
     if req.negative_prompt:
         settings["negative_prompt"] = req.negative_prompt
     sampler = req.sampler_name or req.sampler_index
+    if req.scheduler:
+        settings["schedule"] = req.scheduler
     if sampler:
         settings["sampler"] = sampler
-        if req.scheduler:
-            settings["schedule"] = req.scheduler
         function = as_spec(sampler, req.scheduler).record.function
         if req.eta is not None and "eta" in inspect.signature(function).parameters:
             settings["eta"] = req.eta
-    elif req.scheduler and req.scheduler.lower() != "automatic":
-        raise _refuse("scheduler needs sampler_name (the engine's default sampler has its own)")
     for ours, theirs in (("steps", "steps"), ("cfg", "cfg_scale")):
         value = getattr(req, theirs)
         if value is not None:
