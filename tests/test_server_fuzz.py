@@ -117,3 +117,22 @@ def test_no_server_errors_and_no_hangs(server):
 def test_no_server_errors_and_no_hangs_longer(server):
     failures = fuzz(server, examples=100)
     assert not failures, "\n".join(failures)
+
+
+#: Found by the 100-example run: an ``alwayson_scripts`` entry that is a number (or whose
+#: ``args`` is one) is iterated by noisecraft.server.a1111 (``_check_scripts``,
+#: ``controlnet_units``) and raises TypeError: a 500 instead of a 422.
+SCRIPT_BODIES = (
+    {"alwayson_scripts": {"foo": 3.2}},
+    {"alwayson_scripts": {"controlnet": 3.2}},
+    {"alwayson_scripts": {"foo": {"args": 5}}},
+)
+
+
+@pytest.mark.xfail(strict=True, reason="server bug: a number in alwayson_scripts answers 500")
+@pytest.mark.parametrize("body", SCRIPT_BODIES)
+def test_alwayson_scripts_that_are_numbers_are_refused_not_500(server, body):
+    import requests
+
+    answer = requests.post(server + "/sdapi/v1/txt2img", json=body, timeout=TIMEOUT)
+    assert 400 <= answer.status_code < 500, answer.text[:300]
