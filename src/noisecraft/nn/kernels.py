@@ -27,9 +27,17 @@ Each fast path computes the same sums as the reference op in another order (floa
 differences of ~1e-6 relative; ``tests/test_nn.py`` checks them against ``F.linear`` /
 ``F.conv2d``). They are taken only where they are exact replacements: CPU float32 tensors, no
 autograd graph being recorded (the oneDNN ops have no backward, so training always takes the
-reference ops), not while ``torch.compile`` traces (it has its own fusions), oneDNN available
-and enabled (``torch.backends.mkldnn``), and :func:`set_fast_kernels` not switched off.
-Everything else (CUDA, half precision, training) runs the reference op unchanged.
+reference ops), not under ``torch.autocast`` (autocast does not cast these oneDNN ops: they
+would silently run in float32), not while ``torch.compile`` traces (it has its own fusions),
+oneDNN available and enabled (``torch.backends.mkldnn``), and :func:`set_fast_kernels` not
+switched off. Everything else (CUDA, half precision, training, autocast) runs the reference op
+unchanged.
+
+bfloat16 (a U-Net stored bf16, ``noisecraft.load(dtype="bf16")``) takes the reference ops on
+purpose: the same oneDNN ops accept bf16 and were faster one by one (a 2048 x 320 x 2560
+matmul 9.5 ms instead of 14.4 ms, a 3x3 1280-channel conv on 4x4 pixels as im2col 6.2 ms
+instead of 9.7 ms), but a whole SD 1.5 U-Net pass in bf16 was 1.3-1.6x SLOWER with them than
+with ``F.linear`` / ``F.conv2d`` (``bench/bf16_speed.py``, docs/performance.md "bf16 on the CPU").
 
 :class:`Linear` and :class:`Conv2d` are ``nn.Linear`` / ``nn.Conv2d`` with these forwards:
 same parameters, same names, same state dicts.
@@ -46,6 +54,9 @@ from torch import Tensor, nn
 
 _ENABLED = True
 _OPS: tuple | None = None
+#: The dtypes the fast paths take (bf16 measured slower with them: module docstring);
+#: ``bench/bf16_speed.py`` adds bf16 for its comparison row.
+_FAST_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 
 
 def _ops() -> tuple | None:
@@ -80,13 +91,16 @@ def fast_kernels(enabled: bool) -> Iterator[None]:
 
 def _fast(x: Tensor, *params: Tensor | None) -> bool:
     """Whether the oneDNN fast path may replace the reference op for these tensors."""
-    if not _ENABLED or x.device.type != "cpu" or x.dtype != torch.float32:
+    dtype = x.dtype
+    if not _ENABLED or x.device.type != "cpu" or dtype not in _FAST_DTYPES:
         return False
-    if any(p is not None and (p.device.type != "cpu" or p.dtype != torch.float32) for p in params):
+    if any(p is not None and (p.device.type != "cpu" or p.dtype != dtype) for p in params):
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p is not None and p.requires_grad for p in params)
     ):
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     if torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
         return False
