@@ -163,3 +163,8 @@ def test_cli_generate_dtype_bf16(tmp_path, capsys, monkeypatch):
     assert out["fp32"].text["parameters"] == out["bf16"].text["parameters"]
     a, b = (np.asarray(im).astype(np.float64) for im in out.values())
     assert 0 < np.abs(a - b).mean() < 2
+    monkeypatch.setattr(loading, "bf16_missing", lambda: "this CPU has neither avx512_bf16 X")
+    args = ["generate", "a 1", "--steps", "1", "--dtype", "bf16", "--out", str(tmp_path / "w.png")]
+    assert main(args) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "neither avx512_bf16 X" in warned[0]
