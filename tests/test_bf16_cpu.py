@@ -25,6 +25,7 @@ from noisecraft.cli.main import main
 from noisecraft.errors import NoisecraftWarning
 from noisecraft.models.unet import UNet, UNetConfig
 from noisecraft.nn import cpu_features, kernels
+from noisecraft.nn.resnet import Upsample
 
 X86_AVX512_BF16 = "processor : 0\nflags : fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 X86_AVX2 = "processor : 0\nflags : fpu sse2 avx2 fma\n"
@@ -126,19 +127,59 @@ def test_bf16_unet_pass_within_tolerance_of_fp32():
     assert 0 < rel < 3e-2
 
 
-def test_kernels_step_aside_for_bf16_and_autocast():
-    """bf16 tensors take the reference ops (measured faster in a whole U-Net pass), and so
-    does float32 under autocast (the oneDNN ops would not be cast: they would run fp32)."""
+def test_kernels_step_aside_under_autocast():
+    """Under autocast float32 tensors take the reference op (the oneDNN ops would not be cast:
+    they would run in float32)."""
     torch.manual_seed(0)
     lin = kernels.Linear(64, 96)
     x = torch.randn(8, 64)
     with torch.no_grad():
-        assert not kernels._fast(x.bfloat16(), lin.weight.bfloat16())
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not kernels._fast(x, lin.weight)
             out = lin(x)
         assert out.dtype == torch.bfloat16  # autocast cast it: the reference op ran
         assert torch.equal(out, F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()))
+
+
+needs_bf16_kernels = pytest.mark.skipif(
+    not kernels._fast(torch.randn(2, 3).bfloat16(), torch.randn(2, 3).bfloat16()),
+    reason="no oneDNN bf16 kernels here",
+)
+
+
+def _close_bf16(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """bf16 output against the float32 reference on the same bf16 values: within 2e-2 of
+    the largest value (8 significant bits, rounded once more per sum of partial products)."""
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+@needs_bf16_kernels
+def test_bf16_fast_paths_match_the_float32_ops():
+    """bf16 tensors take the oneDNN paths (linear, 1x1 conv, im2col conv, sub-pixel upsampling
+    conv) and give the float32 ops' result on the same values, to bf16 rounding."""
+    torch.manual_seed(0)
+    bf = torch.bfloat16
+    w, b, x = torch.randn(48, 32).to(bf), torch.randn(48).to(bf), torch.randn(3, 7, 32).to(bf)
+    with torch.no_grad():
+        assert kernels._fast(x, w, b)
+        _close_bf16(kernels.linear(x, w, b), F.linear(x.float(), w.float(), b.float()))
+        for k, size, cout, path in ((1, 6, 24, "pointwise"), (3, 4, 320, "im2col")):
+            conv = kernels.Conv2d(16, cout, k, padding=k // 2).to(bf)
+            img = torch.randn(1, 16, size, size + 1).to(bf)
+            assert kernels.conv_path(img.shape, conv.weight.shape, 1, k // 2) == path
+            ref = F.conv2d(img.float(), conv.weight.float(), conv.bias.float(), 1, k // 2)
+            _close_bf16(conv(img), ref)
+        up = Upsample(8, 8).to(bf)
+        img = torch.randn(2, 8, 5, 6).to(bf)
+        assert kernels.upsample_path(img.shape, up.conv.weight.shape) == "subpixel"
+        ref = F.conv2d(
+            F.interpolate(img.float(), scale_factor=2.0, mode="nearest"),
+            up.conv.weight.float(),
+            up.conv.bias.float(),
+            padding=1,
+        )
+        _close_bf16(up(img), ref)
 
 
 def test_cli_generate_dtype_bf16(tmp_path, capsys, monkeypatch):

@@ -8,7 +8,7 @@ How a model is loaded is policy that every surface shares, so it lives here, onc
   under fp16, :func:`~noisecraft.models.latent_diffusion.vae_dtype_for`). On the CPU,
   ``"bf16"`` stores the U-Net's weights in bf16 (its matmuls and convolutions then run in
   bf16; the text encoder and VAE, one call each per image, stay fp32, and so does the
-  sampler's arithmetic): 1.5-2.4x faster per U-Net pass on a CPU with bf16 instructions,
+  sampler's arithmetic): 1.5-1.7x faster per U-Net pass on a CPU with bf16 instructions,
   about 1 % relative difference per pass (docs/performance.md "bf16 on the CPU"). A CPU
   without them (:func:`~noisecraft.nn.cpu_features.bf16_missing`) gets a one-line
   :class:`~noisecraft.errors.NoisecraftWarning`: bf16 still works there, emulated, slower
