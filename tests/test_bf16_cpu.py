@@ -127,13 +127,16 @@ def test_bf16_unet_pass_within_tolerance_of_fp32():
     assert 0 < rel < 3e-2
 
 
-def test_kernels_step_aside_under_autocast():
-    """Under autocast float32 tensors take the reference op (the oneDNN ops would not be cast:
-    they would run in float32)."""
+def test_kernels_step_aside_for_bf16_and_under_autocast():
+    """bf16 tensors take the reference ops (measured faster in a whole U-Net pass), and so
+    do float32 ones under autocast (the oneDNN ops would not be cast: they would run fp32)."""
     torch.manual_seed(0)
     lin = kernels.Linear(64, 96)
     x = torch.randn(8, 64)
     with torch.no_grad():
+        assert not kernels._fast(x.bfloat16(), lin.weight.bfloat16())
+        w16, b16 = lin.weight.bfloat16(), lin.bias.bfloat16()
+        assert torch.equal(kernels.linear(x.bfloat16(), w16, b16), F.linear(x.bfloat16(), w16, b16))
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert not kernels._fast(x, lin.weight)
             out = lin(x)
@@ -141,10 +144,14 @@ def test_kernels_step_aside_under_autocast():
         assert torch.equal(out, F.linear(x.bfloat16(), lin.weight.bfloat16(), lin.bias.bfloat16()))
 
 
-needs_bf16_kernels = pytest.mark.skipif(
-    not kernels._fast(torch.randn(2, 3).bfloat16(), torch.randn(2, 3).bfloat16()),
-    reason="no oneDNN bf16 kernels here",
-)
+@pytest.fixture
+def bf16_kernels(monkeypatch):
+    """The oneDNN paths let in for bf16, as bench/bf16_speed.py's comparison row does."""
+    monkeypatch.setattr(kernels, "_FAST_DTYPES", (torch.float32, torch.bfloat16))
+    x = torch.randn(2, 3).bfloat16()
+    with torch.no_grad():
+        if not kernels._fast(x, x):
+            pytest.skip("no oneDNN bf16 kernels here")
 
 
 def _close_bf16(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -154,10 +161,10 @@ def _close_bf16(out: torch.Tensor, ref: torch.Tensor) -> None:
     assert float((out.float() - ref).abs().max() / ref.abs().max()) < 2e-2
 
 
-@needs_bf16_kernels
-def test_bf16_fast_paths_match_the_float32_ops():
-    """bf16 tensors take the oneDNN paths (linear, 1x1 conv, im2col conv, sub-pixel upsampling
-    conv) and give the float32 ops' result on the same values, to bf16 rounding."""
+def test_bf16_fast_paths_match_the_float32_ops(bf16_kernels):
+    """Let in for bf16 (the bench's row), the oneDNN paths (linear, 1x1 conv, im2col conv,
+    sub-pixel upsampling conv) give the float32 ops' result on the same values, to bf16
+    rounding."""
     torch.manual_seed(0)
     bf = torch.bfloat16
     w, b, x = torch.randn(48, 32).to(bf), torch.randn(48).to(bf), torch.randn(3, 7, 32).to(bf)

@@ -33,14 +33,15 @@ oneDNN available and enabled (``torch.backends.mkldnn``), and :func:`set_fast_ke
 switched off. Everything else (CUDA, float16, training, autocast) runs the reference op
 unchanged.
 
-bfloat16 tensors (a U-Net stored bf16, ``noisecraft.load(dtype="bf16")``) take the same
-oneDNN paths where oneDNN has bf16 kernels (``torch.ops.mkldnn._is_mkldnn_bf16_supported``):
-one by one they were faster than the reference ops in bf16 too (a 2048 x 320 x 2560 matmul
-9.5 ms instead of 14.4 ms; a 3x3 1280-channel conv on 4x4 pixels as im2col 6.2 ms instead of
-9.7 ms; one thread), and a whole SD 1.5 U-Net pass at 256x256 1.73x fp32's speed with them
-against 1.54x without on the least loaded run (``bench/bf16_speed.py``; under heavy load
-the order flipped: docs/performance.md "bf16 on the CPU"). The sub-pixel upsampling sums its
-kernel taps in float32 before rounding them to bf16.
+bfloat16 tensors (a U-Net stored bf16, ``noisecraft.load(dtype="bf16")``) take the reference
+ops: the oneDNN paths accept bf16 (where oneDNN has bf16 kernels,
+``torch.ops.mkldnn._is_mkldnn_bf16_supported``) and were faster one by one (a 2048 x 320 x
+2560 matmul 9.5 ms instead of 14.4 ms; a 3x3 1280-channel conv on 4x4 pixels as im2col 6.2 ms
+instead of 9.7 ms; one thread), but a whole SD 1.5 U-Net pass at 256x256 was faster without
+them in three runs of four (two threads, the least loaded run: 1.71x fp32's speed without,
+1.53x with; ``bench/bf16_speed.py``, docs/performance.md "bf16 on the CPU"). ``_FAST_DTYPES``
+lets them in for bf16 (the bench's comparison row; the sub-pixel upsampling then sums its
+kernel taps in float32 before rounding them to bf16).
 
 :class:`Linear` and :class:`Conv2d` are ``nn.Linear`` / ``nn.Conv2d`` with these forwards:
 same parameters, same names, same state dicts.
@@ -57,9 +58,10 @@ from torch import Tensor, nn
 
 _ENABLED = True
 _OPS: tuple | None = None
-#: The dtypes the fast paths take (bf16 only where oneDNN has bf16 kernels: :func:`_fast`);
-#: ``bench/bf16_speed.py`` narrows it to float32 for its comparison row.
-_FAST_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)
+#: The dtypes the fast paths take: float32 (bf16 measured slower with them: module
+#: docstring); ``bench/bf16_speed.py`` adds bf16 for its comparison row (then only where
+#: oneDNN has bf16 kernels: :func:`_fast`).
+_FAST_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
 _BF16: bool | None = None
 
 
