@@ -6,7 +6,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-slow lint format clean bench-venv bench-train bench-sdcpp
+.PHONY: setup demo test test-slow lint format clean bench-venv bench-train bench-sdcpp \
+	bench-openvino-venv bench-openvino
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -69,3 +70,22 @@ SDCPP := .bench-sdcpp
 bench-sdcpp: $(STAMP)
 	test -x $(SDCPP)/sd-cli || $(BIN)/python bench/sdcpp.py --build $(SDCPP)
 	$(BIN)/python bench/sdcpp.py --sd-cli $(SDCPP)/sd-cli
+
+# OpenVINO against ours and diffusers on SD 1.5's architecture (bench/openvino.py): its own
+# venv, so that openvino never enters the project's; torch pinned to the project's 2.13.0
+# (the CPU build on this machine's disk), diffusers / transformers as the test extra pins them.
+OV_VENV := .openvino-venv
+$(OV_VENV)/.installed: pyproject.toml
+	$(PY) -m venv $(OV_VENV)
+	$(OV_VENV)/bin/python -m pip install -q --upgrade pip
+	$(OV_VENV)/bin/python -m pip install -q torch==2.13.0 diffusers==0.42.1 \
+		transformers==5.23.0 openvino==2026.4.1 safetensors==0.8.0 numpy pillow \
+		typer tqdm scipy
+	# --no-deps: the pins above are the bench's; noisecraft's own needs are a subset
+	$(OV_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $(OV_VENV)/.installed
+
+bench-openvino-venv: $(OV_VENV)/.installed
+
+bench-openvino: bench-openvino-venv
+	$(OV_VENV)/bin/python bench/openvino.py --sizes 256,512

@@ -27,9 +27,21 @@ Each fast path computes the same sums as the reference op in another order (floa
 differences of ~1e-6 relative; ``tests/test_nn.py`` checks them against ``F.linear`` /
 ``F.conv2d``). They are taken only where they are exact replacements: CPU float32 tensors, no
 autograd graph being recorded (the oneDNN ops have no backward, so training always takes the
-reference ops), not while ``torch.compile`` traces (it has its own fusions), oneDNN available
-and enabled (``torch.backends.mkldnn``), and :func:`set_fast_kernels` not switched off.
-Everything else (CUDA, half precision, training) runs the reference op unchanged.
+reference ops), not under ``torch.autocast`` (autocast does not cast these oneDNN ops: they
+would silently run in float32), not while ``torch.compile`` traces (it has its own fusions),
+oneDNN available and enabled (``torch.backends.mkldnn``), and :func:`set_fast_kernels` not
+switched off. Everything else (CUDA, float16, training, autocast) runs the reference op
+unchanged.
+
+bfloat16 tensors (a U-Net stored bf16, ``noisecraft.load(dtype="bf16")``) take the reference
+ops: the oneDNN paths accept bf16 (where oneDNN has bf16 kernels,
+``torch.ops.mkldnn._is_mkldnn_bf16_supported``) and were faster one by one (a 2048 x 320 x
+2560 matmul 9.5 ms instead of 14.4 ms; a 3x3 1280-channel conv on 4x4 pixels as im2col 6.2 ms
+instead of 9.7 ms; one thread), but a whole SD 1.5 U-Net pass at 256x256 was faster without
+them in three runs of four (two threads, the least loaded run: 1.71x fp32's speed without,
+1.53x with; ``bench/bf16_speed.py``, docs/performance.md "bf16 on the CPU"). ``_FAST_DTYPES``
+lets them in for bf16 (the bench's comparison row; the sub-pixel upsampling then sums its
+kernel taps in float32 before rounding them to bf16).
 
 :class:`Linear` and :class:`Conv2d` are ``nn.Linear`` / ``nn.Conv2d`` with these forwards:
 same parameters, same names, same state dicts.
@@ -46,6 +58,22 @@ from torch import Tensor, nn
 
 _ENABLED = True
 _OPS: tuple | None = None
+#: The dtypes the fast paths take: float32 (bf16 measured slower with them: module
+#: docstring); ``bench/bf16_speed.py`` adds bf16 for its comparison row (then only where
+#: oneDNN has bf16 kernels: :func:`_fast`).
+_FAST_DTYPES: tuple[torch.dtype, ...] = (torch.float32,)
+_BF16: bool | None = None
+
+
+def _bf16_ok() -> bool:
+    """Whether this torch's oneDNN has bfloat16 kernels for this CPU (cached)."""
+    global _BF16
+    if _BF16 is None:
+        try:
+            _BF16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            _BF16 = False
+    return _BF16
 
 
 def _ops() -> tuple | None:
@@ -80,13 +108,18 @@ def fast_kernels(enabled: bool) -> Iterator[None]:
 
 def _fast(x: Tensor, *params: Tensor | None) -> bool:
     """Whether the oneDNN fast path may replace the reference op for these tensors."""
-    if not _ENABLED or x.device.type != "cpu" or x.dtype != torch.float32:
+    dtype = x.dtype
+    if not _ENABLED or x.device.type != "cpu" or dtype not in _FAST_DTYPES:
         return False
-    if any(p is not None and (p.device.type != "cpu" or p.dtype != torch.float32) for p in params):
+    if any(p is not None and (p.device.type != "cpu" or p.dtype != dtype) for p in params):
+        return False
+    if dtype == torch.bfloat16 and not _bf16_ok():
         return False
     if torch.is_grad_enabled() and (
         x.requires_grad or any(p is not None and p.requires_grad for p in params)
     ):
+        return False
+    if torch.is_autocast_enabled("cpu"):
         return False
     if torch.compiler.is_compiling() or not torch.backends.mkldnn.is_available():
         return False
@@ -194,8 +227,8 @@ def upsample_conv2d(
     b, _, h, w = x.shape
     out_h, out_w = upsampled_size(h, w, size)
     cout = weight.shape[0]
-    rows = _phase_taps(weight, 2)  # (2 [a], cout, cin, 2, 3)
-    taps = _phase_taps(rows, 4).transpose(0, 1)  # (2 [a], 2 [b], cout, cin, 2, 2)
+    rows = _phase_taps(weight.float(), 2)  # (2 [a], cout, cin, 2, 3), summed in float32
+    taps = _phase_taps(rows, 4).transpose(0, 1).to(weight.dtype)  # (2, 2, cout, cin, 2, 2)
     phases = conv2d(
         F.pad(x, (1, 1, 1, 1)),
         taps.reshape(4 * cout, weight.shape[1], 2, 2),
