@@ -118,12 +118,13 @@ def test_scales_multiply_each_residual():
 
 def test_guess_mode_scales_are_the_original_soft_injection():
     """cldm's soft injection for SD's 13 residuals is 0.825 ** (12 - i); diffusers' (ours)
-    is 10 ** (-1 + i / 12): both geometric, from ~0.1 to 1, within 1 % of each other."""
+    is 10 ** (-1 + i / 12): both geometric, from ~0.1 to 1, within 1 % of each other (0.6 %
+    at most)."""
     ours = guess_mode_scales(13).double()
     original = torch.tensor([0.825 ** (12 - i) for i in range(13)], dtype=torch.float64)
     assert ours[-1] == 1 and math.isclose(ours[0].item(), 0.1, rel_tol=1e-6)
     torch.testing.assert_close(ours[1:] / ours[:-1], torch.full((12,), 10 ** (1 / 12)).double())
-    assert ((ours - original).abs() / original).max() < 0.011
+    assert ((ours - original).abs() / original).max() < 0.01
 
 
 def test_a_shared_hint_equals_the_repeated_hint():

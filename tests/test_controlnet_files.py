@@ -188,6 +188,12 @@ def test_other_files_are_refused(tmp_path):
     assert not is_controlnet(tmp_path / "m.safetensors")
     with pytest.raises(CheckpointError, match="is not a ControlNet"):
         load_controlnet(tmp_path / "m.safetensors")
+    from noisecraft.io.formats.auto import load_any
+
+    save_controlnet(_ours(6), tmp_path / "cn", format="diffusers")
+    for path in (tmp_path / "cn", save_controlnet(_ours(6), tmp_path / "cn.safetensors")):
+        with pytest.raises(CheckpointError, match="is a ControlNet, not a model"):
+            load_any(path)
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="not a diffusers ControlNetModel folder"):
         load_controlnet(tmp_path / "empty")

@@ -27,7 +27,7 @@ encoder is built by :class:`~noisecraft.models.unet.UNetEncoder`, the U-Net's ow
 Guess mode ("soft injection" in the original code): the residuals are scaled from 0.1 at the
 shallowest to 1 at the middle block, geometrically; the original uses ``0.825 ** (12 - i)``
 for SD's 13 residuals, diffusers ``torch.logspace(-1, 0, n + 1)``, which we follow
-(``0.825 ** 12`` = 0.099; the two differ by under 1 %). In a pipeline guess mode also drops
+(``0.825 ** 12`` = 0.099; the two differ by at most 0.6 %). In a pipeline guess mode also drops
 the ControlNet from the unconditional pass of classifier-free guidance (the caller's part).
 """
 
@@ -45,7 +45,7 @@ from noisecraft.errors import ConfigError
 from noisecraft.models.unet import UNet, UNetConfig, UNetEncoder
 from noisecraft.nn.kernels import Conv2d
 
-__all__ = ["ControlNet", "ControlNetConfig", "guess_mode_scales"]
+__all__ = ["HINT_CHANNELS", "ControlNet", "ControlNetConfig", "guess_mode_scales"]
 
 #: The hint encoder's widths in cldm and diffusers (``conditioning_embedding_out_channels``).
 HINT_CHANNELS = (16, 32, 96, 256)
@@ -71,8 +71,6 @@ class ControlNetConfig:
     hint_in_channels: int = 3
 
     def __post_init__(self) -> None:
-        if isinstance(self.unet, dict):
-            object.__setattr__(self, "unet", UNetConfig.from_dict(self.unet))
         if not isinstance(self.unet, UNetConfig):
             raise ConfigError("ControlNetConfig.unet must be a U-Net config")
         h = self.hint_channels
@@ -134,6 +132,9 @@ class ControlNet(UNetEncoder):
     ``forward(x, t, context, hint)`` gives the ``(down_residuals, mid_residual)`` that
     :meth:`UNet.forward` adds to its skips and middle output. The zero convolutions (and the
     hint encoder's last conv) start at zero, so an untrained ControlNet changes nothing.
+
+    ``controlnet_config`` is the whole :class:`ControlNetConfig`; ``config`` (as on
+    :class:`UNetEncoder`) its U-Net part, ``skip_channels`` the residuals' channels.
     """
 
     what = "ControlNet"

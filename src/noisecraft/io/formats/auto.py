@@ -78,7 +78,11 @@ def load_any(
             model = model.replace(prediction=prediction)
         return model
     if fmt == "diffusers":
+        from noisecraft.io.controlnet_files import controlnet_folder
         from noisecraft.io.formats.diffusers_folder import load_diffusers_folder
+
+        if Path(path, "config.json").is_file() and controlnet_folder(path) == Path(path):
+            raise CheckpointError(f"{path} is a ControlNet, not a model; load it as a ControlNet")
 
         model = load_diffusers_folder(path, prediction=prediction, device=device)
         if vae is not None:
