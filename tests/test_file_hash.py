@@ -27,3 +27,17 @@ def test_pickles_get_the_whole_file_hash(tmp_path):
     torch.save({"a": torch.ones(3)}, p)
     assert network_hash(p) == sha256_file(p) == hashlib.sha256(p.read_bytes()).hexdigest()
     assert short_hash(sha256_file(p)) == sha256_file(p)[:12] and len(short_hash("f" * 64)) == 12
+
+
+def test_legacy_model_hash_reads_64_kib_at_1_mib(tmp_path):
+    """A1111's ``sd_models.model_hash``: sha256 of bytes 0x100000..0x110000, 8 hex digits (a
+    file shorter than 1 MiB hashes nothing: e3b0c442, the empty string's)."""
+    from noisecraft.io.file_hash import legacy_model_hash
+
+    data = bytes(i % 251 for i in range(0x120000))
+    (tmp_path / "m.safetensors").write_bytes(data)
+    want = hashlib.sha256(data[0x100000:0x110000]).hexdigest()[:8]
+    assert legacy_model_hash(tmp_path / "m.safetensors") == want
+    (tmp_path / "small.pth").write_bytes(data[:1000])
+    assert legacy_model_hash(tmp_path / "small.pth") == "e3b0c442"
+    assert legacy_model_hash(None) is None
