@@ -62,9 +62,7 @@ def test_the_shipped_file_is_small_and_found_by_name(heldout):
         seed=0,
         progress=False,
     )
-    assert torch.equal(
-        torch.from_numpy(np.array(out.hints[0]))[..., 0].bool(), hints[0, 0].bool()
-    )
+    assert torch.equal(torch.from_numpy(np.array(out.hints[0]))[..., 0].bool(), hints[0, 0].bool())
     assert "Model: mnist_canny [" in out.infotexts[0]
 
 
