@@ -14,7 +14,7 @@ import torch
 from noisecraft.errors import ConfigError
 from noisecraft.io.controlnet_files import load_controlnet
 from noisecraft.pipelines.control_preprocess import make_hint
-from noisecraft.training.config import ExperimentConfig, load_config
+from noisecraft.training.config import DataConfig, ExperimentConfig, load_config
 from noisecraft.training.data import load_dataset
 from noisecraft.training.trainer import Trainer
 
@@ -81,6 +81,8 @@ def test_split_keeps_the_heldout_digits_out():
     flat = lambda ds: {bytes(x.numpy().tobytes()) for x in ds.images}  # noqa: E731
     a, b = flat(train), flat(held)
     assert not a & b and len(a | b) >= 4990  # disjoint (MNIST has a few duplicate images)
+    with pytest.raises(ConfigError, match="mnist only"):
+        load_dataset(DataConfig(name="digits", split="train"))
 
 
 @pytest.mark.parametrize(

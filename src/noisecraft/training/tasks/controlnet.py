@@ -77,7 +77,7 @@ class ControlNetTask(TimestepSamplerState):
     """Train a ControlNet for a locked text-to-image model (see the module docstring)."""
 
     name = "controlnet"
-    resume_sections = ("controlnet", "data")
+    resume_sections = ("controlnet",)
     log_keys: tuple[str, ...] = ()
 
     def __init__(self, cfg: ExperimentConfig, dataset: ImageDataset, device: torch.device):
