@@ -39,6 +39,7 @@ from torch import Tensor
 from noisecraft.api.images import ImageLike, image_tensor, to_pil
 from noisecraft.errors import ConfigError, unknown_name
 from noisecraft.io.file_hash import legacy_model_hash
+from noisecraft.io.shipped import SHIPPED_CONTROLNET_DIR
 from noisecraft.pipelines.control import ControlInput
 from noisecraft.pipelines.control_preprocess import (
     PREPROCESSORS,
@@ -149,18 +150,10 @@ class PipelineControlNets:
         self._given: dict[str, Any] = {}  # name -> a loaded ControlNet passed in a call
 
     def available(self) -> dict[str, Path]:
-        """ControlNet files and diffusers folders of ``controlnet_dir`` by name."""
-        found: dict[str, Path] = {}
-        if self.controlnet_dir is None or not self.controlnet_dir.is_dir():
-            return found
-        for p in sorted(self.controlnet_dir.rglob("*")):
-            if p.is_file() and p.suffix.lower() in CONTROLNET_SUFFIXES:
-                if p.name.startswith("diffusion_pytorch_model"):
-                    continue  # inside a diffusers folder, found as the folder
-                found.setdefault(p.stem, p)
-            elif p.is_dir() and (p / "config.json").is_file():
-                found.setdefault(p.name, p)
-        return found
+        """ControlNet files and diffusers folders by name: the shipped ones
+        (:data:`SHIPPED_CONTROLNET_DIR`, e.g. ``mnist_canny``), then ``controlnet_dir``'s,
+        which win."""
+        return {**_scan(SHIPPED_CONTROLNET_DIR), **_scan(self.controlnet_dir)}
 
     def find(self, name: str) -> Any:
         """A path or loaded ControlNet for a name (a file / folder, or one of the folder's)."""
@@ -210,6 +203,21 @@ class PipelineControlNets:
             digest = legacy_model_hash(_weights_file(path))
             self._files[key] = (net, f"{name} [{digest}]" if digest else name)
         return self._files[key]
+
+
+def _scan(folder: Path | None) -> dict[str, Path]:
+    """ControlNet files and diffusers folders under ``folder`` by name (first found wins)."""
+    found: dict[str, Path] = {}
+    if folder is None or not folder.is_dir():
+        return found
+    for p in sorted(folder.rglob("*")):
+        if p.is_file() and p.suffix.lower() in CONTROLNET_SUFFIXES:
+            if p.name.startswith("diffusion_pytorch_model"):
+                continue  # inside a diffusers folder, found as the folder
+            found.setdefault(p.stem, p)
+        elif p.is_dir() and (p / "config.json").is_file():
+            found.setdefault(p.name, p)
+    return found
 
 
 def _weights_file(path: Path) -> Path | None:

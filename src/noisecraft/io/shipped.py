@@ -29,6 +29,9 @@ SHIPPED_TINY_DECODERS = {
 #: LoRAs that ship with the package (``<lora:mnist_tiny>`` finds them without a LoRA folder;
 #: a file of the same name in the user's folder wins).
 SHIPPED_LORA_DIR = ASSETS / "loras"
+#: ControlNets for the shipped text model (``mnist_canny``: configs/mnist_controlnet.toml),
+#: found by name like the files of a ``controlnet_dir`` (a file of the same name there wins).
+SHIPPED_CONTROLNET_DIR = ASSETS / "controlnets"
 #: Textual-inversion embeddings for the shipped text model (``lucky``), known to it by name.
 SHIPPED_EMBEDDING_DIR = ASSETS / "embeddings"
 #: The model ``noisecraft.load()`` loads when given none.
@@ -67,6 +70,7 @@ def shipped_tiny_decoder(name: str | os.PathLike) -> Path | None:
 __all__ = [
     "ASSETS",
     "DEFAULT_MODEL",
+    "SHIPPED_CONTROLNET_DIR",
     "SHIPPED_EMBEDDING_DIR",
     "SHIPPED_LCM_UNETS",
     "SHIPPED_LORA_DIR",

@@ -1,6 +1,6 @@
 """The recipe sections of the adapter-training tasks (kept apart from :mod:`.config`, which
 builds them): ``[lora]`` of the ``lora`` task, ``[inversion]`` of ``textual_inversion``,
-``[lcm]`` of ``lcm_distill``."""
+``[lcm]`` of ``lcm_distill``, ``[controlnet]`` of ``controlnet``."""
 
 from __future__ import annotations
 
@@ -141,4 +141,34 @@ class LCMConfig:
             raise ConfigError("lcm.guidance_max must be >= lcm.guidance_min")
 
 
-__all__ = ["InversionConfig", "LCMConfig", "LoRATrainConfig"]
+@dataclass(frozen=True)
+class ControlNetTrainConfig:
+    """What the ``controlnet`` task trains (:mod:`noisecraft.training.tasks.controlnet`).
+
+    * ``base``: the frozen ("locked") text-to-image model (a shipped name or a file); the
+      ControlNet is a trainable copy of its U-Net's encoder (``ControlNet.from_unet``).
+    * ``preprocess``: the pipeline's preprocessor that turns each training image into its
+      hint (``canny``, ``scribble``, ``threshold``), so generation uses the same function.
+    * ``hint_channels``: the widths of the hint encoder (one level per 2x of the hint over the
+      latent size; cldm's are 16, 32, 96, 256).
+    * ``min_snr_gamma``: Min-SNR-gamma loss weighting (0 = plain MSE).
+
+    The share of empty prompts is ``train.cond_drop_prob`` (the original drops 50 %).
+    """
+
+    base: str = "mnist-text"
+    preprocess: str = "canny"
+    hint_channels: tuple[int, ...] = (16, 32, 96, 256)
+    min_snr_gamma: float = 5.0
+
+    def __post_init__(self) -> None:
+        check_numbers(self, "controlnet", min_snr_gamma=Float(0))
+        check_choice(self, "controlnet", "preprocess", ("canny", "scribble", "threshold"))
+        h = self.hint_channels
+        if not h or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in h):
+            raise ConfigError(
+                f"controlnet.hint_channels must be a list of positive integers, got {list(h)!r}"
+            )
+
+
+__all__ = ["ControlNetTrainConfig", "InversionConfig", "LCMConfig", "LoRATrainConfig"]

@@ -29,6 +29,8 @@ which sections the recipe may have (:data:`TASK_SECTIONS`):
   ``[lora]`` (:class:`LoRATrainConfig`) with ``[data]``, ``[train]``, ``[run]``.
 * ``"lcm_distill"``: a latent consistency student of a trained text-to-image model --
   ``[lcm]`` (:class:`LCMConfig`) with ``[data]``, ``[train]``, ``[run]``.
+* ``"controlnet"``: a ControlNet for a frozen text-to-image model -- ``[controlnet]``
+  (:class:`ControlNetTrainConfig`) with ``[data]``, ``[train]``, ``[run]``.
 
 A section the chosen task does not use is an error (so a forgotten ``[task]`` line does not
 silently train the wrong thing). Every number is checked against its range when a section is
@@ -53,7 +55,12 @@ from noisecraft.models.tiny_decoder import TinyDecoderConfig
 from noisecraft.models.unet import UNetConfig
 from noisecraft.models.vae import VAEConfig
 from noisecraft.samplers.registry import lookup as lookup_sampler
-from noisecraft.training.adapter_configs import InversionConfig, LCMConfig, LoRATrainConfig
+from noisecraft.training.adapter_configs import (
+    ControlNetTrainConfig,
+    InversionConfig,
+    LCMConfig,
+    LoRATrainConfig,
+)
 from noisecraft.training.ranges import Float, Int, check_choice, check_numbers, non_finite
 from noisecraft.training.vae_loss import VAELossConfig
 
@@ -66,6 +73,7 @@ TASK_SECTIONS: dict[str, tuple[str, ...]] = {
     "lora": ("data", "lora", "train", "run"),
     "textual_inversion": ("data", "inversion", "train", "run"),
     "lcm_distill": ("data", "lcm", "train", "run"),
+    "controlnet": ("data", "controlnet", "train", "run"),
 }
 
 
@@ -92,9 +100,13 @@ class DataConfig:
     class_conditional: bool = True  # use labels (mnist, digits, or sub-folders of a folder)
     limit: int = 0  # use only the first N images (0 = all)
     pad: int = 0  # pixels of background (-1) added on each side before resizing (28 + 2*2 = 32)
+    # mnist only: "all" | "train" (without the held-out digits) | "heldout" (the 1,000 digits,
+    # 100 per class, that the shipped classifier was not trained on: mnist_net.heldout_split)
+    split: str = "all"
 
     def __post_init__(self) -> None:
         check_numbers(self, "data", image_size=Int(1), limit=Int(0), pad=Int(0))
+        check_choice(self, "data", "split", ("all", "train", "heldout"))
         if self.channels not in (1, 3) or isinstance(self.channels, bool):
             raise ConfigError(f"data.channels must be 1 or 3, got {self.channels!r}")
 
@@ -290,6 +302,7 @@ class ExperimentConfig:
     lora: LoRATrainConfig = field(default_factory=LoRATrainConfig)
     inversion: InversionConfig = field(default_factory=InversionConfig)
     lcm: LCMConfig = field(default_factory=LCMConfig)
+    controlnet: ControlNetTrainConfig = field(default_factory=ControlNetTrainConfig)
 
     def __post_init__(self) -> None:
         if "diffusion" in self.sections and self.run.sample_steps > self.diffusion.num_steps:
@@ -351,6 +364,7 @@ _SECTION_TYPES: dict[str, type] = {
     "lora": LoRATrainConfig,
     "inversion": InversionConfig,
     "lcm": LCMConfig,
+    "controlnet": ControlNetTrainConfig,
 }
 
 

