@@ -129,7 +129,6 @@ SCRIPT_BODIES = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason="server bug: a number in alwayson_scripts answers 500")
 @pytest.mark.parametrize("body", SCRIPT_BODIES)
 def test_alwayson_scripts_that_are_numbers_are_refused_not_500(server, body):
     import requests

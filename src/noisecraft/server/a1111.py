@@ -90,6 +90,20 @@ def _unsupported(name: str, why: str) -> ConfigError:
     return _refuse(f"{name} is not supported by this server ({why}); leave it at its default")
 
 
+def _script_args(key: str, value: Any) -> list[Any]:
+    """The ``args`` list of one ``alwayson_scripts`` entry (``{"args": [...]}`` or the list
+    itself; null = none), or a 422 for anything else (a number, a string)."""
+    args = value.get("args", []) if isinstance(value, dict) else value
+    if args is None:
+        return []
+    if not isinstance(args, list):
+        raise _refuse(
+            f'alwayson_scripts.{key}: expected {{"args": [...]}} or a list, '
+            f"got {type(args).__name__}"
+        )
+    return args
+
+
 def controlnet_units(alwayson_scripts: dict[str, Any]) -> list[Any]:
     """The ControlNet units of ``alwayson_scripts`` (the ``controlnet`` entry, any case;
     units with ``enabled`` false dropped). The ControlNet branch maps them to the engine."""
@@ -97,8 +111,7 @@ def controlnet_units(alwayson_scripts: dict[str, Any]) -> list[Any]:
     for key, value in alwayson_scripts.items():
         if key.lower() != "controlnet":
             continue
-        args = value.get("args", []) if isinstance(value, dict) else value
-        for unit in args or []:
+        for unit in _script_args(key, value):
             if isinstance(unit, dict) and unit.get("enabled", True) is False:
                 continue
             if unit in (None, False):
@@ -118,8 +131,7 @@ def _check_scripts(req: GenerationFields) -> None:
     for key, value in req.alwayson_scripts.items():
         if key.lower() == "controlnet":
             continue
-        args = value.get("args", []) if isinstance(value, dict) else value
-        if any(a not in (None, False) for a in (args or [])):
+        if any(a not in (None, False) for a in _script_args(key, value)):
             raise _refuse(
                 f"alwayson_scripts.{key}: no such script on this server; only 'controlnet' "
                 "is reserved (not available yet)"
