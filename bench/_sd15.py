@@ -176,6 +176,33 @@ def diffusers_unet(unet: UNet) -> nn.Module:
     return _assign(lambda: UNet2DConditionModel(**cfg), sd)
 
 
+def build_controlnet(unet: UNet, seed: int = 3) -> nn.Module:
+    """A ControlNet for ``unet`` (its encoder copied, as training starts) with the zero
+    convolutions and the hint encoder's last conv given random weights, so its residuals
+    are not zero."""
+    from noisecraft.models.controlnet import ControlNet
+
+    torch.manual_seed(seed)
+    return _ready(ControlNet.from_unet(unet))
+
+
+def diffusers_controlnet(controlnet: nn.Module) -> nn.Module:
+    """diffusers' ``ControlNetModel`` with ``controlnet``'s weights (through a diffusers
+    folder written by our converter; a second copy of the weights)."""
+    import tempfile
+
+    from diffusers import ControlNetModel
+
+    from noisecraft.io.controlnet_files import save_controlnet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_controlnet(controlnet, f"{tmp}/cn", format="diffusers")
+        model = ControlNetModel.from_pretrained(f"{tmp}/cn")
+    dtype = next(controlnet.parameters()).dtype
+    device = next(controlnet.parameters()).device
+    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
 def diffusers_vae(vae: AutoencoderKL) -> nn.Module:
     """diffusers' ``AutoencoderKL`` sharing ``vae``'s weights."""
     from diffusers import AutoencoderKL as DAutoencoderKL

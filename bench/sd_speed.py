@@ -46,6 +46,10 @@ Sections (``--only``):
   spread is the noise of this measure), against diffusers, and with attention maps or the
   latents every 5 steps recorded (``ratio`` < 1: the observer's cost; ``max |diff|`` 0: the
   image is unchanged). Decoding the recorded latents (API level) is not included.
+* ``controlnet`` (not in the default run): one sampling step with a ControlNet, at
+  ``--sizes``, batch 2 (a CFG step): the ControlNet's residuals from a hint image, then the
+  U-Net with them added to its skips and middle block; ours (``models/controlnet.py``)
+  against diffusers' ``ControlNetModel`` + ``UNet2DConditionModel`` with the same weights.
 
 Each section runs in its own child process (so peaks and allocator state do not mix).
 
@@ -56,6 +60,7 @@ Each section runs in its own child process (so peaks and allocator state do not 
     python bench/sd_speed.py --only fast --pipeline-sizes 512 # fast mode against diffusers
     python bench/sd_speed.py --only lcm --pipeline-sizes 512  # 4 LCM steps vs 20 DPM++ 2M CFG
     python bench/sd_speed.py --only observe --steps 10         # the observer's cost, on and off
+    python bench/sd_speed.py --only controlnet --sizes 512     # a U-Net + ControlNet step
 
 ``--write docs/performance.md --block NAME`` replaces the generated block NAME of that page
 (between its ``<!-- sd_speed:NAME:begin -->`` / ``:end -->`` markers) with this run's table.
@@ -80,7 +85,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-SECTIONS = ("unet", "vae", "text", "pipeline", "fast", "lcm", "observe")
+SECTIONS = ("unet", "vae", "text", "pipeline", "fast", "lcm", "observe", "controlnet")
 DEFAULT_SECTIONS = SECTIONS[:4]
 DTYPES = {"fp32": "float32", "fp16": "float16"}  # --dtype -> torch dtype name
 PROMPT = "a photograph of an astronaut riding a horse"
@@ -306,6 +311,8 @@ def _section(args: argparse.Namespace, section: str) -> list[dict[str, Any]]:
         rows += _lcm_rows(args, device, dtype, meter)
     elif section == "observe":
         rows += _observe_rows(args, device, dtype, meter)
+    elif section == "controlnet":
+        rows += _controlnet_rows(args, device, dtype, meter)
     else:
         raise ValueError(section)
     return rows
@@ -458,6 +465,44 @@ def _observe_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Mete
         )
         for name, ours, theirs in cases:
             rows.append(compare(name, ours, theirs, meter, args.pipeline_repeats))
+    return rows
+
+
+def _controlnet_rows(args: argparse.Namespace, device: str, dtype: Any, meter: Meter) -> list[dict]:
+    """The ``controlnet`` section (module docstring)."""
+    import _sd15
+    import torch
+
+    unet = _sd15.build_ours(args.tiny, parts=("unet",), device=device, dtype=dtype)["unet"]
+    cn = _sd15.build_controlnet(unet).to(device=device, dtype=dtype)
+    their_unet, their_cn = _sd15.diffusers_unet(unet), _sd15.diffusers_controlnet(cn)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for size in args.sizes:
+        x = torch.randn(2, 4, size // 8, size // 8, generator=g).to(device, dtype)
+        t = torch.full((2,), 500, device=device)
+        ctx = torch.randn(2, 77, unet.config.context_dim, generator=g).to(device, dtype)
+        hint = torch.rand(2, 3, size, size, generator=g).to(device, dtype)
+
+        def ours(x=x, t=t, c=ctx, h=hint) -> Any:
+            down, mid = cn(x, t, c, h)
+            return unet(x, t, context=c, down_residuals=down, mid_residual=mid)
+
+        def theirs(x=x, t=t, c=ctx, h=hint) -> Any:
+            down, mid = their_cn(
+                x, t, encoder_hidden_states=c, controlnet_cond=h, return_dict=False
+            )
+            return their_unet(
+                x,
+                t,
+                encoder_hidden_states=c,
+                down_block_additional_residuals=down,
+                mid_block_additional_residual=mid,
+            ).sample
+
+        rows.append(
+            compare(f"U-Net + ControlNet {size}² batch 2", ours, theirs, meter, args.repeats)
+        )
     return rows
 
 
@@ -675,7 +720,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed calls per side (median)")
     p.add_argument("--pipeline-repeats", type=int, default=2, help="timed generations per side")
     p.add_argument(
-        "--only", default=",".join(DEFAULT_SECTIONS), help="unet,vae,text,pipeline,fast,lcm,observe"
+        "--only",
+        default=",".join(DEFAULT_SECTIONS),
+        help="unet,vae,text,pipeline,fast,lcm,observe,controlnet",
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda (fp16 weights on both sides)")
     p.add_argument(

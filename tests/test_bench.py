@@ -29,13 +29,13 @@ def _sd_speed(*args: str) -> dict:
 
 def test_sd_speed_exact_rows_match_diffusers_and_fast_rows_stay_close():
     out = _sd_speed(
-        *("--only", "unet,vae,text,fast", "--sizes", "64", "--pipeline-sizes", "64"),
+        *("--only", "unet,vae,text,fast,controlnet", "--sizes", "64", "--pipeline-sizes", "64"),
         *("--repeats", "1", "--pipeline-repeats", "1", "--steps", "4"),
     )
     rows = {r["case"]: r for r in out["rows"]}
     exact = [c for c in rows if c in ("U-Net 64² batch 1", "U-Net 64² batch 2")]
-    exact += [c for c in rows if c.startswith(("VAE decode", "text encoder"))]
-    assert len(exact) == 4, list(rows)
+    exact += [c for c in rows if c.startswith(("VAE decode", "text encoder", "U-Net + ControlNet"))]
+    assert len(exact) == 5, list(rows)
     for case in exact:  # same weights, same function: float rounding only
         assert rows[case]["rel_diff"] <= 1e-4, (case, rows[case]["rel_diff"])
     fast = [c for c in rows if "int8" in c and c.startswith("U-Net")]
