@@ -24,6 +24,16 @@ from noisecraft.server import ServerConfig, create_app  # noqa: E402
 FAST = {"steps": 3, "sampler_name": "Euler a", "width": 32, "height": 32}
 
 
+def _png_b64(size: tuple[int, int] = (32, 32)) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", size, "black").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+#: a black 32x32 control image, base64 PNG
+PNG = _png_b64()
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return noisecraft.load("mnist-text")
@@ -121,7 +131,15 @@ def detail(r) -> str:
         ({"width": 33}, "width"),
         ({"cfg_scale": float("nan")}, "cfg"),
         ({"override_settings": {"sd_vae": "x"}}, "sd_vae"),
-        ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny"}]}}}, "ControlNet"),
+        ({"alwayson_scripts": {"controlnet": {"args": [{"module": "canny"}]}}}, "image"),
+        (
+            {"alwayson_scripts": {"controlnet": {"args": [{"image": PNG, "model": "../x"}]}}},
+            "names, not paths",
+        ),
+        (
+            {"alwayson_scripts": {"controlnet": {"args": [{"image": PNG, "module": "hed"}]}}},
+            "module",
+        ),
         ({"alwayson_scripts": {"ADetailer": {"args": [True, {}]}}}, "ADetailer"),
         ({"prompt": "a 7 <lora:../mnist_tiny>"}, "LoRA"),
         ({"prompt": "a 7 <lora:/etc/passwd>"}, "LoRA"),

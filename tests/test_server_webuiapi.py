@@ -1,6 +1,6 @@
 """A real A1111 client, the PyPI ``webuiapi`` package, against ``noisecraft serve`` on
 loopback (serve_in_thread): txt2img, img2img, inpainting, a LoRA tag, model switching,
-interrupt, png-info. Every image equals, pixel for pixel, the one the engine
+interrupt, png-info, a ControlNet unit. Every image equals, pixel for pixel, the one the engine
 (``noisecraft.load(...)``) or ``noisecraft generate`` makes with the same parameters."""
 
 from __future__ import annotations
@@ -194,3 +194,32 @@ def test_webuiapi_logs_in_with_api_auth(tmp_path):
         assert api.get_options()["sd_model_checkpoint"] == "mnist-text"
         api.set_auth("ann", "wrong")
         assert api.session.get(api.baseurl + "/options").status_code == 401
+
+
+def test_controlnet_unit_equals_the_engine(api, pipe):
+    """webuiapi.ControlNetUnit with the shipped canny ControlNet, named as A1111 lists it
+    ("name [hash]"): the engine's image for the same unit, its infotext unit included."""
+    seven = pipe("a handwritten 7", seed=2, **ENGINE).images[0].convert("RGB")
+    unit = webuiapi.ControlNetUnit(
+        image=seven,
+        module="canny",
+        model="mnist_canny [0123abcd]",
+        weight=0.8,
+        resize_mode="Just Resize",
+        guidance_end=0.9,
+    )
+    r = api.txt2img(prompt="", seed=5, controlnet_units=[unit], **SMALL)
+    control = noisecraft.Control(
+        "mnist_canny", seven, weight=0.8, end=0.9, preprocess="canny", resize="resize"
+    )
+    want = pipe("", seed=5, control=[control], **ENGINE)
+    assert same(r.image, want.images[0])
+    assert r.info["infotexts"] == want.infotexts and "ControlNet 0: " in want.infotexts[0]
+    with pytest.raises(RuntimeError, match="My prompt is more important"):
+        api.txt2img(
+            prompt="",
+            controlnet_units=[
+                webuiapi.ControlNetUnit(image=seven, model="mnist_canny", control_mode=1)
+            ],
+            **SMALL,
+        )

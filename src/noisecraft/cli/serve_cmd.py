@@ -46,6 +46,7 @@ def serve_command(
     device: o.Device = "cpu",
     lora_dir: o.LoraDir = None,
     embedding_dir: o.EmbeddingDir = None,
+    controlnet_dir: o.ControlnetDir = None,
     max_pixels: o.MaxPixels = None,
     max_images: Annotated[
         int | None, typer.Option(help="most images per request (default 16)")
@@ -88,6 +89,7 @@ def serve_command(
         device=device,
         lora_dir=lora_dir,
         embedding_dir=embedding_dir,
+        controlnet_dir=controlnet_dir,
         api_auth=api_auth or (),
         api_token=api_token,
         cors_allow_origins=tuple(

@@ -28,8 +28,8 @@ seamless tiling, "only masked" inpainting, other fills, scripts, sampler noise o
 refused with a one-line 422 that names it, rather than silently ignored.
 
 ``alwayson_scripts``: the ``controlnet`` entry (``{"args": [unit, ...]}``, the ControlNet
-extension's format) is reserved for ControlNet (:func:`controlnet_units`); until the engine
-has it, a request with an enabled unit is refused (422).
+extension's format; :func:`controlnet_units`) becomes the engine's ControlNet units
+(:mod:`noisecraft.server.controlnet_units`); any other script is refused (422).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from noisecraft.errors import ConfigError
 from noisecraft.pipelines.png_params import parse_parameters
 from noisecraft.samplers import as_spec
 from noisecraft.server.config import ServerConfig
+from noisecraft.server.controlnet_units import controls_of
 from noisecraft.server.images import blur_mask, decode_image
 from noisecraft.server.schemas import GenerationFields, ImageToImageRequest, TextToImageRequest
 
@@ -123,18 +124,13 @@ def controlnet_units(alwayson_scripts: dict[str, Any]) -> list[Any]:
 def _check_scripts(req: GenerationFields) -> None:
     if req.script_name:
         raise _unsupported("script_name", "no scripts are installed")
-    if controlnet_units(req.alwayson_scripts):
-        raise _refuse(
-            "alwayson_scripts.controlnet: ControlNet is not available in this server yet; "
-            "send the request without ControlNet units"
-        )
     for key, value in req.alwayson_scripts.items():
         if key.lower() == "controlnet":
             continue
         if any(a not in (None, False) for a in _script_args(key, value)):
             raise _refuse(
                 f"alwayson_scripts.{key}: no such script on this server; only 'controlnet' "
-                "is reserved (not available yet)"
+                "(the ControlNet extension's units)"
             )
 
 
@@ -226,7 +222,7 @@ def txt2img_plan(req: TextToImageRequest, config: ServerConfig, clip_skip: int |
     _check_common(req, config)
     if req.enable_hr:
         raise _unsupported("enable_hr", "the hires fix")
-    return _plan("txt2img", req, _settings(req, clip_skip))
+    return _plan("txt2img", req, _settings(req, clip_skip), config)
 
 
 def img2img_plan(req: ImageToImageRequest, config: ServerConfig, clip_skip: int | None) -> Plan:
@@ -272,7 +268,7 @@ def img2img_plan(req: ImageToImageRequest, config: ServerConfig, clip_skip: int 
         if blur_x or blur_y:
             mask = blur_mask(mask, blur_x, blur_y)
         settings["mask"] = mask
-    return _plan("img2img", req, settings)
+    return _plan("img2img", req, settings, config)
 
 
 def _resized(im: Image.Image, size: tuple[int, int], mode: int, what: str) -> Image.Image:
@@ -285,7 +281,10 @@ def _resized(im: Image.Image, size: tuple[int, int], mode: int, what: str) -> Im
     return im.resize(size, resample=Image.Resampling.LANCZOS)
 
 
-def _plan(kind: str, req: GenerationFields, settings: dict[str, Any]) -> Plan:
+def _plan(kind: str, req: GenerationFields, settings: dict[str, Any], config: ServerConfig) -> Plan:
+    units = controlnet_units(req.alwayson_scripts)
+    if units:  # the ControlNet extension's units (server/controlnet_units.py)
+        settings["control"] = controls_of(units, config)
     model = req.override_settings.get("sd_model_checkpoint")
     echo = req.model_dump(exclude={"init_images", "mask"})
     return Plan(

@@ -35,7 +35,8 @@ class ServerConfig:
       ``models_dir``: a folder of checkpoint files / diffusers folders offered by name;
     * ``host`` / ``port``: where to listen (``127.0.0.1``: this machine only);
     * ``outputs_dir``: every image made is also written there as a PNG with its parameters;
-    * ``device``, ``lora_dir``, ``embedding_dir``: the loading options of every model;
+    * ``device``, ``lora_dir``, ``embedding_dir``, ``controlnet_dir``: the loading options
+      of every model (ControlNets are offered by name: the shipped ones and this folder's);
     * ``api_auth``: ``(user, password)`` pairs for HTTP basic auth; ``api_token``: a bearer
       token accepted as well (either turns authentication on);
     * ``cors_allow_origins``: origins allowed cross-site (none: CORS off);
@@ -53,6 +54,7 @@ class ServerConfig:
     device: str = "cpu"
     lora_dir: Path | None = None
     embedding_dir: Path | None = None
+    controlnet_dir: Path | None = None
     api_auth: tuple[tuple[str, str], ...] = ()
     api_token: str | None = None
     cors_allow_origins: tuple[str, ...] = ()
@@ -65,7 +67,7 @@ class ServerConfig:
     preload: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("models_dir", "lora_dir", "embedding_dir"):
+        for name in ("models_dir", "lora_dir", "embedding_dir", "controlnet_dir"):
             value = getattr(self, name)
             if value is None:
                 continue

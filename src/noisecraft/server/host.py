@@ -55,6 +55,7 @@ class ModelHost:
                     device=c.device,
                     lora_dir=c.lora_dir,
                     embedding_dir=c.embedding_dir,
+                    controlnet_dir=c.controlnet_dir,
                     max_pixels=c.max_pixels,
                     max_images=c.max_images,
                 )
