@@ -150,11 +150,15 @@ class TimestepSamplerState:
 
 class CaptionedLatentLoss:
     """Mixin of the text-to-image tasks: the diffusion objective (DESIGN.md contract 5) of
-    ``net(x_t, t, input_ids)`` on a batch of latents ``z0`` with caption ids, weighted by the
-    timestep sampler's importance ``weights``."""
+    ``net(x_t, t, **model_kwargs(batch))`` (default: the caption ids ``input_ids``) on a batch
+    of latents ``z0``, weighted by the timestep sampler's importance ``weights``."""
 
     schedule: NoiseSchedule
     objective: ObjectiveConfig
+
+    def model_kwargs(self, batch: Batch) -> dict:
+        """What ``net`` takes besides ``x_t`` and ``t``."""
+        return {"input_ids": batch["input_ids"]}
 
     def loss(self, net: nn.Module, batch: Batch) -> TaskLoss:
         out = training_losses(
@@ -164,7 +168,7 @@ class CaptionedLatentLoss:
             batch["t"],
             config=self.objective,
             noise=batch["noise"],
-            model_kwargs={"input_ids": batch["input_ids"]},
+            model_kwargs=self.model_kwargs(batch),
         )
         return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
 

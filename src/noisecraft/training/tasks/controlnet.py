@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from noisecraft.diffusion import ObjectiveConfig, training_losses
+from noisecraft.diffusion import ObjectiveConfig
 from noisecraft.diffusion.timestep_sampling import make_timestep_sampler
 from noisecraft.errors import ConfigError
 from noisecraft.io.controlnet_files import save_controlnet
@@ -44,7 +44,11 @@ from noisecraft.pipelines.generate import GenerateRequest, generate
 from noisecraft.training import captions
 from noisecraft.training.config import ExperimentConfig
 from noisecraft.training.data import ImageDataset, batch_indices
-from noisecraft.training.tasks.base import Batch, TaskLoss, TimestepSamplerState
+from noisecraft.training.tasks.base import (
+    Batch,
+    CaptionedLatentLoss,
+    TimestepSamplerState,
+)
 
 
 class ControlledUNet(nn.Module):
@@ -73,7 +77,7 @@ def image_hints(images: Tensor, preprocess: str) -> Tensor:
     return out
 
 
-class ControlNetTask(TimestepSamplerState):
+class ControlNetTask(CaptionedLatentLoss, TimestepSamplerState):
     """Train a ControlNet for a locked text-to-image model (see the module docstring)."""
 
     name = "controlnet"
@@ -155,19 +159,10 @@ class ControlNetTask(TimestepSamplerState):
             "noise": noise,
         }
 
-    def loss(self, net: nn.Module, batch: Batch) -> TaskLoss:
-        hint = batch["hint"].expand(-1, 3, -1, -1)
+    def model_kwargs(self, batch: Batch) -> dict:
+        """The frozen captions' context and the RGB hint of each row."""
         context = self.contexts.to(batch["z0"].device)[batch["rows"]]
-        out = training_losses(
-            net,
-            self.schedule,
-            batch["z0"],
-            batch["t"],
-            config=self.objective,
-            noise=batch["noise"],
-            model_kwargs={"context": context, "hint": hint},
-        )
-        return TaskLoss((out["loss"] * batch["weights"]).mean(), out["loss"])
+        return {"context": context, "hint": batch["hint"].expand(-1, 3, -1, -1)}
 
     # ------------------------------------------------------------------ outputs
     def save_model(self, model: nn.Module, path: Path, training: dict[str, Any]) -> None:
