@@ -161,12 +161,15 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         )
         _merge_loras(net, o, adapters)
         return net
+    cpu_bf16 = o.dtype == "bf16" and o.device == "cpu" and not o.offload
     net = load_any(
         path,
         device="cpu" if o.offload else o.device,
         vae=o.vae,
         prediction=o.prediction,
         arch=o.arch,
+        # the U-Net straight from the file to bf16: no float32 copy of it on the way
+        unet_dtype=torch.bfloat16 if cpu_bf16 else torch.float32,
     )
     latent = isinstance(net, LatentDiffusion)
     uses = (("fast", o.fast), ("dtype", o.dtype != "fp32"), ("offload", o.offload))
@@ -179,9 +182,10 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         from noisecraft.adapters.lcm_student import apply_lcm_student
 
         net = apply_lcm_student(net, o.lcm_unet)
-    if o.dtype == "bf16" and o.device == "cpu" and not o.offload:
+    if cpu_bf16:
         _warn_if_slow_bf16()
-        net.unet.to(dtype=torch.bfloat16)  # text encoder and VAE stay fp32 (module docstring)
+        # a no-op unless an LCM student replaced the U-Net; text encoder and VAE stay fp32
+        net.unet.to(dtype=torch.bfloat16)
     elif o.dtype != "fp32":  # weights stored in the dtype they run in (VAE: vae_dtype_for)
         net = net.to(dtype=o.torch_dtype)
     if o.offload:  # weights stay in CPU memory; each layer visits the device for its forward

@@ -130,6 +130,7 @@ def load_latent_diffusion(
     *,
     dtype: torch.dtype = torch.float32,
     vae_dtype: torch.dtype | None = None,
+    unet_dtype: torch.dtype | None = None,
 ) -> LatentDiffusion:
     """Rebuild a latent model from a native ``latent_diffusion`` checkpoint.
 
@@ -140,7 +141,8 @@ def load_latent_diffusion(
     float16) is the VAE's: SD 1.x / SDXL VAE decoders have activations beyond float16's
     range (65504) at large sizes and then decode to NaN / black images, which is why
     diffusers upcasts the VAE (``force_upcast``); bfloat16 has float32's range. The VAE
-    is 8 % of SD 1.5's weights, so keeping it in float32 costs little.
+    is 8 % of SD 1.5's weights, so keeping it in float32 costs little. ``unet_dtype``
+    (None = ``dtype``) is the U-Net's alone (bfloat16 on a CPU: cast straight from the file).
     """
     if vae_dtype is None:
         vae_dtype = vae_dtype_for(dtype)
@@ -164,7 +166,7 @@ def load_latent_diffusion(
             raise CheckpointError(f"{path}: unexpected tensor {key}; not a latent_diffusion file")
         parts[prefix][rest] = value
     classes = {"unet": UNet, "vae": AutoencoderKL, "text_encoder": CLIPTextEncoder}
-    dtypes = {"unet": dtype, "vae": vae_dtype, "text_encoder": dtype}
+    dtypes = {"unet": unet_dtype or dtype, "vae": vae_dtype, "text_encoder": dtype}
     unet, vae, text_encoder = (
         build_module(
             lambda n=name: classes[n](configs[n]),
@@ -253,14 +255,17 @@ def save_model(
 
 
 def load_native(
-    path: str | os.PathLike, device: str | torch.device = "cpu"
+    path: str | os.PathLike,
+    device: str | torch.device = "cpu",
+    unet_dtype: torch.dtype = torch.float32,
 ) -> PixelDiffusion | LatentDiffusion:
-    """A native pixel or latent model file, whichever kind it holds."""
+    """A native pixel or latent model file, whichever kind it holds (``unet_dtype``: a latent
+    model's U-Net weights; a pixel model is float32)."""
     kind = read_info(path).kind
     if kind == PIXEL_KIND:
         return load_pixel_diffusion(path, device=device)
     if kind == LATENT_KIND:
-        return load_latent_diffusion(path, device=device)
+        return load_latent_diffusion(path, device=device, unet_dtype=unet_dtype)
     raise CheckpointError(
         f"{path} holds a '{kind}' model; give a '{PIXEL_KIND}' or '{LATENT_KIND}' checkpoint"
     )

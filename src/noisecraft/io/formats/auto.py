@@ -52,6 +52,7 @@ def load_any(
     vae: str | os.PathLike | None = None,
     prediction: str | None = None,
     arch: str | None = None,
+    unet_dtype: torch.dtype = torch.float32,
 ) -> Any:
     """Load a model from any format: a PixelDiffusion or LatentDiffusion.
 
@@ -67,7 +68,7 @@ def load_any(
             settings=["arch"],
         )
     if fmt == "noisecraft":
-        model: Any = load_native(path, device=device)
+        model: Any = load_native(path, device=device, unet_dtype=unet_dtype)
         if vae is not None:
             if not isinstance(model, LatentDiffusion):
                 raise ConfigError(f"{path} is a pixel-space model; it has no VAE to replace")
@@ -84,7 +85,9 @@ def load_any(
         if Path(path, "config.json").is_file() and controlnet_folder(path) == Path(path):
             raise CheckpointError(f"{path} is a ControlNet, not a model; load it as a ControlNet")
 
-        model = load_diffusers_folder(path, prediction=prediction, device=device)
+        model = load_diffusers_folder(
+            path, prediction=prediction, device=device, unet_dtype=unet_dtype
+        )
         if vae is not None:
             from noisecraft.io.formats.single_file import load_vae_file
 
@@ -92,7 +95,9 @@ def load_any(
         return model
     from noisecraft.io.formats.single_file import load_single_file
 
-    return load_single_file(path, prediction=prediction, vae=vae, device=device, family=arch)
+    return load_single_file(
+        path, prediction=prediction, vae=vae, device=device, family=arch, unet_dtype=unet_dtype
+    )
 
 
 def convert(

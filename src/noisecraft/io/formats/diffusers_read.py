@@ -72,6 +72,7 @@ def load_diffusers_folder(
     variant: str | None = None,
     prediction: str | None = None,
     device: str | torch.device = "cpu",
+    unet_dtype: torch.dtype = torch.float32,
 ) -> LatentDiffusion:
     """Read a diffusers SD 1.x / 2.x pipeline folder into a :class:`LatentDiffusion`.
 
@@ -79,6 +80,8 @@ def load_diffusers_folder(
       ``from_pretrained(variant=...)``. Half-precision weights are widened to float32.
     * ``prediction``: "eps" / "v" / "x0" overrides the scheduler's ``prediction_type`` (some
       published folders carry a wrong one).
+    * ``unet_dtype``: the U-Net's weights are cast straight to it (e.g. bfloat16 on the CPU),
+      the text encoder and VAE stay float32.
     * ``image_size`` is the U-Net's ``sample_size`` times the VAE's downsampling factor, the
       default size of diffusers' pipeline.
 
@@ -117,6 +120,7 @@ def load_diffusers_folder(
         "U-Net",
         device,
         lambda: UNet(unet_config),
+        unet_dtype,
     )
     vae = _read_part(
         root / "vae",
@@ -184,6 +188,7 @@ def _read_part(
     what: str,
     device: str | torch.device,
     factory: Callable[[], M],
+    dtype: torch.dtype = torch.float32,
 ) -> M:
     """One part's weights, renamed by its table and built; a weight the table does not name
     raises :class:`CheckpointError` naming the file."""
@@ -194,7 +199,9 @@ def _read_part(
             f"{files[0]}: unexpected {what} weight '{mapped.unmapped[0]}' for the config in "
             f"{folder.name}/config.json"
         )
-    return build_module(factory, mapped.tensors, what=what, source=files[0], device=device)
+    return build_module(
+        factory, mapped.tensors, what=what, source=files[0], device=device, dtype=dtype
+    )
 
 
 def _check_model_index(root: Path) -> None:
