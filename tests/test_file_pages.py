@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -113,6 +114,34 @@ def test_fp16_single_file_default_load_leaves_no_file_pages(tmp_path, monkeypatc
     assert next(model.unet.parameters()).dtype == torch.float32
     assert kept and path.stat().st_size > 20e6
     assert _mapped_rss(path) < 0.05 * path.stat().st_size  # without the release: all of it
+
+
+def test_bf16_load_of_an_fp16_single_file_builds_the_unet_in_bf16(tmp_path, monkeypatch):
+    """``load(dtype="bf16")`` on the CPU reads a single file's U-Net straight into bfloat16
+    (never a float32 copy of it), the text encoder and VAE in float32; the weights equal the
+    float32 load cast to bfloat16 (fp16 -> fp32 is exact)."""
+    import noisecraft.io.formats.single_file_read as reader
+    from noisecraft.api import load
+    from noisecraft.errors import NoisecraftWarning
+
+    path = tmp_path / "half.safetensors"
+    save_single_file(tiny_model(), path, dtype=torch.float16)
+    built = []
+
+    def spy(factory, sd, **kw):
+        built.append((kw["what"], kw["dtype"]))
+        return build_module(factory, sd, **kw)
+
+    monkeypatch.setattr(reader, "build_module", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NoisecraftWarning)  # a CPU without bf16 instructions
+        model = load(path, dtype="bf16").model
+    assert ("U-Net", torch.bfloat16) in built and ("U-Net", torch.float32) not in built
+    reference = load_any(path)
+    for part, dtype in (("unet", torch.bfloat16), ("text_encoder", torch.float32)):
+        ours, ref = getattr(model, part).state_dict(), getattr(reference, part).state_dict()
+        assert all(torch.equal(ours[k], v.to(dtype)) for k, v in ref.items())
+    assert next(model.vae.parameters()).dtype == torch.float32
 
 
 @linux_only

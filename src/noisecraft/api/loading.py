@@ -51,7 +51,7 @@ from noisecraft.api.pipeline import Pipeline
 from noisecraft.api.shipped import DEFAULT_MODEL, is_shipped, resolve_model, shipped_tiny_decoder
 from noisecraft.errors import ConfigError, NoisecraftWarning
 from noisecraft.io.build import cast_floating_
-from noisecraft.io.formats.auto import load_any
+from noisecraft.io.formats.auto import detect_format, load_any
 from noisecraft.io.native import load_tiny_decoder
 from noisecraft.io.shipped import SHIPPED_EMBEDDING_DIR, shipped_lcm_unet
 from noisecraft.models import LatentDiffusion
@@ -162,13 +162,25 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         )
         _merge_loras(net, o, adapters)
         return net
-    net = load_any(
-        path,
-        device="cpu" if o.offload else o.device,
-        vae=o.vae,
-        prediction=o.prediction,
-        arch=o.arch,
-    )
+    bf16_cpu = o.dtype == "bf16" and o.device == "cpu" and not o.offload
+    if bf16_cpu and detect_format(path) == "single-file":  # the U-Net read straight into bf16
+        from noisecraft.io.formats.single_file import load_single_file
+
+        net = load_single_file(
+            path,
+            prediction=o.prediction,
+            vae=o.vae,
+            family=o.arch,
+            unet_dtype=torch.bfloat16,
+        )
+    else:
+        net = load_any(
+            path,
+            device="cpu" if o.offload else o.device,
+            vae=o.vae,
+            prediction=o.prediction,
+            arch=o.arch,
+        )
     latent = isinstance(net, LatentDiffusion)
     uses = (("fast", o.fast), ("dtype", o.dtype != "fp32"), ("offload", o.offload))
     for name, used in (*uses, ("lcm_unet", o.lcm_unet is not None)):
@@ -180,7 +192,7 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         from noisecraft.adapters.lcm_student import apply_lcm_student
 
         net = apply_lcm_student(net, o.lcm_unet)
-    if o.dtype == "bf16" and o.device == "cpu" and not o.offload:
+    if bf16_cpu:
         _warn_if_slow_bf16()
         # text encoder and VAE stay fp32 (module docstring); a file's pages go as they're cast
         cast_floating_(net.unet, torch.bfloat16)

@@ -69,6 +69,7 @@ def load_single_file(
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = torch.float32,
     family: str | None = None,
+    unet_dtype: torch.dtype | None = None,
 ) -> LatentDiffusion:
     """Read an SD 1.x / 2.x single file (``.safetensors`` or ``.ckpt``) as a LatentDiffusion.
 
@@ -79,7 +80,9 @@ def load_single_file(
       True requires it, False takes the raw weights.
     * ``vae``: the path of a VAE file replacing the checkpoint's (LDM or diffusers names).
     * ``dtype``: weights are widened to float32 by default (fp16 files compute in fp32 on
-      CPU); None keeps the stored dtype.
+      CPU); None keeps the stored dtype. ``unet_dtype``: the U-Net's instead (None: ``dtype``),
+      e.g. bfloat16 next to a float32 text encoder and VAE, built directly from the file's
+      tensors (an fp16 file's U-Net is never widened to float32 first).
     * ``family``: "sd1" / "sd2" overrides the detected architecture family
       (:func:`detect_architecture`).
 
@@ -117,13 +120,15 @@ def load_single_file(
         unet_sd, used_ema = parts.ema, True
 
     # --- modules
-    def build(factory: Any, sd: Mapping[str, Tensor], what: str) -> Any:
+    def build(factory: Any, sd: Mapping[str, Tensor], what: str, as_dtype: Any = dtype) -> Any:
         try:
-            return build_module(factory, sd, what=what, source=source, dtype=dtype, device=device)
+            return build_module(
+                factory, sd, what=what, source=source, dtype=as_dtype, device=device
+            )
         except ConfigError as e:
             raise CheckpointError(f"{source}: cannot build the {what} ({e})") from None
 
-    unet = build(lambda: UNet(detected.unet), unet_sd, "U-Net")
+    unet = build(lambda: UNet(detected.unet), unet_sd, "U-Net", unet_dtype or dtype)
     text_encoder = build(
         lambda: CLIPTextEncoder(detected.text_encoder), parts.text_encoder, "text encoder"
     )
