@@ -24,7 +24,8 @@ in tiles of half the image side, overlap 1/8 of it, i.e. 4 tiles, via
 ``lowmem-fp16`` / ``lowmem-int8`` (low-memory mode, :mod:`noisecraft.pipelines.lowmem`: U-Net
 and text-encoder weights stored fp16 / int8, VAE fp16, each layer widened to fp32 for its
 forward; loaded by ``load_low_memory``, so ``weights`` is the stored bytes). Modes combine
-with ``+``, e.g. ``lowmem-int8+tiling``.
+with ``+``, e.g. ``lowmem-int8+tiling``. ``bf16`` loads as ``noisecraft.api.load(path,
+dtype="bf16")`` does (U-Net bfloat16, text encoder and VAE float32).
 ``--file-dtype fp16`` saves the random model's single file in float16 (what most published
 SD files are); low-memory fp16 then maps the file's tensors with no copy.
 
@@ -61,7 +62,7 @@ import tempfile
 import time
 from pathlib import Path
 
-MODES = ("default", "slicing", "tiling", "lowmem-fp16", "lowmem-int8")
+MODES = ("default", "bf16", "slicing", "tiling", "lowmem-fp16", "lowmem-int8")
 #: bench modes -> the ``weights`` of :func:`noisecraft.pipelines.lowmem.load_low_memory`
 LOWMEM = {"lowmem-fp16": "fp16", "lowmem-int8": "int8"}
 SLICING_BUDGET = 128 * 2**20
@@ -123,6 +124,10 @@ def _measure(path: str, mode: str, size: int, steps: int) -> dict:
         from noisecraft.pipelines.lowmem import load_low_memory
 
         model = load_low_memory(path, lowmem[0])
+    elif "bf16" in parts:
+        from noisecraft.api import load
+
+        model = load(path, dtype="bf16").model
     else:
         model = _load(path)
     load_s = time.perf_counter() - t0

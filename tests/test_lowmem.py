@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 from noisecraft.errors import ConfigError, UnknownNameError
+from noisecraft.io.file_pages import FilePages
 from noisecraft.io.formats.single_file import save_single_file
 from noisecraft.io.native import save_model
 from noisecraft.pipelines import generate
 from noisecraft.pipelines.lowmem import (
-    _PageReleaser,
     load_low_memory,
     low_memory,
     quantize_per_channel,
@@ -147,7 +146,7 @@ def test_fp16_single_file_loads_as_fp16_storage_without_a_copy(tmp_path, referen
     model = load_low_memory(path, "fp16", min_elements=0)
     conv = model.unet.input_blocks[0][0]
     assert conv.weight.dtype == torch.float16
-    ranges = _PageReleaser().ranges  # private file mappings of this process
+    ranges = FilePages().ranges  # private file mappings of this process
     ptr = conv.weight.data_ptr()
     assert any(lo <= ptr < hi for lo, hi in ranges)  # a view of the file, not a copy
     out = generate(model, _req(height=H, width=W))
@@ -161,24 +160,6 @@ def test_fp32_native_file_converts_tensor_by_tensor(tmp_path, reference):
     assert _stored(model)["unet.input_blocks.0.0.weight"] == torch.int8
     out = generate(model, _req(height=H, width=W))
     assert (out - reference).abs().max() <= 0.1
-
-
-def test_page_releaser_drops_file_pages_and_data_survives(tmp_path):
-    """madvise(MADV_DONTNEED) on a private file mapping: RSS pages go, the data is read
-    back from the file on the next access; anonymous memory is never touched."""
-    path = tmp_path / "t.safetensors"
-    x = torch.arange(2**20, dtype=torch.float32)
-    save_file({"x": x}, str(path))
-    mapped = load_file(str(path))["x"]
-    assert torch.equal(mapped, x)  # pages resident
-    release = _PageReleaser()
-    release(mapped)
-    assert release.released >= 2**22 - 2 * 4096
-    assert torch.equal(mapped, x)
-    anon = x.clone()
-    before = release.released
-    release(anon)
-    assert release.released == before and torch.equal(anon, x)
 
 
 # ---------------------------------------------------------------------------- shipped model

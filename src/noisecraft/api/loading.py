@@ -50,6 +50,7 @@ from noisecraft.api.options import LoadOptions
 from noisecraft.api.pipeline import Pipeline
 from noisecraft.api.shipped import DEFAULT_MODEL, is_shipped, resolve_model, shipped_tiny_decoder
 from noisecraft.errors import ConfigError, NoisecraftWarning
+from noisecraft.io.build import cast_floating_
 from noisecraft.io.formats.auto import load_any
 from noisecraft.io.native import load_tiny_decoder
 from noisecraft.io.shipped import SHIPPED_EMBEDDING_DIR, shipped_lcm_unet
@@ -184,8 +185,8 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         net = apply_lcm_student(net, o.lcm_unet)
     if cpu_bf16:
         _warn_if_slow_bf16()
-        # a no-op unless an LCM student replaced the U-Net; text encoder and VAE stay fp32
-        net.unet.to(dtype=torch.bfloat16)
+        # text encoder and VAE stay fp32 (module docstring); a file's pages go as they're cast
+        cast_floating_(net.unet, torch.bfloat16)
     elif o.dtype != "fp32":  # weights stored in the dtype they run in (VAE: vae_dtype_for)
         net = net.to(dtype=o.torch_dtype)
     if o.offload:  # weights stay in CPU memory; each layer visits the device for its forward

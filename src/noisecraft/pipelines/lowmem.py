@@ -27,7 +27,8 @@ path and upsamples, then convolves (same result, a slower VAE upsampling conv).
 The conversion runs tensor by tensor. A weight that is a view of a memory-mapped file (a
 ``.safetensors`` loaded with no copy, :func:`~noisecraft.io.build.build_module`) has its
 file pages dropped from the process (``madvise(MADV_DONTNEED)`` on the pages lying wholly
-inside that tensor, in a private file mapping) as soon as it is converted, so loading an
+inside that tensor, in a private file mapping: :mod:`noisecraft.io.file_pages`) as soon as
+it is converted, so loading an
 fp32 file peaks near the stored size instead of the file's size. A float16 file loaded with
 ``dtype=None`` (:func:`load_low_memory`) is already the fp16 storage: no float32 copy is
 ever made.
@@ -53,7 +54,6 @@ peak memory.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterable
 from typing import Any
@@ -62,6 +62,7 @@ import torch
 from torch import Tensor, nn
 
 from noisecraft.errors import ConfigError, unknown_name
+from noisecraft.io.file_pages import FilePages
 from noisecraft.models.vae_tiling import release_freed_heap
 from noisecraft.pipelines.offload import SCALE_SUFFIX, SequentialOffload
 
@@ -91,57 +92,6 @@ def quantize_per_channel(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.reshape(w.shape), scale.reshape((-1,) + (1,) * (w.ndim - 1))
 
 
-# ---------------------------------------------------------------------------- file pages
-
-_MADV_DONTNEED = 4
-
-
-def _file_mappings() -> list[tuple[int, int]]:
-    """(start, end) of this process's private file-backed mappings (``/proc/self/maps``; how
-    safetensors maps a file)."""
-    ranges = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                parts = line.split(maxsplit=5)
-                if len(parts) < 6 or not parts[5].startswith("/") or not parts[1].endswith("p"):
-                    continue
-                start, end = (int(v, 16) for v in parts[0].split("-"))
-                ranges.append((start, end))
-    except OSError:
-        return []
-    return ranges
-
-
-class _PageReleaser:
-    """Drops the resident pages of a tensor that lives in a private file mapping, once it has
-    been converted: ``madvise(MADV_DONTNEED)`` on the pages wholly inside the tensor. Pages
-    never written are read back from the file if they are touched again (a page changed in
-    place would revert to the file's content: only tensors being replaced are released)."""
-
-    def __init__(self) -> None:
-        self.ranges = _file_mappings()
-        self.page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
-        name = ctypes.util.find_library("c")
-        self.libc = ctypes.CDLL(name, use_errno=True) if name and self.ranges else None
-        self.released = 0
-
-    def __call__(self, t: Tensor) -> None:
-        if self.libc is None or t.device.type != "cpu" or not t.is_contiguous():
-            return
-        start = t.data_ptr()
-        end = start + t.numel() * t.element_size()
-        if not any(lo <= start and end <= hi for lo, hi in self.ranges):
-            return  # anonymous memory: freed when its last reference goes
-        first = -(-start // self.page) * self.page  # pages wholly inside the tensor only
-        last = end // self.page * self.page
-        if last <= first:
-            return
-        size = ctypes.c_size_t(last - first)
-        if self.libc.madvise(ctypes.c_void_p(first), size, _MADV_DONTNEED) == 0:
-            self.released += last - first
-
-
 # ---------------------------------------------------------------------------- conversion
 
 
@@ -166,14 +116,14 @@ def store_weights(
     *,
     min_elements: int = 4096,
     keep: Iterable[str] = KEEP_FP32,
-    release: _PageReleaser | None = None,
+    release: FilePages | None = None,
 ) -> list[nn.Module]:
     """Store the ``weight`` of ``root``'s Linear / Conv2d / Embedding layers in ``weights``
     format (in place); every other floating-point tensor becomes float32. Returns the layers
     whose weight is stored (those that need the widening hooks)."""
     if weights not in WEIGHT_FORMATS:
         raise unknown_name("weights format", weights, WEIGHT_FORMATS)
-    release = release or _PageReleaser()
+    release = release or FilePages()
     layers = _stored_layers(root, min_elements, keep)
     for _, m in layers:
         w = m._parameters.pop("weight").detach()
@@ -183,8 +133,7 @@ def store_weights(
             stored, scale = quantize_per_channel(w)
             m.register_buffer("weight" + SCALE_SUFFIX, scale)
         m.register_buffer("weight", stored)
-        if stored.data_ptr() != w.data_ptr():
-            release(w)
+        release.release_copied(w, stored)
         del w
     store_fp32(root, release, skip={id(m) for _, m in layers})  # biases, norms, small ones
     return [m for _, m in layers]
@@ -262,7 +211,7 @@ def low_memory(
                 )
     if mmap_threshold is not None:
         fix_mmap_threshold(mmap_threshold)
-    release = _PageReleaser()
+    release = FilePages()
     stored: list[nn.Module] = []
     for module, fmt in ((model.unet, weights), (model.text_encoder, weights), (model.vae, vae)):
         if fmt is None:
@@ -282,11 +231,11 @@ def low_memory(
 
 
 def store_fp32(
-    root: nn.Module, release: _PageReleaser | None = None, skip: set[int] | None = None
+    root: nn.Module, release: FilePages | None = None, skip: set[int] | None = None
 ) -> None:
     """Every floating-point parameter and buffer of ``root`` in float32 (in place), except
     the buffers of the modules whose ``id`` is in ``skip`` (the stored weights)."""
-    release = release or _PageReleaser()
+    release = release or FilePages()
     skip = skip or set()
     for m in root.modules():
         for name, p in list(m._parameters.items()):

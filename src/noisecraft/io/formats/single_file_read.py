@@ -128,9 +128,7 @@ def load_single_file(
         except ConfigError as e:
             raise CheckpointError(f"{source}: cannot build the {what} ({e})") from None
 
-    unet = build(
-        lambda: UNet(detected.unet), unet_sd, "U-Net", dtype if unet_dtype is None else unet_dtype
-    )
+    unet = build(lambda: UNet(detected.unet), unet_sd, "U-Net", unet_dtype or dtype)
     text_encoder = build(
         lambda: CLIPTextEncoder(detected.text_encoder), parts.text_encoder, "text encoder"
     )
