@@ -91,10 +91,19 @@ def test_taesd_files_decode_like_diffusers(files, name):
     assert want.std() > 0.05 and (want.abs() < 1).float().mean() > 0.5  # not flat, not clamped
 
 
-def test_original_keys_are_taesds():
+def test_original_keys_are_taesds(tmp_path):
     keys = _original_layout(_reference())
     assert keys["1.weight"].shape == (8, 4, 3, 3) and "3.conv.0.weight" in keys
     assert "0.weight" not in keys  # index 0 is the Clamp, which has no weights
+    # diffusers' default AutoencoderTiny is TAESD's SD decoder: our TAESD config, same shapes
+    full = tmp_path / "full"
+    diffusers.AutoencoderTiny().save_pretrained(full)
+    dec = load_tiny_decoder(full)
+    assert dec.config == TinyDecoderConfig.taesd(output_range="unit")
+    ours = TinyDecoder(TinyDecoderConfig.taesd()).state_dict()
+    assert {k: v.shape for k, v in dec.state_dict().items()} == {
+        k: v.shape for k, v in ours.items()
+    }
 
 
 def test_native_round_trip_keeps_the_output_range(tmp_path, files):
