@@ -18,7 +18,9 @@ How a model is loaded is policy that every surface shares, so it lives here, onc
 * ``fast=True``: fast mode (docs/performance.md): int8 Linear layers on a float32 CPU model,
   DeepCache while sampling, DPM++ 2M Karras in 10 steps unless asked otherwise, and the tiny
   decoder where one ships.
-* ``tiny_decoder``: a TAESD-like decoder file for fast decoding (True: the shipped one).
+* ``tiny_decoder``: a TAESD-like decoder file for fast decoding (True: the shipped one), or
+  TAESD's own (``taesd_decoder.safetensors`` / ``.pth``, a diffusers ``AutoencoderTiny``
+  folder; :func:`~noisecraft.io.native.load_tiny_decoder`).
 * ``compile=True``: the U-Net through ``torch.compile`` (:mod:`noisecraft.pipelines.compile`).
 * ``threads``: torch's CPU threads for this process (0 = torch's default).
 * ``loras=[(path, weight), ...]``: LoRA files applied to every call (merged into the weights

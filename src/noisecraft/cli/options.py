@@ -202,7 +202,10 @@ Fast = Annotated[
 ]
 TinyDecoder = Annotated[
     Path | None,
-    typer.Option(help="tiny decoder .safetensors for --fast-decode (shipped for mnist-text)"),
+    typer.Option(
+        help="tiny decoder for --fast-decode: a noisecraft file (shipped for mnist-text), "
+        "TAESD's taesd_decoder.safetensors / .pth or a diffusers AutoencoderTiny folder"
+    ),
 ]
 LowMemory = Annotated[
     str | None,

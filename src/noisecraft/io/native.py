@@ -8,7 +8,8 @@ Three kinds (DESIGN.md contract 7, :mod:`noisecraft.io.checkpoint`):
   (:class:`~noisecraft.models.latent_diffusion.LatentDiffusion`): tensors prefixed ``unet.``,
   ``vae.``, ``text_encoder.``; metadata: each config, the tokenizer
   (:mod:`noisecraft.io.tokenizer_spec`), the schedule, prediction, default size, clip skip.
-* ``tiny_decoder``: a TAESD-like :class:`~noisecraft.models.tiny_decoder.TinyDecoder`.
+* ``tiny_decoder``: a TAESD-like :class:`~noisecraft.models.tiny_decoder.TinyDecoder`
+  (:func:`load_tiny_decoder` also reads TAESD's own files, :mod:`noisecraft.io.formats.taesd`).
 
 Loading builds each module on the file's memory-mapped tensors (one copy of the weights,
 :func:`~noisecraft.io.build.build_module`).
@@ -26,7 +27,15 @@ from torch import Tensor
 from noisecraft.diffusion import NoiseSchedule
 from noisecraft.errors import CheckpointError, ConfigError
 from noisecraft.io.build import build_module
-from noisecraft.io.checkpoint import CheckpointInfo, load_checkpoint, read_info, save_checkpoint
+from noisecraft.io.checkpoint import (
+    METADATA_KEY,
+    CheckpointInfo,
+    load_checkpoint,
+    read_info,
+    save_checkpoint,
+)
+from noisecraft.io.formats.taesd import read_taesd_decoder
+from noisecraft.io.safe_read import read_safetensors_metadata, sniff_format
 from noisecraft.io.tokenizer_spec import tokenizer_from_spec, tokenizer_spec
 from noisecraft.models.latent_diffusion import LatentDiffusion, vae_dtype_for
 from noisecraft.models.pixel_diffusion import PixelDiffusion
@@ -222,17 +231,33 @@ def load_tiny_decoder(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> TinyDecoder:
-    """Rebuild a :class:`TinyDecoder` from a native "tiny_decoder" checkpoint (eval, frozen)."""
-    tensors, info = load_checkpoint(path, expect_kind=TINY_DECODER_KIND)
-    config = TinyDecoderConfig.from_dict(info.config)
+    """Rebuild a :class:`TinyDecoder` (eval, frozen) from a native "tiny_decoder" checkpoint,
+    or from a TAESD decoder: ``taesd_decoder.safetensors`` / ``.pth`` or a diffusers
+    ``AutoencoderTiny`` folder / its weights file (:mod:`noisecraft.io.formats.taesd`); the
+    format is told by the file's metadata and keys, not its name."""
+    if _is_native(path):
+        tensors, info = load_checkpoint(path, expect_kind=TINY_DECODER_KIND)
+        config = TinyDecoderConfig.from_dict(info.config)
+        what = "tiny decoder"
+    else:
+        tensors, config = read_taesd_decoder(path)
+        what = "TAESD decoder"
     return build_module(
         lambda: TinyDecoder(config),
         tensors,
-        what="tiny decoder",
+        what=what,
         source=path,
         device=device,
         dtype=dtype,
     )
+
+
+def _is_native(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a ``.safetensors`` file with noisecraft metadata."""
+    path = Path(path)
+    if not path.is_file() or sniff_format(path) != "safetensors":
+        return False
+    return METADATA_KEY in read_safetensors_metadata(path)
 
 
 # ---------------------------------------------------------------------------- any kind

@@ -220,8 +220,9 @@ class LatentDiffusion:
             raise ConfigError(
                 f"the tiny decoder ({c.latent_channels} latent channels, factor "
                 f"{c.upsample_factor}, {c.out_channels} image channels) does not fit this VAE "
-                f"({v.z_channels}, {v.downsample_factor}, {v.out_channels}); use one trained "
-                "for this model"
+                f"({v.z_channels}, {v.downsample_factor}, {v.out_channels}); use one made for "
+                "this model's latent space (TAESD's taesd_decoder for SD 1.x / 2.x; TAESD3 and "
+                "TAEF1 decode the 16-channel latents of SD3 and FLUX)"
             )
 
     def tiny_decode(self, latents: Tensor) -> Tensor:

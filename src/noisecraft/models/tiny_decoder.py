@@ -14,10 +14,15 @@ the identity, or a 1x1 conv when the channel counts differ). With ``width = 64``
 the module is an ``nn.Sequential`` laid out in the same order, so its state-dict keys are
 TAESD's decoder keys ("1.weight", "3.conv.0.weight", ...).
 
-Unlike TAESD (outputs in [0, 1]) :class:`TinyDecoder` is trained here to give images in
-[-1, 1] (the project's convention) and :meth:`TinyDecoder.decode` takes the SCALED latents
-the diffusion model works with -- the same input as
-:meth:`~noisecraft.models.latent_diffusion.LatentDiffusion.decode`. It is trained by distilling a
+Unlike TAESD (its last conv outputs images in [0, 1]) :class:`TinyDecoder` is trained here to
+give images in [-1, 1] (the project's convention). ``TinyDecoderConfig.output_range`` says
+which the weights give: ``"signed"`` (ours, [-1, 1]) or ``"unit"`` (TAESD's files, [0, 1]),
+and ``forward`` maps ``"unit"`` output by ``2 x - 1`` -- as diffusers' ``DecoderTiny.forward``
+does -- so every :class:`TinyDecoder` returns [-1, 1] images. :meth:`TinyDecoder.decode` takes
+the SCALED latents the diffusion model works with -- the same input as
+:meth:`~noisecraft.models.latent_diffusion.LatentDiffusion.decode`, and TAESD's input too
+(diffusers' ``AutoencoderTiny`` has ``scaling_factor = 1.0``, so its SD pipeline hands it the
+U-Net's latents unchanged). It is trained by distilling a
 VAE decoder (:mod:`noisecraft.training.tasks.tiny_decoder`) and saved as a native checkpoint
 of kind ``"tiny_decoder"`` (:func:`noisecraft.io.native.save_tiny_decoder` /
 :func:`~noisecraft.io.native.load_tiny_decoder`).
@@ -42,6 +47,10 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+#: ``TinyDecoderConfig.output_range`` values: [-1, 1] and [0, 1].
+OUTPUT_RANGES = ("signed", "unit")
+
+
 @dataclass(frozen=True)
 class TinyDecoderConfig:
     """Size of a :class:`TinyDecoder`; JSON-able through ``to_dict`` / ``from_dict``.
@@ -51,6 +60,9 @@ class TinyDecoderConfig:
     * ``upsamplings``: number of x2 upsamplings = ``log2`` of the VAE's factor (3 for f=8).
     * ``blocks_per_level``: residual blocks before each upsampling (TAESD: 3).
     * ``out_channels``: image channels (3 RGB, 1 for MNIST).
+    * ``output_range``: what the last conv gives: ``"signed"`` images in [-1, 1] (the
+      decoders trained here), ``"unit"`` images in [0, 1] (TAESD's weights), mapped to
+      [-1, 1] by ``forward``.
     """
 
     latent_channels: int = 4
@@ -58,8 +70,14 @@ class TinyDecoderConfig:
     upsamplings: int = 3
     blocks_per_level: int = 3
     out_channels: int = 3
+    output_range: str = "signed"
 
     def __post_init__(self) -> None:
+        if self.output_range not in OUTPUT_RANGES:
+            raise ConfigError(
+                f"TinyDecoderConfig.output_range must be one of {', '.join(OUTPUT_RANGES)}, "
+                f"got {self.output_range!r}"
+            )
         for name in ("latent_channels", "width", "out_channels"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
@@ -70,9 +88,17 @@ class TinyDecoderConfig:
                 raise ConfigError(f"TinyDecoderConfig.{name} must be an integer >= 0, got {v!r}")
 
     @classmethod
-    def taesd(cls) -> TinyDecoderConfig:
-        """TAESD's Stable Diffusion decoder: 4 latent channels, f=8, width 64, RGB."""
-        return cls(latent_channels=4, width=64, upsamplings=3, blocks_per_level=3, out_channels=3)
+    def taesd(cls, output_range: str = "signed") -> TinyDecoderConfig:
+        """TAESD's Stable Diffusion decoder: 4 latent channels, f=8, width 64, RGB (TAESD's
+        own weights need ``output_range="unit"``)."""
+        return cls(
+            latent_channels=4,
+            width=64,
+            upsamplings=3,
+            blocks_per_level=3,
+            out_channels=3,
+            output_range=output_range,
+        )
 
     @classmethod
     def for_factor(cls, factor: int, **kwargs: Any) -> TinyDecoderConfig:
@@ -129,7 +155,8 @@ class Block(nn.Module):
 
 class TinyDecoder(nn.Sequential):
     """TAESD-style decoder (see the module docstring); ``forward`` maps raw network input
-    (scaled latents) to images in about [-1, 1]; :meth:`decode` also clamps."""
+    (scaled latents) to images in about [-1, 1] (``2 x - 1`` of the last conv's output for
+    ``output_range="unit"``); :meth:`decode` also clamps."""
 
     def __init__(self, config: TinyDecoderConfig):
         c, w = config, config.width
@@ -140,6 +167,10 @@ class TinyDecoder(nn.Sequential):
         layers += [Block(w, w), _conv(w, c.out_channels)]
         super().__init__(*layers)
         self.config = config
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = super().forward(x)
+        return x.mul(2).sub(1) if self.config.output_range == "unit" else x
 
     def decode(self, latents: Tensor) -> Tensor:
         """Scaled latents (B, z, h, w) -> images (B, C, f*h, f*w) clamped to [-1, 1]."""
@@ -157,6 +188,7 @@ class TinyDecoder(nn.Sequential):
 
 
 __all__ = [
+    "OUTPUT_RANGES",
     "Block",
     "Clamp",
     "TinyDecoder",

@@ -15,4 +15,7 @@ part of a file uses. A new model family or layout is new tables.
   :mod:`.diffusers_write`, :mod:`.diffusers_configs` (each ``config.json``),
   :mod:`.diffusers_tokenizer`, :mod:`.diffusers_files`.
 * :mod:`.auto`: which format a path holds, loading any, converting between them.
+* TAESD tiny decoders (original files and diffusers ``AutoencoderTiny``): :mod:`.taesd`, read
+  into a :class:`~noisecraft.models.tiny_decoder.TinyDecoder` for
+  :func:`noisecraft.io.native.load_tiny_decoder`.
 """
