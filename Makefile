@@ -88,4 +88,4 @@ $(OV_VENV)/.installed: pyproject.toml
 bench-openvino-venv: $(OV_VENV)/.installed
 
 bench-openvino: bench-openvino-venv
-	$(OV_VENV)/bin/python bench/openvino.py --sizes 256,512
+	$(OV_VENV)/bin/python bench/openvino.py --sizes 256,512 --pipeline-sizes 512

@@ -18,12 +18,32 @@ before each call, ``bench/sd_speed.py``'s meter). The RSS includes every copy al
 process: the shared torch weights and each compiled OpenVINO model's own weights.
 Conversion and compile times are printed per model.
 
-Rows: U-Net at ``--sizes`` (batch 2 = one CFG step, 77-token context), VAE decode at
-``--sizes`` (batch 1), text encoder (2 x 77 tokens).
+Rows (``--only``): ``unet``: U-Net at ``--sizes`` (batch 2 = one CFG step, 77-token
+context); ``vae``: VAE decode at ``--sizes`` (batch 1); ``text``: text encoder (2 x 77 tokens);
+``pipeline`` (in the default run only when ``--pipeline-sizes`` is given): a whole
+``--steps`` (20) step generation at each ``--pipeline-sizes`` side: prompt encoding, DPM++ 2M
+steps with CFG 7.5 (U-Net batch 2), VAE decode, pixels in [0, 1], seed ``--seed``:
+
+* ours: ``noisecraft.pipelines.generate`` with SD 1.5's scheduler config (diffusers'
+  timesteps and initial noise), as ``bench/sd_speed.py``'s ``pipeline`` section;
+* diffusers: ``StableDiffusionPipeline`` built from the same modules, same seed;
+* OpenVINO f32 / default: the converted text encoder, U-Net (static shapes: batch 2 at that
+  side) and VAE decoder called in diffusers' loop (``bench/_sd15_loop.py``), driven by
+  diffusers' ``DPMSolverMultistepScheduler`` configured as the pipeline's: the pipeline's
+  tokenizer, the same initial latents from the same generator, the same CFG arithmetic.
+
+The three parts are converted and compiled anew for the pipeline's shapes (times printed):
+the per-module rows free their compiled models after their row, so that no row's peak RSS
+carries another row's models. A 512² generation is too long for an untimed warm-up call:
+each side's FIRST call is reported on its own (its image is the one compared: ``max abs
+pixel diff vs ours``), then the median of ``--pipeline-repeats`` (1) further alternating
+calls, and ``time / ours`` is that median over ours. Peak RSS: over all of a side's calls.
 
     .openvino-venv/bin/python bench/openvino.py --sizes 256          # minutes
-    .openvino-venv/bin/python bench/openvino.py --sizes 256,512      # the full table
+    .openvino-venv/bin/python bench/openvino.py --sizes 256,512 --pipeline-sizes 512  # all
+    .openvino-venv/bin/python bench/openvino.py --only pipeline --pipeline-sizes 512
     .openvino-venv/bin/python bench/openvino.py --tiny --sizes 64    # develop
+    .openvino-venv/bin/python bench/openvino.py --tiny --only pipeline --pipeline-sizes 64
 """
 
 from __future__ import annotations
@@ -46,7 +66,8 @@ import openvino as ov  # noqa: E402
 
 sys.path.insert(0, str(_HERE))
 import _sd15  # noqa: E402
-from sd_speed import PROMPT, Meter, _status  # noqa: E402
+import _sd15_loop  # noqa: E402
+from sd_speed import PROMPT, Meter, _diffusers_generation, _our_generation, _status  # noqa: E402
 
 from noisecraft.models.tokenizer import CLIPTokenizer  # noqa: E402
 
@@ -158,6 +179,123 @@ def row(
         )
 
 
+def ov_generation(
+    compiled: dict[str, Any], pipe: Any, size: int, steps: int, seed: int
+) -> Callable[[], torch.Tensor]:
+    """One generation of ``PROMPT`` with OpenVINO's compiled ``text`` / ``unet`` / ``vae``
+    models of one precision, in diffusers' loop driven by its DPM++ 2M scheduler configured
+    as ``pipe``'s (``bench/_sd15_loop.py``); pixels in [0, 1]."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    requests = {name: m.create_infer_request() for name, m in compiled.items()}
+    scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
+    tokenize = _sd15_loop.hf_tokenize(pipe.tokenizer)
+
+    def infer(name: str, *inputs: torch.Tensor) -> torch.Tensor:
+        out = requests[name].infer([t.numpy() for t in inputs])[0]
+        return torch.from_numpy(out.copy())  # the request reuses its output buffer
+
+    def fn() -> torch.Tensor:
+        return _sd15_loop.generate_with_scheduler(
+            lambda ids: infer("text", ids),
+            lambda x, t, c: infer("unet", x, t, c),
+            lambda z: infer("vae", z),
+            tokenize=tokenize,
+            scheduler=scheduler,
+            scaling_factor=pipe.vae.config.scaling_factor,
+            prompt=PROMPT,
+            size=size,
+            steps=steps,
+            seed=seed,
+        )
+
+    return fn
+
+
+def generation_row(
+    name: str, sides: dict[str, Callable[[], torch.Tensor]], meter: Meter, repeats: int
+) -> None:
+    """A first call each (timed on its own; its image compared with ours), then ``repeats``
+    alternating rounds (median)."""
+    first: dict[str, float] = {}
+    diff: dict[str, float] = {}
+    peaks: dict[str, list[int]] = {s: [] for s in sides}
+    times: dict[str, list[float]] = {s: [] for s in sides}
+    ref = None
+    for round_ in range(repeats + 1):
+        for side, fn in sides.items():
+            dt, peak, image = meter(fn)
+            if peak is not None:
+                peaks[side].append(peak)
+            if round_ == 0:
+                first[side] = dt
+                image = image.float()
+                ref = image if ref is None else ref
+                diff[side] = float((image - ref).abs().max())
+            else:
+                times[side].append(dt)
+            del image
+            kind = "first call" if round_ == 0 else f"call {round_ + 1}"
+            print(f"  {name}: {side} {kind} {dt:.2f} s", file=sys.stderr, flush=True)
+    base = statistics.median(times["ours"])
+    print(
+        f"| case | side | FIRST call s | median of the {repeats} further call(s) s "
+        "| median / ours | max abs pixel diff vs ours (first calls' images) | peak RSS GiB |\n"
+        "|---|---|---:|---:|---:|---:|---:|"
+    )
+    for side in sides:
+        med = statistics.median(times[side])
+        peak = f"{max(peaks[side]) / 2**30:.2f}" if peaks[side] else "-"
+        print(
+            f"| {name} | {side} | {first[side]:.2f} | {med:.2f} | {med / base:.2f}x "
+            f"| {diff[side]:.1e} | {peak} |",
+            flush=True,
+        )
+
+
+def pipeline_rows(args: argparse.Namespace, meter: Meter) -> None:
+    """The ``pipeline`` rows (module docstring), one per ``--pipeline-sizes`` side."""
+    parts = _sd15.build_ours(args.tiny)
+    model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
+    pipe = _sd15.diffusers_pipeline(model, "DPMSolverMultistepScheduler")
+    ids = _sd15_loop.hf_tokenize(pipe.tokenizer)(["", PROMPT])
+    text, secs = convert(_TextOut(pipe.text_encoder).eval(), (ids,))
+    print(f"- pipeline text encoder: convert_model {secs:.1f} s")
+    text_c = compile_both(text, [list(ids.shape)], "pipeline text encoder", args.threads)
+    del text
+    context_dim = model.unet.config.context_dim
+    for size in args.pipeline_sizes:
+        x = torch.zeros(2, 4, size // 8, size // 8)
+        t = torch.full((2,), 500.0)
+        ctx = torch.zeros(2, 77, context_dim)
+        compiled: dict[str, dict[str, Any]] = {"text": text_c}
+        for name, wrapper, example in (
+            ("unet", _UNetOut(pipe.unet), (x, t, ctx)),
+            ("vae", _DecodeOut(pipe.vae), (x[:1],)),
+        ):
+            what = f"pipeline {'U-Net' if name == 'unet' else 'VAE decode'} {size}²"
+            ov_model, secs = convert(wrapper.eval(), example)
+            print(f"- {what}: convert_model {secs:.1f} s")
+            shapes = [list(e.shape) for e in example]
+            compiled[name] = compile_both(ov_model, shapes, what, args.threads)
+            del ov_model
+        sides = {
+            "ours": lambda size=size: _our_generation(
+                model, args, size, sampler="dpmpp_2m", steps=args.steps
+            ),
+            "diffusers": lambda size=size: _diffusers_generation(pipe, size, args.steps, args.seed),
+            **{
+                side: ov_generation(
+                    {k: v[side] for k, v in compiled.items()}, pipe, size, args.steps, args.seed
+                )
+                for side in SIDES[2:]
+            },
+        }
+        name = f"generation {size}², {args.steps} DPM++ 2M steps, CFG 7.5 + decode"
+        generation_row(name, sides, meter, args.pipeline_repeats)
+        del sides, compiled
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", default="256", help="comma-separated image sizes")
@@ -166,13 +304,28 @@ def main() -> None:
     ap.add_argument(
         "--threads", type=int, default=0, help="CPU threads of every side (0: each one's default)"
     )
-    ap.add_argument("--only", choices=("unet", "vae", "text"), action="append")
+    ap.add_argument("--only", choices=("unet", "vae", "text", "pipeline"), action="append")
+    ap.add_argument(
+        "--pipeline-sizes",
+        default="",
+        help="comma-separated sides of whole generations (the pipeline rows; none by default)",
+    )
+    ap.add_argument(
+        "--pipeline-repeats", type=int, default=1, help="timed generations after the first"
+    )
+    ap.add_argument("--steps", type=int, default=20, help="sampling steps of a generation")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the generations")
     args = ap.parse_args()
+    args.pipeline_sizes = [int(s) for s in args.pipeline_sizes.split(",") if s]
+    parts = args.only or ["unet", "vae", "text"] + (["pipeline"] if args.pipeline_sizes else [])
+    if "pipeline" in parts and not args.pipeline_sizes:
+        ap.error("--only pipeline needs --pipeline-sizes, e.g. --pipeline-sizes 512")
+    if args.pipeline_repeats < 1:
+        ap.error("--pipeline-repeats must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
     sizes = [int(s) for s in args.sizes.split(",") if s]
-    parts = args.only or ["unet", "vae", "text"]
     print(
         f"loadavg before: {loadavg()}; torch {torch.__version__}, openvino {ov.get_version()}, "
         f"{torch.get_num_threads()} torch threads, CPU capability "
@@ -241,6 +394,9 @@ def main() -> None:
         }
         print(header + "\n|---|---|---:|---:|---:|---:|")
         row("text encoder 2 x 77 tokens", sides, meter, args.repeats)
+        del sides, compiled, model, ours, theirs
+    if "pipeline" in parts:
+        pipeline_rows(args, meter)
     print(f"\nloadavg after: {loadavg()}")
 
 

@@ -94,6 +94,44 @@ def test_sd_speed_refuses_cuda_without_a_gpu():
     assert "torch sees no CUDA device" in result.stderr.strip().splitlines()[-1]
 
 
+def test_scheduler_driven_loop_gives_our_generations_image():
+    """``bench/_sd15_loop.py`` (how bench/openvino.py drives OpenVINO's converted parts with
+    diffusers' DPM++ 2M scheduler), run here with our own modules, gives the image of our
+    ``generate`` with SD 1.5's scheduler config (which is diffusers' pipeline's image,
+    tests/test_bench.py's sd_speed rows): same initial latents, CFG batch order and
+    arithmetic, timesteps, decode."""
+    import argparse
+
+    import _sd15
+    import _sd15_loop
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+    from sd_speed import PROMPT, _our_generation
+
+    from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG
+
+    parts = _sd15.build_ours(True)
+    model = _sd15.latent_diffusion(parts["unet"], parts["vae"], parts["text"])
+    with torch.no_grad():
+        args = argparse.Namespace(seed=5)
+        expected = _our_generation(model, args, 64, sampler="dpmpp_2m", steps=3)
+        image = _sd15_loop.generate_with_scheduler(
+            lambda ids: model.text_encoder(ids).last_hidden_state,
+            lambda x, t, c: model.unet(x, t, context=c),
+            model.vae.decode,
+            tokenize=model.tokenizer,
+            scheduler=DPMSolverMultistepScheduler.from_config(dict(SD15_SCHEDULER_CONFIG)),
+            scaling_factor=model.vae.config.scaling_factor,
+            prompt=PROMPT,
+            size=64,
+            steps=3,
+            seed=5,
+        )
+    assert image.shape == expected.shape == (1, 3, 64, 64)
+    assert expected.std() > 0.01  # not a constant image
+    assert (image - expected).abs().max() <= 1e-5
+
+
 # Lines of a real ``sd-cli -v`` log (stable-diffusion.cpp from stable-diffusion-cpp-python
 # 0.4.7, SD 1.5 random weights, 256x256, 2 Euler steps), cut to the lines the bench reads
 # and a neighbour that must not be mistaken for them.
