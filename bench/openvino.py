@@ -10,12 +10,13 @@ and in OpenVINO's default precision for this CPU (bf16 where the CPU has bf16 in
 else f32; the precision it picked is printed). Each converted model is reshaped to the
 row's static input shapes before compiling (OpenVINO's fast path).
 
-In one process the calls ALTERNATE (ours, diffusers, OpenVINO f32, OpenVINO default, ours,
-...) after one untimed warm-up call each, whose outputs are compared with ours; each row
-reports the medians, ``ratio`` = that side's median / ours (above 1 we are faster), ``rel`` =
-max |side - ours| / max |ours|, and the peak RSS during that side's calls (``VmHWM`` reset
-before each call, ``bench/sd_speed.py``'s meter). The RSS includes every copy alive in the
-process: the shared torch weights and each compiled OpenVINO model's own weights.
+In one process the calls ALTERNATE (ours, ours bf16, diffusers, OpenVINO f32, OpenVINO
+default, ours, ...) after one untimed warm-up call each, whose outputs are compared with
+ours; each row reports the medians, ``ratio`` = that side's median / ours (above 1 we are
+faster), ``rel`` = max |side - ours| / max |ours|, and the peak RSS during that side's
+calls (``VmHWM`` reset before each call, ``bench/sd_speed.py``'s meter). The RSS includes
+every copy alive in the process: the shared torch weights and each compiled OpenVINO
+model's own weights.
 Conversion and compile times are printed per model.
 
 Rows (``--only``): ``unet``: U-Net at ``--sizes`` (batch 2 = one CFG step, 77-token
@@ -26,6 +27,9 @@ steps with CFG 7.5 (U-Net batch 2), VAE decode, pixels in [0, 1], seed ``--seed`
 
 * ours: ``noisecraft.pipelines.generate`` with SD 1.5's scheduler config (diffusers'
   timesteps and initial noise), as ``bench/sd_speed.py``'s ``pipeline`` section;
+* ours bf16: the same with the U-Net's weights in bf16 (``noisecraft.load(dtype="bf16")``:
+  text encoder, VAE and sampler stay fp32); in the module rows a bf16 copy of our U-Net /
+  VAE on bf16 inputs (the VAE row is measured only: the VAE ships fp32);
 * diffusers: ``StableDiffusionPipeline`` built from the same modules, same seed;
 * OpenVINO f32 / default: the converted text encoder, U-Net (static shapes: batch 2 at that
   side) and VAE decoder called in diffusers' loop (``bench/_sd15_loop.py``), driven by
@@ -49,6 +53,7 @@ calls, and ``time / ours`` is that median over ours. Peak RSS: over all of a sid
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import time
@@ -264,6 +269,8 @@ def pipeline_rows(args: argparse.Namespace, meter: Meter) -> None:
     text_c = compile_both(text, [list(ids.shape)], "pipeline text encoder", args.threads)
     del text
     context_dim = model.unet.config.context_dim
+    # what noisecraft.load(dtype="bf16") runs: the U-Net in bf16, text encoder and VAE fp32
+    model_bf16 = model.replace(unet=copy.deepcopy(model.unet).to(torch.bfloat16))
     for size in args.pipeline_sizes:
         x = torch.zeros(2, 4, size // 8, size // 8)
         t = torch.full((2,), 500.0)
@@ -282,6 +289,9 @@ def pipeline_rows(args: argparse.Namespace, meter: Meter) -> None:
         sides = {
             "ours": lambda size=size: _our_generation(
                 model, args, size, sampler="dpmpp_2m", steps=args.steps
+            ),
+            "ours bf16": lambda size=size: _our_generation(
+                model_bf16, args, size, sampler="dpmpp_2m", steps=args.steps
             ),
             "diffusers": lambda size=size: _diffusers_generation(pipe, size, args.steps, args.seed),
             **{
@@ -314,6 +324,11 @@ def main() -> None:
         "--pipeline-repeats", type=int, default=1, help="timed generations after the first"
     )
     ap.add_argument("--steps", type=int, default=20, help="sampling steps of a generation")
+    ap.add_argument(
+        "--no-trim",
+        action="store_true",
+        help="no malloc_trim before each call (torch's freed heap stays mapped, as in a run)",
+    )
     ap.add_argument("--seed", type=int, default=0, help="seed of the generations")
     args = ap.parse_args()
     args.pipeline_sizes = [int(s) for s in args.pipeline_sizes.split(",") if s]
@@ -331,12 +346,13 @@ def main() -> None:
         f"{torch.get_num_threads()} torch threads, CPU capability "
         f"{torch.backends.cpu.get_cpu_capability()}\n"
     )
-    meter = Meter("cpu")
+    meter = Meter("cpu", trim=not args.no_trim)
     g = torch.Generator().manual_seed(0)
     cfg = _sd15.configs(args.tiny)
     header = "| case | side | median s | time / ours | rel diff vs ours | peak RSS GiB |"
     if "unet" in parts:
         ours = _sd15.build_ours(args.tiny, parts=("unet",))["unet"]
+        ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # noisecraft.load(dtype="bf16")
         theirs = _sd15.diffusers_unet(ours)
         wrapper = _UNetOut(theirs).eval()
         for size in sizes:
@@ -354,15 +370,19 @@ def main() -> None:
             del model
             sides = {
                 "ours": lambda x=x, t=t, c=ctx: ours(x, t, context=c),
+                "ours bf16": lambda x=x, t=t, c=ctx: ours_bf16(
+                    x.bfloat16(), t, context=c.bfloat16()
+                ).float(),
                 "diffusers": lambda x=x, t=t, c=ctx: theirs(x, t, encoder_hidden_states=c).sample,
                 **{k: ov_call(v, (x, t, ctx)) for k, v in compiled.items()},
             }
             print(header + "\n|---|---|---:|---:|---:|---:|")
             row(f"U-Net {size}² batch 2", sides, meter, args.repeats)
             del sides, compiled
-        del ours, theirs, wrapper
+        del ours, ours_bf16, theirs, wrapper
     if "vae" in parts:
         ours = _sd15.build_ours(args.tiny, parts=("vae",))["vae"]
+        ours_bf16 = copy.deepcopy(ours).to(torch.bfloat16)  # measured; the VAE ships fp32
         theirs = _sd15.diffusers_vae(ours)
         wrapper = _DecodeOut(theirs).eval()
         for size in sizes:
@@ -372,13 +392,14 @@ def main() -> None:
             compiled = compile_both(model, [list(z.shape)], "VAE decode", args.threads)
             sides = {
                 "ours": lambda z=z: ours.decode(z),
+                "ours bf16": lambda z=z: ours_bf16.decode(z.bfloat16()).float(),
                 "diffusers": lambda z=z: theirs.decode(z).sample,
                 **{k: ov_call(v, (z,)) for k, v in compiled.items()},
             }
             print(header + "\n|---|---|---:|---:|---:|---:|")
             row(f"VAE decode {size}²", sides, meter, args.repeats)
             del sides, compiled, model
-        del ours, theirs, wrapper
+        del ours, ours_bf16, theirs, wrapper
     if "text" in parts:
         ours = _sd15.build_ours(args.tiny, parts=("text",))["text"]
         tok = CLIPTokenizer.default()

@@ -117,14 +117,16 @@ _LIBC = _libc()
 _PEAK_SEEN = 0  # the largest VmHWM before any reset: the process's peak
 
 
-def _reset_peak_rss() -> bool:
-    """Return freed heap to the system and reset ``VmHWM`` to the current RSS (Linux >= 4.0).
+def _reset_peak_rss(trim: bool = True) -> bool:
+    """Return freed heap to the system (``trim``) and reset ``VmHWM`` to the current RSS
+    (Linux >= 4.0). The trim makes the next call page-fault its working memory in again
+    (``--no-trim`` of bench/openvino.py leaves it out).
 
     The peak so far is remembered first (:func:`_section_peak`): the reset also resets
     ``getrusage``'s ``ru_maxrss``."""
     global _PEAK_SEEN
     _PEAK_SEEN = max(_PEAK_SEEN, _status("VmHWM") or 0)
-    if _LIBC is not None:
+    if trim and _LIBC is not None:
         _LIBC.malloc_trim(0)
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -137,12 +139,13 @@ def _reset_peak_rss() -> bool:
 class Meter:
     """Time and peak memory of one call on ``device``."""
 
-    def __init__(self, device: str):
+    def __init__(self, device: str, trim: bool = True):
         import torch
 
         self.torch = torch
         self.cuda = device.startswith("cuda")
-        self.per_call_rss = _reset_peak_rss() and _status("VmHWM") is not None
+        self.trim = trim
+        self.per_call_rss = _reset_peak_rss(trim) and _status("VmHWM") is not None
 
     def sync(self) -> None:
         if self.cuda:
@@ -153,7 +156,7 @@ class Meter:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
         elif self.per_call_rss:
-            _reset_peak_rss()
+            _reset_peak_rss(self.trim)
         t0 = time.perf_counter()
         out = fn()
         self.sync()

@@ -39,7 +39,8 @@ ops: the oneDNN paths accept bf16 (where oneDNN has bf16 kernels,
 2560 matmul 9.5 ms instead of 14.4 ms; a 3x3 1280-channel conv on 4x4 pixels as im2col 6.2 ms
 instead of 9.7 ms; one thread), but a whole SD 1.5 U-Net pass at 256x256 was faster without
 them in three runs of four (two threads, the least loaded run: 1.71x fp32's speed without,
-1.53x with; ``bench/bf16_speed.py``, docs/performance.md "bf16 on the CPU"). ``_FAST_DTYPES``
+1.53x with; on a quiet box 1.56x against 1.49x at 256x256 and 1.47x against 1.42x at
+512x512; ``bench/bf16_speed.py``, docs/performance.md "bf16 on the CPU"). ``_FAST_DTYPES``
 lets them in for bf16 (the bench's comparison row; the sub-pixel upsampling then sums its
 kernel taps in float32 before rounding them to bf16).
 
