@@ -34,6 +34,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _sd15  # noqa: E402
 from lcm_quality import prompts_and_digits  # noqa: E402
+from sd_speed import loadavg  # noqa: E402
 
 import noisecraft  # noqa: E402
 from noisecraft.pipelines import GenerateRequest, generate  # noqa: E402
@@ -41,13 +42,6 @@ from noisecraft.pipelines.diffusers_schedulers import SD15_SCHEDULER_CONFIG  # n
 
 BF16 = torch.bfloat16
 PROMPT = "a photograph of an astronaut riding a horse"
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
 
 
 def rel(out: torch.Tensor, ref: torch.Tensor) -> str:

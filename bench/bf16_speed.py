@@ -32,7 +32,6 @@ import contextlib
 import copy
 import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,15 +39,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _sd15 import build_ours  # noqa: E402
+from sd_speed import Meter, alternate, loadavg  # noqa: E402
 
 from noisecraft.nn import kernels  # noqa: E402
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
 
 
 def rel_diffs(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -66,13 +59,8 @@ def run_row(name: str, variants: dict[str, Callable[[], torch.Tensor]], repeats:
     ref = outs[next(iter(variants))]
     diffs = {k: rel_diffs(o, ref) for k, o in outs.items()}
     del outs
-    times: dict[str, list[float]] = {k: [] for k in variants}
-    for _ in range(repeats):
-        for k, fn in variants.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
-            print(f"  {name} {k}: {times[k][-1]:.3f} s", file=sys.stderr, flush=True)
+    # no malloc_trim before the calls: the freed heap stays mapped, as in a generation
+    times, _ = alternate(name, variants, Meter("cpu", trim=False), repeats)
     base = statistics.median(times[next(iter(variants))])
     for k in variants:
         med = statistics.median(times[k])

@@ -34,13 +34,12 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from sd_speed import _load  # noqa: E402  (standard library only)
+
 SD15 = Path(tempfile.gettempdir()) / "sd15_fp16.safetensors"
 TAESD = Path(tempfile.gettempdir()) / "taesd_random.safetensors"
 RECIPE = ["--dtype", "bf16", "--fast", "--sampler", "lcm", "--steps", "4", "--cfg", "1"]
-
-
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
 
 
 def quality(n: int) -> None:
@@ -69,7 +68,7 @@ def quality(n: int) -> None:
         ("LCM student, bf16 + DeepCache (fast) + tiny decoder", "mnist-text-lcm",
          {"dtype": "bf16", "fast": True, "tiny_decoder": True}, {**lcm, "fast_decode": True}),
     )  # fmt: skip
-    print(f"load average {loadavg()}; n = {n}, seeds 0..{n - 1}")
+    print(f"load average {_load()}; n = {n}, seeds 0..{n - 1}")
     print("| recipe | digit accuracy | FID | mean / max 8-bit diff vs fp32 student | s |")
     print("|---|---:|---:|---|---:|")
     base = None
@@ -90,12 +89,11 @@ def quality(n: int) -> None:
             f"{(eight - base).abs().mean():.2f} / {(eight - base).abs().max():.0f}"
         )  # fmt: skip
         print(f"| {label} | {100 * acc:.0f} % | {fid:.2f} | {diff} | {secs:.1f} |", flush=True)
-    print(f"load average after {loadavg()}")
+    print(f"load average after {_load()}")
 
 
 def ensure_files() -> None:
     if not SD15.exists():
-        sys.path.insert(0, str(HERE))
         import memory
 
         tmp = SD15.with_suffix(".tmp.safetensors")
@@ -138,11 +136,11 @@ def command(repeats: int, size: int, extra: list[str]) -> None:
         for label, flags in cases.items():
             for i in range(1 + repeats):
                 png = Path(out, f"{i}.png")
-                before = loadavg()
+                before = _load()
                 args = [*exe, "--model", str(SD15), "--size", f"{size}x{size}", *flags]
                 wall, rss = run_command([*args, "--out", str(png), "--overwrite"])
                 run = "first" if i == 0 else f"repeat {i}"
-                print(f"| `{label}` | {run} | {before} / {loadavg()} | {wall:.2f} | {rss:.2f} |",
+                print(f"| `{label}` | {run} | {before} / {_load()} | {wall:.2f} | {rss:.2f} |",
                       flush=True)  # fmt: skip
 
 

@@ -23,8 +23,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sd_speed import _load  # noqa: E402  (standard library only)
 
 T0 = time.perf_counter()
 import torch  # noqa: E402
@@ -62,7 +66,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=3)
     args = ap.parse_args()
     torch.set_grad_enabled(False)
-    print(f"load average before: {Path('/proc/loadavg').read_text().split()[0]}; torch "
+    print(f"load average before: {_load()}; torch "
           f"{torch.__version__}, {torch.get_num_threads()} threads")  # fmt: skip
     rows = [("import torch + noisecraft", IMPORT_S)]
     kw = {"dtype": args.dtype, "fast": args.fast}
@@ -94,7 +98,7 @@ def main() -> None:
     print("| phase | s |\n|---|---:|")
     for name, secs in rows:
         print(f"| {name} | {secs:.2f} |")
-    print(f"load average after: {Path('/proc/loadavg').read_text().split()[0]}")
+    print(f"load average after: {_load()}")
 
 
 if __name__ == "__main__":

@@ -27,14 +27,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def loadavg() -> str:
-    return Path("/proc/loadavg").read_text().split()[0]
+sys.path.insert(0, str(HERE))
+from sd_speed import _load  # noqa: E402  (standard library only)
 
 
 def diffusers_child(size: int, steps: int) -> None:
-    sys.path.insert(0, str(HERE))
     import _sd15
     import torch
     from sd_speed import _diffusers_generation
@@ -71,12 +68,11 @@ def main() -> None:
     if args.child:
         diffusers_child(args.size, args.steps)
         return
-    sys.path.insert(0, str(HERE))
     from fast_recipe import SD15, ensure_files
 
     ensure_files()
     size = f"{args.size}x{args.size}"
-    print(f"{size}, {args.steps} DPM++ 2M steps, CFG 7.5; load average before {loadavg()}")
+    print(f"{size}, {args.steps} DPM++ 2M steps, CFG 7.5; load average before {_load()}")
     print("| side | what is timed | s | peak RSS GB | load avg after |")
     print("|---|---|---:|---:|---|")
     with tempfile.TemporaryDirectory() as out:
@@ -86,12 +82,12 @@ def main() -> None:
                "--out", str(Path(out, "x.png"))]  # fmt: skip
         wall, rss, _ = process(cmd)
         print(f"| ours `--low-memory {args.mode}` | whole command | {wall:.1f} | {rss:.2f} | "
-              f"{loadavg()} |", flush=True)  # fmt: skip
+              f"{_load()} |", flush=True)  # fmt: skip
     child = [sys.executable, __file__, "--child", "--size", str(args.size), "--steps",
              str(args.steps)]  # fmt: skip
     _, rss, out = process(child)
     gen = json.loads(out.strip().splitlines()[-1])["generation_s"]
-    print(f"| diffusers | first generation (no load) | {gen:.1f} | {rss:.2f} | {loadavg()} |")
+    print(f"| diffusers | first generation (no load) | {gen:.1f} | {rss:.2f} | {_load()} |")
 
 
 if __name__ == "__main__":

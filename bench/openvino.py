@@ -72,7 +72,15 @@ import openvino as ov  # noqa: E402
 sys.path.insert(0, str(_HERE))
 import _sd15  # noqa: E402
 import _sd15_loop  # noqa: E402
-from sd_speed import PROMPT, Meter, _diffusers_generation, _our_generation, _status  # noqa: E402
+from sd_speed import (  # noqa: E402
+    PROMPT,
+    Meter,
+    _diffusers_generation,
+    _our_generation,
+    _status,
+    alternate,
+    loadavg,
+)
 
 from noisecraft.models.tokenizer import CLIPTokenizer  # noqa: E402
 
@@ -104,13 +112,6 @@ class _TextOut(nn.Module):
 
     def forward(self, ids):  # noqa: D102
         return self.text(ids).last_hidden_state
-
-
-def loadavg() -> str:
-    try:
-        return Path("/proc/loadavg").read_text().strip()
-    except OSError:
-        return "n/a"
 
 
 def convert(module: nn.Module, example: tuple[torch.Tensor, ...]) -> tuple[Any, float]:
@@ -164,16 +165,7 @@ def row(
         if ref is None:
             ref = out
         rel[side] = float((out - ref).abs().max() / ref.abs().max())
-    times: dict[str, list[float]] = {s: [] for s in sides}
-    peaks: dict[str, list[int]] = {s: [] for s in sides}
-    for _ in range(repeats):
-        for side, fn in sides.items():
-            dt, peak, out = meter(fn)
-            del out
-            times[side].append(dt)
-            if peak is not None:
-                peaks[side].append(peak)
-            print(f"  {name}: {side} {dt:.3f} s", file=sys.stderr, flush=True)
+    times, peaks = alternate(name, sides, meter, repeats)
     base = statistics.median(times["ours"])
     for side in sides:
         med = statistics.median(times[side])
@@ -224,24 +216,19 @@ def generation_row(
     alternating rounds (median)."""
     first: dict[str, float] = {}
     diff: dict[str, float] = {}
-    peaks: dict[str, list[int]] = {s: [] for s in sides}
-    times: dict[str, list[float]] = {s: [] for s in sides}
+    first_peaks: dict[str, int | None] = {}
     ref = None
-    for round_ in range(repeats + 1):
-        for side, fn in sides.items():
-            dt, peak, image = meter(fn)
-            if peak is not None:
-                peaks[side].append(peak)
-            if round_ == 0:
-                first[side] = dt
-                image = image.float()
-                ref = image if ref is None else ref
-                diff[side] = float((image - ref).abs().max())
-            else:
-                times[side].append(dt)
-            del image
-            kind = "first call" if round_ == 0 else f"call {round_ + 1}"
-            print(f"  {name}: {side} {kind} {dt:.2f} s", file=sys.stderr, flush=True)
+    for side, fn in sides.items():
+        first[side], first_peaks[side], image = meter(fn)
+        image = image.float()
+        ref = image if ref is None else ref
+        diff[side] = float((image - ref).abs().max())
+        del image
+        print(f"  {name}: {side} first call {first[side]:.2f} s", file=sys.stderr, flush=True)
+    times, peaks = alternate(name, sides, meter, repeats, lambda i: f" call {i + 2}")
+    for side, peak in first_peaks.items():
+        if peak is not None:
+            peaks[side].append(peak)
     base = statistics.median(times["ours"])
     print(
         f"| case | side | FIRST call s | median of the {repeats} further call(s) s "

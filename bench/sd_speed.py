@@ -81,7 +81,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -176,6 +176,29 @@ def _diff(ours: Any, theirs: Any) -> tuple[float, float]:
     return d, d / max(float(b.abs().max()), 1e-30)
 
 
+def alternate(
+    name: str,
+    sides: Mapping[str, Callable[[], Any]],
+    meter: Meter,
+    repeats: int,
+    label: Callable[[int], str] = lambda i: "",
+) -> tuple[dict[str, list[float]], dict[str, list[int]]]:
+    """``repeats`` rounds calling every side in turn (so a change of machine load hits all
+    sides alike): each side's times and per-call peaks; outputs are dropped. ``label(i)``
+    names round ``i`` in the progress lines on stderr."""
+    times: dict[str, list[float]] = {side: [] for side in sides}
+    peaks: dict[str, list[int]] = {side: [] for side in sides}
+    for i in range(repeats):
+        for side, fn in sides.items():
+            dt, peak, out = meter(fn)
+            del out
+            times[side].append(dt)
+            if peak is not None:
+                peaks[side].append(peak)
+            print(f"  {name}: {side}{label(i)} {dt:.3f} s", file=sys.stderr, flush=True)
+    return times, peaks
+
+
 def compare(
     name: str,
     ours: Callable[[], Any],
@@ -192,16 +215,7 @@ def compare(
     b = meter(wt)[2]
     diff, rel = _diff(a, b)
     del a, b
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    peaks: dict[str, list[int]] = {"ours": [], "theirs": []}
-    for _ in range(repeats):
-        for side, fn in (("ours", ours), ("theirs", theirs)):
-            dt, peak, out = meter(fn)
-            del out
-            times[side].append(dt)
-            if peak is not None:
-                peaks[side].append(peak)
-            print(f"  {name}: {side} {dt:.3f} s", file=sys.stderr, flush=True)
+    times, peaks = alternate(name, {"ours": ours, "theirs": theirs}, meter, repeats)
     med = {side: statistics.median(t) for side, t in times.items()}
     return {
         "case": name,
@@ -710,6 +724,15 @@ def _load() -> str:
         return f"{os.getloadavg()[0]:.2f}"
     except OSError:
         return "?"
+
+
+def loadavg() -> str:
+    """The whole ``/proc/loadavg`` line (1, 5, 15 minutes, tasks, last pid); :func:`_load`
+    is the 1-minute figure alone."""
+    try:
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "n/a"
 
 
 def _ints(text: str) -> list[int]:

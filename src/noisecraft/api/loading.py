@@ -187,7 +187,8 @@ def _load_weights(path: Path, o: LoadOptions, adapters: PipelineLoRAs) -> Any:
         net = apply_lcm_student(net, o.lcm_unet)
     if cpu_bf16:
         _warn_if_slow_bf16()
-        # text encoder and VAE stay fp32 (module docstring); a file's pages go as they're cast
+        # load_any built the U-Net in bf16 already, so this casts only an LCM student's U-Net
+        # (its file's pages go as they are cast); text encoder and VAE stay fp32
         cast_floating_(net.unet, torch.bfloat16)
     elif o.dtype != "fp32":  # weights stored in the dtype they run in (VAE: vae_dtype_for)
         net = net.to(dtype=o.torch_dtype)
